@@ -1,0 +1,44 @@
+# One entry point for people and CI. `make demo` runs the main job on embedded defaults,
+# `make test` runs the whole suite; both create the virtual environment on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Installed before anything else so that no dependency can pull a multi-GB CUDA build of torch.
+# On a GPU machine pass the build you want, e.g. `make setup GPU=1 TORCH="torch==2.13.0 --index-url ..."`.
+TORCH ?= torch==2.13.0
+GPU ?= 0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast lint clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH)
+ifeq ($(GPU),1)
+	$(PIP) install --quiet -e '.[test]'
+	@# insightface depends on the CPU `onnxruntime`; both wheels own the same module, so swap them.
+	$(PIP) uninstall --yes --quiet onnxruntime onnxruntime-gpu
+	$(PIP) install --quiet --no-deps --force-reinstall 'onnxruntime-gpu>=1.17'
+else
+	$(PIP) install --quiet -e '.[cpu,test]'
+endif
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/lynx demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow and not server" $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Work-pool base job templates and worker setup for the lynx deployments."""

@@ -1,0 +1,1 @@
+"""Prefect flows: short compositions of tasks, readable as the architecture diagram."""

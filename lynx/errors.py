@@ -1,0 +1,53 @@
+"""Errors a user can act on.
+
+Every failure that has a cause outside our code (bad input, missing weights, unreachable server)
+is raised as a ``LynxError`` subclass with a one-line message. ``setting`` names the LYNX_*
+variable to look at when one is to blame; the CLI prints ``message`` and exits non-zero without a
+traceback, flows record it as the job's error text.
+"""
+
+from __future__ import annotations
+
+
+class LynxError(Exception):
+    """Base of every user-facing error. ``str(err)`` is a complete one-line explanation."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, setting: str | None = None) -> None:
+        self.message = message
+        self.setting = setting
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        if self.setting and self.setting not in self.message:
+            return f"{self.message} (setting: {self.setting})"
+        return self.message
+
+
+class ConfigurationError(LynxError):
+    """A setting is missing or invalid, or points at something that does not exist."""
+
+    exit_code = 2
+
+
+class ServiceUnavailableError(LynxError):
+    """A server we depend on (database, S3) could not be reached. Transient: worth a retry."""
+
+    exit_code = 3
+
+
+class InputError(LynxError):
+    """The user's input (image, campaign file, parameters) is unusable."""
+
+    exit_code = 4
+
+
+class ModelWeightsError(ConfigurationError):
+    """Model weights are missing, truncated or do not match the expected layout."""
+
+
+class NotFoundError(LynxError):
+    """A record or artifact that was asked for does not exist."""
+
+    exit_code = 5
