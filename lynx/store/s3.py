@@ -162,8 +162,11 @@ class S3ArtifactStore(ArtifactStore):
 
     def delete(self, key: str) -> None:
         validate_key(key)
-        with self._errors(key):
-            self._client.remove_object(self.bucket, key)
+        try:
+            with self._errors(key):
+                self._client.remove_object(self.bucket, key)
+        except ArtifactNotFoundError:
+            pass  # no bucket, no object: already deleted
 
     # --- reading -------------------------------------------------------------------------------
     def stat(self, key: str) -> StoredObject:
@@ -203,9 +206,12 @@ class S3ArtifactStore(ArtifactStore):
 
     def list(self, prefix: str = "") -> Iterator[str]:
         validate_key(prefix, prefix=True)
-        with self._errors(prefix):
-            for item in self._client.list_objects(self.bucket, prefix=prefix or None, recursive=True):
-                yield item.object_name
+        try:
+            with self._errors(prefix):
+                for item in self._client.list_objects(self.bucket, prefix=prefix or None, recursive=True):
+                    yield item.object_name
+        except ArtifactNotFoundError:
+            return  # no bucket yet: nothing stored
 
     def presigned_url(self, key: str, expires: int | None = None) -> str:
         self.stat(key)  # a URL to nothing helps nobody: say so now
