@@ -74,23 +74,27 @@ def ensure_schema(settings: LynxSettings) -> None:
     if url in _ensured:
         return
     with _ensured_lock:
-        if url in _ensured:
-            return
-        engine = make_engine(settings)
-        try:
-            head = head_revision()
-            with engine.connect() as connection:
-                at_head = MigrationContext.configure(connection).get_current_revision() == head
-            if not at_head:
-                with _migration_lock(engine, settings) as connection:
-                    # Another process may have migrated while we waited for the lock.
-                    if MigrationContext.configure(connection).get_current_revision() != head:
-                        log.info("migrating tracking database %s to %s", settings.database_url_for_display, head)
-                        command.upgrade(alembic_config(connection), "head")
-                        connection.commit()
-        finally:
-            engine.dispose()
-        _ensured.add(url)
+        if url not in _ensured:
+            upgrade_if_behind(settings)
+            _ensured.add(url)
+
+
+def upgrade_if_behind(settings: LynxSettings) -> None:
+    """Upgrade to head unless already there; safe when several processes start at once."""
+    engine = make_engine(settings)
+    try:
+        head = head_revision()
+        with engine.connect() as connection:
+            if MigrationContext.configure(connection).get_current_revision() == head:
+                return
+        with _migration_lock(engine) as connection:
+            # Another process may have migrated while we waited for the lock.
+            if MigrationContext.configure(connection).get_current_revision() != head:
+                log.info("migrating tracking database %s to %s", settings.database_url_for_display, head)
+                command.upgrade(alembic_config(connection), "head")
+                connection.commit()
+    finally:
+        engine.dispose()
 
 
 def schema_differences(settings: LynxSettings) -> list[Any]:
@@ -123,7 +127,7 @@ def make_revision(settings: LynxSettings, message: str) -> Path:
 def _run(settings: LynxSettings, action) -> str | None:
     engine = make_engine(settings)
     try:
-        with _migration_lock(engine, settings) as connection:
+        with _migration_lock(engine) as connection:
             action(alembic_config(connection))
             connection.commit()
             revision = MigrationContext.configure(connection).get_current_revision()
@@ -134,7 +138,7 @@ def _run(settings: LynxSettings, action) -> str | None:
 
 
 @contextmanager
-def _migration_lock(engine: Engine, settings: LynxSettings) -> Iterator[Connection]:
+def _migration_lock(engine: Engine) -> Iterator[Connection]:
     """A connection holding the cross-process migration lock.
 
     PostgreSQL: a session-level advisory lock. SQLite: a lock file beside the database file
