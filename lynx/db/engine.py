@@ -87,6 +87,8 @@ def _sqlite_pragmas(busy_timeout_s: float):
 
 def _unavailable_error(shown_url: str):
     def on_error(context: ExceptionContext) -> None:
+        if context.is_pre_ping:
+            return  # the pool noticed a dead pooled connection and will open a fresh one
         # No connection yet (connect failed) or the server went away: not our bug, say what to check.
         if context.connection is None or context.is_disconnect:
             reason = _first_line(context.original_exception)
