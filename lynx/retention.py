@@ -79,10 +79,14 @@ def purge_expired(
     return report
 
 
-def _purge_subject(tracker: Tracker, store: ArtifactStore, subject, now: datetime, dry_run: bool) -> SubjectPurge:
+def _purge_subject(
+    tracker: Tracker, store: ArtifactStore, subject, now: datetime, dry_run: bool
+) -> SubjectPurge:
     rows = tracker.list_artifacts(subject_id=subject.id)
     biometric = [row for row in rows if row.biometric]
-    keys = sorted({row.key for row in biometric} | ({subject.reference_key} if subject.reference_key else set()))
+    keys = sorted(
+        {row.key for row in biometric} | ({subject.reference_key} if subject.reference_key else set())
+    )
     shared = tracker.live_keys_outside(keys, subject.id)
     sizes = {row.key: row.size for row in biometric}
     result = SubjectPurge(subject.id, subject.name, subject.retention_until, shared_keys=sorted(shared))
@@ -97,6 +101,8 @@ def _purge_subject(tracker: Tracker, store: ArtifactStore, subject, now: datetim
         tracker.mark_subject_purged(subject.id, [row.id for row in biometric], now)
         log.info(
             "purged subject %s: %d objects deleted, %d kept (shared)",
-            subject.id, len(result.deleted_keys), len(shared),
+            subject.id,
+            len(result.deleted_keys),
+            len(shared),
         )
     return result

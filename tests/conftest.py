@@ -42,7 +42,9 @@ S3_TEST_PART_SIZE = 5 * 1024 * 1024
 
 # --- environment isolation -------------------------------------------------------------------------
 @pytest.fixture(autouse=True)
-def _isolated_lynx_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _isolated_lynx_env(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
     for name in list(os.environ):
         if name.startswith("LYNX_"):
             monkeypatch.delenv(name)
@@ -155,7 +157,9 @@ def make_settings(tmp_path: Path, request: pytest.FixtureRequest) -> Callable[..
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def tracking_settings(request: pytest.FixtureRequest, make_settings: Callable[..., LynxSettings]) -> LynxSettings:
+def tracking_settings(
+    request: pytest.FixtureRequest, make_settings: Callable[..., LynxSettings]
+) -> LynxSettings:
     """Settings on an empty tracking database, once per backend."""
     return make_settings(backend=request.param)
 
@@ -197,15 +201,23 @@ def lynx_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     workdir = tmp_path / "cli-cwd"
     workdir.mkdir(exist_ok=True)
 
-    def run(*args: str, settings: LynxSettings | None = None, env: dict[str, str] | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def run(
+        *args: str,
+        settings: LynxSettings | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 120,
+    ) -> subprocess.CompletedProcess[str]:
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("LYNX_")}
         child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), child_env.get("PYTHONPATH")]))
         child_env.update(settings_env(settings) if settings is not None else {})
         child_env.update(env or {})
         return subprocess.run(
-            [sys.executable, "-m", "lynx.cli", *args], env=child_env, cwd=workdir,
-            capture_output=True, text=True, timeout=timeout,
+            [sys.executable, "-m", "lynx.cli", *args],
+            env=child_env,
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     return run

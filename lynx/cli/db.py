@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-app = typer.Typer(help="Tracking database: apply, revert and inspect schema migrations.", no_args_is_help=True)
+app = typer.Typer(
+    help="Tracking database: apply, revert and inspect schema migrations.", no_args_is_help=True
+)
 
 
 @app.command()
-def upgrade(revision: str = typer.Argument("head", help="Target revision (default: the newest).")) -> None:
+def upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision (default: the newest).")] = "head",
+) -> None:
     """Apply migrations up to REVISION (creates the tables on a new database)."""
     from lynx.db import migrate
     from lynx.settings import get_settings
@@ -19,7 +25,9 @@ def upgrade(revision: str = typer.Argument("head", help="Target revision (defaul
 
 
 @app.command()
-def downgrade(revision: str = typer.Argument(..., help="Target revision; 'base' removes every lynx table.")) -> None:
+def downgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision; 'base' removes every lynx table.")],
+) -> None:
     """Revert migrations down to REVISION."""
     from lynx.db import migrate
     from lynx.settings import get_settings
@@ -42,7 +50,7 @@ def current() -> None:
 
 
 @app.command(hidden=True)
-def revision(message: str = typer.Argument(..., help="What the migration changes.")) -> None:
+def revision(message: Annotated[str, typer.Argument(help="What the migration changes.")]) -> None:
     """(Developers) autogenerate a migration from the models against an up-to-date database."""
     from lynx.db import migrate
     from lynx.settings import get_settings

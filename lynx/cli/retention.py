@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 app = typer.Typer(help="Biometric data retention.", no_args_is_help=True)
@@ -9,7 +11,9 @@ app = typer.Typer(help="Biometric data retention.", no_args_is_help=True)
 
 @app.command()
 def purge(
-    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be deleted; change nothing."),
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be deleted; change nothing.")
+    ] = False,
 ) -> None:
     """Delete photos, face crops and embeddings of subjects whose retention_until has passed."""
     from lynx.retention import purge_expired
@@ -19,7 +23,8 @@ def purge(
     verb = "would delete" if dry_run else "deleted"
     for subject in report.subjects:
         typer.echo(
-            f"subject {subject.subject_id} ({subject.name}), retention ended {subject.retention_until:%Y-%m-%d}: "
+            f"subject {subject.subject_id} ({subject.name}), "
+            f"retention ended {subject.retention_until:%Y-%m-%d}: "
             f"{verb} {len(subject.deleted_keys)} objects ({subject.bytes_deleted} bytes)"
             + (f", kept {len(subject.shared_keys)} shared with other subjects" if subject.shared_keys else "")
         )

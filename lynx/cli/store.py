@@ -5,24 +5,35 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Annotated
 
 import typer
+
+from lynx.db.models import ArtifactKind
 
 app = typer.Typer(help="Artifact store: upload, download, list and share objects.", no_args_is_help=True)
 
 
 @app.command()
 def put(
-    file: Path = typer.Argument(..., exists=True, dir_okay=False, readable=True, help="File to upload."),
-    key: str = typer.Option(None, "--key", help="Explicit key; default is the content address sha256/aa/<hex>."),
-    content_type: str = typer.Option(None, "--content-type", help="MIME type; guessed from the name if unset."),
-    kind: str = typer.Option(
-        None, "--kind", help="Also record the object in the tracking database as this artifact kind "
-        "(e.g. reference_photo; biometric kinds are purged with their subject)."
-    ),
-    subject: int = typer.Option(None, "--subject", help="With --kind: the subject id it belongs to."),
-    job: int = typer.Option(None, "--job", help="With --kind: the job id it belongs to."),
-    as_json: bool = typer.Option(False, "--json", help="Print the stored object as JSON."),
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="File to upload.")],
+    key: Annotated[
+        str | None, typer.Option(help="Explicit key; default is the content address sha256/aa/<hex>.")
+    ] = None,
+    content_type: Annotated[
+        str | None, typer.Option(help="MIME type; guessed from the name if unset.")
+    ] = None,
+    kind: Annotated[
+        ArtifactKind | None,
+        typer.Option(
+            help="Also record the object in the tracking database as this artifact kind "
+            "(biometric kinds are purged with their subject).",
+            case_sensitive=False,
+        ),
+    ] = None,
+    subject: Annotated[int | None, typer.Option(help="With --kind: the subject id it belongs to.")] = None,
+    job: Annotated[int | None, typer.Option(help="With --kind: the job id it belongs to.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the stored object as JSON.")] = False,
 ) -> None:
     """Upload FILE; prints its key and sha256."""
     from lynx.settings import get_settings
@@ -33,8 +44,13 @@ def put(
     if kind is not None:
         from lynx.db.tracking import Tracker
 
-        # Reach the database before writing anything, so a dead database leaves no orphan object.
+        # Reach the database and check the owners before writing anything, so that a dead database
+        # or a wrong id leaves no orphan object behind.
         tracker = Tracker.from_settings(settings)
+        if subject is not None:
+            tracker.get_subject(subject)
+        if job is not None:
+            tracker.get_job(job)
     elif subject is not None or job is not None:
         raise typer.BadParameter("--subject and --job need --kind", param_hint="--kind")
     store = open_store(settings)
@@ -53,21 +69,27 @@ def put(
 
 @app.command()
 def get(
-    key: str = typer.Argument(..., help="Key of the object."),
-    dest: Path = typer.Argument(..., help="File to write (replaced only once the download is verified)."),
+    key: Annotated[str, typer.Argument(help="Key of the object.")],
+    dest: Annotated[
+        Path, typer.Argument(help="File (or folder) to write; replaced only once the download is verified.")
+    ],
 ) -> None:
     """Download KEY to DEST, verifying its sha256."""
     from lynx.settings import get_settings
     from lynx.store import open_store
 
+    if dest.is_dir():
+        dest = dest / key.rsplit("/", 1)[-1]
     stored = open_store(get_settings()).get_file(key, dest)
     typer.echo(f"sha256  {stored.sha256} (verified)\nsize    {stored.size}\nwrote   {dest}")
 
 
 @app.command()
 def url(
-    key: str = typer.Argument(..., help="Key of the object."),
-    expires: int = typer.Option(None, "--expires", min=1, help="Lifetime in seconds (default LYNX_PRESIGN_EXPIRY_SECONDS)."),
+    key: Annotated[str, typer.Argument(help="Key of the object.")],
+    expires: Annotated[
+        int | None, typer.Option(min=1, help="Lifetime in seconds (default LYNX_PRESIGN_EXPIRY_SECONDS).")
+    ] = None,
 ) -> None:
     """Print a download URL for KEY (S3: presigned GET; local store: a file:// URL)."""
     from lynx.settings import get_settings
@@ -77,7 +99,7 @@ def url(
 
 
 @app.command("ls")
-def list_keys(prefix: str = typer.Argument("", help="Only keys starting with this.")) -> None:
+def list_keys(prefix: Annotated[str, typer.Argument(help="Only keys starting with this.")] = "") -> None:
     """List keys under PREFIX."""
     from lynx.settings import get_settings
     from lynx.store import open_store

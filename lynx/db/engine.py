@@ -30,7 +30,9 @@ def make_engine(settings: LynxSettings) -> Engine:
     try:
         url = make_url(raw_url)
     except ArgumentError:
-        raise ConfigurationError(f"LYNX_DATABASE_URL is not a database URL: {shown}", setting=SETTING) from None
+        raise ConfigurationError(
+            f"LYNX_DATABASE_URL is not a database URL: {shown}", setting=SETTING
+        ) from None
 
     connect_args: dict[str, Any] = {}
     options: dict[str, Any] = {"pool_pre_ping": True}
@@ -59,9 +61,7 @@ def make_engine(settings: LynxSettings) -> Engine:
 
 def session_factory(settings_or_engine: LynxSettings | Engine) -> sessionmaker[Session]:
     """Sessions whose objects stay readable after commit (tasks hand them around)."""
-    engine = (
-        settings_or_engine if isinstance(settings_or_engine, Engine) else make_engine(settings_or_engine)
-    )
+    engine = settings_or_engine if isinstance(settings_or_engine, Engine) else make_engine(settings_or_engine)
     return sessionmaker(engine, expire_on_commit=False)
 
 

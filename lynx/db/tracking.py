@@ -294,10 +294,11 @@ class Tracker:
         for _ in range(_MAX_CAS_ROUNDS):
             with self.transaction() as session:
                 job = _get(session, Job, job_id)
-                if target not in JOB_TRANSITIONS[job.status]:
+                allowed = JOB_TRANSITIONS[job.status]
+                if target not in allowed:
                     raise IllegalTransitionError(
                         f"job {job_id} cannot go from {job.status.value} to {target.value}; allowed from "
-                        f"{job.status.value}: {', '.join(s.value for s in JOB_TRANSITIONS[job.status]) or 'none'}"
+                        f"{job.status.value}: {', '.join(sorted(s.value for s in allowed)) or 'none'}"
                     )
                 values = _transition_values(job, target, error_stage, error_text)
                 swapped = session.execute(
@@ -311,7 +312,9 @@ class Tracker:
                     log.debug("job %s: %s", job_id, target.value)
                     return job
             # Lost the race: someone changed the job since we read it. Re-read and re-decide.
-        raise IllegalTransitionError(f"job {job_id} changed {_MAX_CAS_ROUNDS} times while moving it to {target.value}")
+        raise IllegalTransitionError(
+            f"job {job_id} changed {_MAX_CAS_ROUNDS} times while moving it to {target.value}"
+        )
 
     # --- stage runs ----------------------------------------------------------------------------
     def record_stage_start(
@@ -320,8 +323,12 @@ class Tracker:
         with self.transaction() as session:
             job = _get(session, Job, job_id)
             run = StageRun(
-                job_id=job_id, stage=stage, attempt=job.attempt, input_keys=list(inputs),
-                flow_run_id=flow_run_id, started_at=utcnow(),
+                job_id=job_id,
+                stage=stage,
+                attempt=job.attempt,
+                input_keys=list(inputs),
+                flow_run_id=flow_run_id,
+                started_at=utcnow(),
             )
             session.add(run)
         return run
@@ -343,10 +350,14 @@ class Tracker:
         with self.transaction() as session:
             run = _get(session, StageRun, stage_run_id)
             if run.status is not StageStatus.RUNNING:
-                raise IllegalTransitionError(f"stage run {stage_run_id} ({run.stage}) already finished as {run.status.value}")
+                raise IllegalTransitionError(
+                    f"stage run {stage_run_id} ({run.stage}) already finished as {run.status.value}"
+                )
             run.finished_at = utcnow()
             run.status = final
-            run.duration_s = duration_s if duration_s is not None else (run.finished_at - run.started_at).total_seconds()
+            run.duration_s = (
+                duration_s if duration_s is not None else (run.finished_at - run.started_at).total_seconds()
+            )
             run.output_keys = list(outputs)
             run.metrics = dict(metrics or {})
             run.error_text = error_text
@@ -364,18 +375,27 @@ class Tracker:
             yield recorder
         except BaseException as err:
             self.record_stage_finish(
-                run.id, status=StageStatus.FAILED, outputs=recorder.output_keys, metrics=recorder.metrics,
-                error_text=f"{type(err).__name__}: {err}", duration_s=time.monotonic() - started,
+                run.id,
+                status=StageStatus.FAILED,
+                outputs=recorder.output_keys,
+                metrics=recorder.metrics,
+                error_text=f"{type(err).__name__}: {err}",
+                duration_s=time.monotonic() - started,
             )
             raise
         self.record_stage_finish(
-            run.id, status=recorder.status, outputs=recorder.output_keys, metrics=recorder.metrics,
+            run.id,
+            status=recorder.status,
+            outputs=recorder.output_keys,
+            metrics=recorder.metrics,
             duration_s=time.monotonic() - started,
         )
 
     def stage_runs(self, job_id: int) -> list[StageRun]:
         with self._sessions() as session:
-            return list(session.scalars(select(StageRun).where(StageRun.job_id == job_id).order_by(StageRun.id)))
+            return list(
+                session.scalars(select(StageRun).where(StageRun.job_id == job_id).order_by(StageRun.id))
+            )
 
     # --- artifacts -----------------------------------------------------------------------------
     def record_artifact(
@@ -395,8 +415,12 @@ class Tracker:
                 job = _get(session, Job, job_id)
                 subject_id = subject_id if subject_id is not None else job.subject_id
                 campaign_id = campaign_id if campaign_id is not None else job.campaign_id
-            if subject_id is not None and kind in BIOMETRIC_KINDS:
-                _check_not_purged(_get(session, Subject, subject_id))
+            if subject_id is not None:
+                subject = _get(session, Subject, subject_id)
+                if kind in BIOMETRIC_KINDS:
+                    _check_not_purged(subject)
+            if campaign_id is not None:
+                _get(session, Campaign, campaign_id)
             row = _artifact_row(stored, kind, job_id=job_id, subject_id=subject_id, campaign_id=campaign_id)
             session.add(row)
         return row
@@ -411,8 +435,11 @@ class Tracker:
         include_deleted: bool = False,
     ) -> list[Artifact]:
         query = select(Artifact).order_by(Artifact.id)
-        for column, value in ((Artifact.job_id, job_id), (Artifact.subject_id, subject_id),
-                              (Artifact.campaign_id, campaign_id)):
+        for column, value in (
+            (Artifact.job_id, job_id),
+            (Artifact.subject_id, subject_id),
+            (Artifact.campaign_id, campaign_id),
+        ):
             if value is not None:
                 query = query.where(column == value)
         if kind is not None:
@@ -438,13 +465,19 @@ class Tracker:
             if job_id is not None and campaign_id is None:
                 campaign_id = _get(session, Job, job_id).campaign_id
             event = ComputeEvent(
-                kind=kind, cache_key=cache_key, reused=reused, job_id=job_id, campaign_id=campaign_id,
+                kind=kind,
+                cache_key=cache_key,
+                reused=reused,
+                job_id=job_id,
+                campaign_id=campaign_id,
                 duration_s=duration_s,
             )
             session.add(event)
         return event
 
-    def compute_counts(self, *, campaign_id: int | None = None, job_id: int | None = None) -> dict[str, ComputeCounts]:
+    def compute_counts(
+        self, *, campaign_id: int | None = None, job_id: int | None = None
+    ) -> dict[str, ComputeCounts]:
         query = select(ComputeEvent.kind, ComputeEvent.reused, func.count()).group_by(
             ComputeEvent.kind, ComputeEvent.reused
         )
@@ -468,20 +501,27 @@ class Tracker:
                 ).all()
             )
             review = list(
-                session.scalars(select(Job.id).where(Job.campaign_id == row.id, Job.needs_review).order_by(Job.id))
+                session.scalars(
+                    select(Job.id).where(Job.campaign_id == row.id, Job.needs_review).order_by(Job.id)
+                )
             )
             failures = [
                 JobFailure(job.id, job.attempt, job.error_stage, job.error_text)
                 for job in session.scalars(
-                    select(Job).where(Job.campaign_id == row.id, Job.status == JobStatus.FAILED).order_by(Job.id)
+                    select(Job)
+                    .where(Job.campaign_id == row.id, Job.status == JobStatus.FAILED)
+                    .order_by(Job.id)
                 )
             ]
             timings = {
                 stage: StageTiming(runs, float(total or 0), float(mean or 0), float(longest or 0))
                 for stage, runs, total, mean, longest in session.execute(
                     select(
-                        StageRun.stage, func.count(), func.sum(StageRun.duration_s),
-                        func.avg(StageRun.duration_s), func.max(StageRun.duration_s),
+                        StageRun.stage,
+                        func.count(),
+                        func.sum(StageRun.duration_s),
+                        func.avg(StageRun.duration_s),
+                        func.max(StageRun.duration_s),
                     )
                     .join(Job, Job.id == StageRun.job_id)
                     .where(Job.campaign_id == row.id, StageRun.status == StageStatus.COMPLETED)
@@ -525,7 +565,9 @@ class Tracker:
         with self._sessions() as session:
             return set(session.scalars(query))
 
-    def mark_subject_purged(self, subject_id: int, artifact_ids: Sequence[int], now: datetime | None = None) -> None:
+    def mark_subject_purged(
+        self, subject_id: int, artifact_ids: Sequence[int], now: datetime | None = None
+    ) -> None:
         now = now or utcnow()
         with self.transaction() as session:
             session.execute(
@@ -545,7 +587,9 @@ def _transition_values(
     if target is JobStatus.RUNNING:
         values.update(started_at=now, finished_at=None)
     elif target is JobStatus.PENDING:
-        values.update(attempt=job.attempt + 1, started_at=None, finished_at=None, error_stage=None, error_text=None)
+        values.update(
+            attempt=job.attempt + 1, started_at=None, finished_at=None, error_stage=None, error_text=None
+        )
     elif target in _TERMINAL_TIMESTAMPED:
         values["finished_at"] = now
     if target is JobStatus.NEEDS_REVIEW:
@@ -569,8 +613,13 @@ def _artifact_kind(kind: ArtifactKind | str) -> ArtifactKind:
 
 def _artifact_row(stored: StoredObject, kind: ArtifactKind, **owners: int | None) -> Artifact:
     return Artifact(
-        key=stored.key, sha256=stored.sha256, size=stored.size, content_type=stored.content_type,
-        kind=kind.value, biometric=kind in BIOMETRIC_KINDS, **owners,
+        key=stored.key,
+        sha256=stored.sha256,
+        size=stored.size,
+        content_type=stored.content_type,
+        kind=kind.value,
+        biometric=kind in BIOMETRIC_KINDS,
+        **owners,
     )
 
 

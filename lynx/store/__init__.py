@@ -1,8 +1,8 @@
 """Artifact store: one interface (``ArtifactStore``) over a local folder and S3/MinIO.
 
-    store = open_store(settings)
-    obj = store.put_file("video.mp4")          # key "sha256/ab/ab12...", sha256 verified on read
-    store.get_file(obj.key, "out/video.mp4")
+store = open_store(settings)
+obj = store.put_file("video.mp4")          # key "sha256/ab/ab12...", sha256 verified on read
+store.get_file(obj.key, "out/video.mp4")
 """
 
 from __future__ import annotations

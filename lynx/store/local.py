@@ -114,7 +114,9 @@ class LocalArtifactStore(ArtifactStore):
                 raise InvalidKeyError(f"artifact key {stored.key!r} is a folder of other keys")
             meta_partial = partial.with_suffix(".meta")
             meta_partial.write_text(
-                json.dumps({"sha256": stored.sha256, "size": stored.size, "content_type": stored.content_type})
+                json.dumps(
+                    {"sha256": stored.sha256, "size": stored.size, "content_type": stored.content_type}
+                )
             )
             os.replace(meta_partial, meta)
             os.replace(partial, target)

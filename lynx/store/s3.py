@@ -95,8 +95,9 @@ class S3ArtifactStore(ArtifactStore):
         access = settings.s3_access_key.get_secret_value() if settings.s3_access_key else None
         secret = settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None
         if access and not secret:
-            raise ConfigurationError("LYNX_S3_ACCESS_KEY is set but LYNX_S3_SECRET_KEY is not",
-                                     setting="LYNX_S3_SECRET_KEY")
+            raise ConfigurationError(
+                "LYNX_S3_ACCESS_KEY is set but LYNX_S3_SECRET_KEY is not", setting="LYNX_S3_SECRET_KEY"
+            )
         try:
             self._client = Minio(
                 endpoint,
@@ -107,7 +108,9 @@ class S3ArtifactStore(ArtifactStore):
                 http_client=_http_client(settings),
             )
         except ValueError as err:
-            raise ConfigurationError(f"invalid S3 endpoint {endpoint!r}: {err}", setting=ENDPOINT_SETTING) from None
+            raise ConfigurationError(
+                f"invalid S3 endpoint {endpoint!r}: {err}", setting=ENDPOINT_SETTING
+            ) from None
         self._bucket_ready = False
 
     # --- writing -------------------------------------------------------------------------------
@@ -136,8 +139,12 @@ class S3ArtifactStore(ArtifactStore):
             validate_key(key)
         sha256 = hashlib.sha256(data).hexdigest()
         return self._upload(
-            io.BytesIO(data), len(data), sha256, key=key,
-            content_type=content_type or DEFAULT_CONTENT_TYPE, origin="bytes",
+            io.BytesIO(data),
+            len(data),
+            sha256,
+            key=key,
+            content_type=content_type or DEFAULT_CONTENT_TYPE,
+            origin="bytes",
         )
 
     def _upload(
@@ -150,8 +157,13 @@ class S3ArtifactStore(ArtifactStore):
         reader = HashingReader(source)
         with self._errors(stored.key):
             self._client.put_object(
-                self.bucket, stored.key, reader, length=size, content_type=content_type,
-                metadata={SHA256_METADATA: sha256}, part_size=self.part_size,
+                self.bucket,
+                stored.key,
+                reader,
+                length=size,
+                content_type=content_type,
+                metadata={SHA256_METADATA: sha256},
+                part_size=self.part_size,
                 num_parallel_uploads=PARALLEL_PARTS,
             )
         if reader.hexdigest() != sha256:
@@ -248,7 +260,8 @@ class S3ArtifactStore(ArtifactStore):
                 raise ArtifactNotFoundError(f"no artifact {key!r} in {self.location}") from None
             if err.code == "NoSuchBucket":
                 raise ArtifactNotFoundError(
-                    f"no artifact {key!r} in {self.location}: the bucket does not exist", setting="LYNX_S3_BUCKET"
+                    f"no artifact {key!r} in {self.location}: the bucket does not exist",
+                    setting="LYNX_S3_BUCKET",
                 ) from None
             if err.code in _CREDENTIAL_ERRORS:
                 raise ConfigurationError(
@@ -270,8 +283,9 @@ class S3ArtifactStore(ArtifactStore):
             ) from None
         except ValueError as err:  # minio validates bucket names client-side
             if "bucket name" in str(err).lower():
-                raise ConfigurationError(f"invalid S3 bucket name {self.bucket!r}: {err}",
-                                         setting="LYNX_S3_BUCKET") from None
+                raise ConfigurationError(
+                    f"invalid S3 bucket name {self.bucket!r}: {err}", setting="LYNX_S3_BUCKET"
+                ) from None
             raise
 
 

@@ -126,8 +126,12 @@ def test_successful_commands_print_no_secrets(lynx_cli, make_settings, pg_url: s
     source = tmp_path / "f.bin"
     source.write_bytes(b"data")
     outputs = []
-    for args in (["db", "upgrade"], ["db", "current"], ["store", "put", str(source), "--kind", "manifest"],
-                 ["retention", "purge", "--dry-run"]):
+    for args in (
+        ["db", "upgrade"],
+        ["db", "current"],
+        ["store", "put", str(source), "--kind", "manifest"],
+        ["retention", "purge", "--dry-run"],
+    ):
         result = lynx_cli(*args, settings=settings)
         assert result.returncode == 0, result.stderr
         outputs.append(result.stdout + result.stderr)

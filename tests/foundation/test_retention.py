@@ -26,13 +26,18 @@ def _subject_with_data(tracker: Tracker, store: ArtifactStore, name: str, *, exp
     now = utcnow()
     reference = store.put_bytes(photo, content_type="image/jpeg")
     subject = tracker.create_subject(
-        name, reference=reference, consent_reference=f"form-{name}",
+        name,
+        reference=reference,
+        consent_reference=f"form-{name}",
         retention_until=now - timedelta(days=1) if expired else now + timedelta(days=30),
     )
     job, _ = tracker.get_or_create_job(subject_id=subject.id, prompt=f"{name} on a boat")
     keys = {"photo": reference.key}
-    for kind, data in [("face_embedding", b"emb-" + name.encode()), ("id_crop", b"crop-" + name.encode()),
-                       ("video", b"video-" + name.encode())]:
+    for kind, data in [
+        ("face_embedding", b"emb-" + name.encode()),
+        ("id_crop", b"crop-" + name.encode()),
+        ("video", b"video-" + name.encode()),
+    ]:
         stored = store.put_bytes(data)
         tracker.record_artifact(stored, kind=kind, job_id=job.id)
         keys[kind] = stored.key

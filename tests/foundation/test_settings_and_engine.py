@@ -33,7 +33,9 @@ def test_embedded_defaults_need_no_server(monkeypatch, tmp_path: Path):
 
 
 def test_environment_and_dotenv(monkeypatch, tmp_path: Path):
-    (tmp_path / ".env").write_text("LYNX_S3_BUCKET=from-dotenv\nLYNX_S3_SECRET_KEY=dotenv-secret\nLYNX_S3_SECURE=false\n")
+    (tmp_path / ".env").write_text(
+        "LYNX_S3_BUCKET=from-dotenv\nLYNX_S3_SECRET_KEY=dotenv-secret\nLYNX_S3_SECURE=false\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LYNX_S3_BUCKET", "from-env")  # the environment wins over .env
     settings = LynxSettings()
@@ -42,18 +44,20 @@ def test_environment_and_dotenv(monkeypatch, tmp_path: Path):
 
 
 def test_secrets_never_in_repr_or_dumps(make_settings, pg_url: str):
-    settings = make_settings(
-        store="s3", database_url=pg_url.replace("postgres@", f"postgres:{DB_PASSWORD}@")
-    )
-    for shown in (repr(settings), str(settings), settings.model_dump_json(), str(settings.model_dump()),
-                  settings.database_url_for_display, repr(make_engine(settings))):
+    settings = make_settings(store="s3", database_url=pg_url.replace("postgres@", f"postgres:{DB_PASSWORD}@"))
+    for shown in (
+        repr(settings),
+        str(settings),
+        settings.model_dump_json(),
+        str(settings.model_dump()),
+        settings.database_url_for_display,
+        repr(make_engine(settings)),
+    ):
         assert DB_PASSWORD not in shown and S3_SECRET_KEY not in shown
 
 
 def test_logs_carry_no_secrets(make_settings, pg_url: str, caplog: pytest.LogCaptureFixture):
-    settings = make_settings(
-        store="s3", database_url=pg_url.replace("postgres@", f"postgres:{DB_PASSWORD}@")
-    )
+    settings = make_settings(store="s3", database_url=pg_url.replace("postgres@", f"postgres:{DB_PASSWORD}@"))
     with caplog.at_level(logging.DEBUG):
         logging.getLogger("sqlalchemy.engine").setLevel(logging.INFO)  # SQL and parameters too
         try:
@@ -64,8 +68,12 @@ def test_logs_carry_no_secrets(make_settings, pg_url: str, caplog: pytest.LogCap
             job, _ = tracker.get_or_create_job(subject_id=subject.id, prompt="p")
             tracker.transition_job(job.id, JobStatus.RUNNING)
             tracker.close()
-            broken = make_settings(store="s3", s3_endpoint=f"127.0.0.1:{free_port()}", s3_retries=0,
-                                   database_url=f"postgresql+psycopg://u:{DB_PASSWORD}@127.0.0.1:{free_port()}/x")
+            broken = make_settings(
+                store="s3",
+                s3_endpoint=f"127.0.0.1:{free_port()}",
+                s3_retries=0,
+                database_url=f"postgresql+psycopg://u:{DB_PASSWORD}@127.0.0.1:{free_port()}/x",
+            )
             with pytest.raises(ServiceUnavailableError):
                 open_store(broken).check()
             with pytest.raises(ServiceUnavailableError):
@@ -93,7 +101,9 @@ def test_unreachable_database_fails_fast_naming_the_setting(make_settings):
         Tracker.from_settings(settings)
     assert time.monotonic() - started < settings.database_connect_timeout + 2
     message = str(caught.value)
-    assert message.startswith(f"cannot reach the tracking database at postgresql+psycopg://lynx:***@127.0.0.1:{port}")
+    assert message.startswith(
+        f"cannot reach the tracking database at postgresql+psycopg://lynx:***@127.0.0.1:{port}"
+    )
     assert "LYNX_DATABASE_URL" in message and "\n" not in message and DB_PASSWORD not in message
 
 
@@ -106,7 +116,8 @@ def test_database_that_goes_away_mid_run(make_settings, make_pg_database):
     subject = tracker.create_subject("Before")
     with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True) as admin:
         admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
             (url.rsplit("/", 1)[1],),
         )
     # pool_pre_ping replaces the killed connection: the next call just works.
@@ -114,9 +125,7 @@ def test_database_that_goes_away_mid_run(make_settings, make_pg_database):
     tracker.close()
 
 
-@pytest.mark.parametrize(
-    "url", ["not a url", "postgresql://postgres@127.0.0.1/x", "mysql+nodriver://x@y/z"]
-)
+@pytest.mark.parametrize("url", ["not a url", "postgresql://postgres@127.0.0.1/x", "mysql+nodriver://x@y/z"])
 def test_bad_database_url_is_a_configuration_error(make_settings, url: str):
     with pytest.raises(ConfigurationError, match="LYNX_DATABASE_URL"):
         make_engine(make_settings(database_url=url))

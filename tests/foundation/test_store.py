@@ -34,7 +34,9 @@ def big_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_round_trip_of_20mb_file_uses_multipart_and_verifies(store: ArtifactStore, big_file: Path, tmp_path: Path):
+def test_round_trip_of_20mb_file_uses_multipart_and_verifies(
+    store: ArtifactStore, big_file: Path, tmp_path: Path
+):
     expected_sha = hashlib.sha256(big_file.read_bytes()).hexdigest()
 
     stored = store.put_file(big_file)
@@ -54,7 +56,9 @@ def test_round_trip_of_20mb_file_uses_multipart_and_verifies(store: ArtifactStor
 def test_same_bytes_same_key_and_explicit_keys(store: ArtifactStore):
     first = store.put_bytes(b"embedding bytes")
     again = store.put_bytes(b"embedding bytes")
-    named = store.put_bytes(b'{"ok": true}', key="campaigns/c1/manifest.json", content_type="application/json")
+    named = store.put_bytes(
+        b'{"ok": true}', key="campaigns/c1/manifest.json", content_type="application/json"
+    )
 
     assert first == again
     assert first.key == content_key(hashlib.sha256(b"embedding bytes").hexdigest())
@@ -103,8 +107,22 @@ def test_open_read_streams_in_chunks(store: ArtifactStore, big_file: Path):
 
 @pytest.mark.parametrize(
     "key",
-    ["../escape", "a/../../b", "/etc/passwd", "a//b", "./a", "a/./b", "a\\b", "a\x00b", "a\nb", "a\x7fb",
-     "", "trailing/", "C:/windows", "x" * 1100],
+    [
+        "../escape",
+        "a/../../b",
+        "/etc/passwd",
+        "a//b",
+        "./a",
+        "a/./b",
+        "a\\b",
+        "a\x00b",
+        "a\nb",
+        "a\x7fb",
+        "",
+        "trailing/",
+        "C:/windows",
+        "x" * 1100,
+    ],
 )
 def test_bad_keys_are_rejected_before_any_io(store: ArtifactStore, key: str, tmp_path: Path):
     source = tmp_path / "f.bin"

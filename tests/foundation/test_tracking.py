@@ -14,7 +14,15 @@ from lynx.errors import IllegalTransitionError, InputError, NotFoundError
 from lynx.settings import LynxSettings
 from lynx.store import StoredObject
 
-PARAMS = {"seed": 42, "frames": 81, "height": 480, "width": 832, "steps": 50, "guidance": 5.0, "variant": "lite"}
+PARAMS = {
+    "seed": 42,
+    "frames": 81,
+    "height": 480,
+    "width": 832,
+    "steps": 50,
+    "guidance": 5.0,
+    "variant": "lite",
+}
 
 
 def _stored(name: str, size: int = 10) -> StoredObject:
@@ -34,7 +42,11 @@ def test_job_lifecycle_with_retry(tracker: Tracker, subject_id: int):
     assert running.started_at is not None and running.finished_at is None and running.version == 2
 
     failed = tracker.transition_job(job.id, "failed", error_stage="sample", error_text="CUDA out of memory")
-    assert (failed.status, failed.error_stage, failed.error_text) == (JobStatus.FAILED, "sample", "CUDA out of memory")
+    assert (failed.status, failed.error_stage, failed.error_text) == (
+        JobStatus.FAILED,
+        "sample",
+        "CUDA out of memory",
+    )
     assert failed.finished_at >= failed.started_at
 
     retried = tracker.transition_job(job.id, JobStatus.PENDING)
@@ -51,7 +63,9 @@ def test_job_lifecycle_with_retry(tracker: Tracker, subject_id: int):
 def test_rerun_finds_the_same_job(tracker: Tracker, subject_id: int):
     campaign = tracker.get_or_create_campaign("c")
     assert tracker.get_or_create_campaign("c").id == campaign.id
-    first, created = tracker.get_or_create_job(subject_id=subject_id, prompt="p", params=PARAMS, campaign_id=campaign.id)
+    first, created = tracker.get_or_create_job(
+        subject_id=subject_id, prompt="p", params=PARAMS, campaign_id=campaign.id
+    )
     again, created_again = tracker.get_or_create_job(
         subject_id=subject_id, prompt="p", params=dict(reversed(PARAMS.items())), campaign_id=campaign.id
     )
@@ -98,8 +112,9 @@ def test_unknown_job_and_status(tracker: Tracker, subject_id: int):
         tracker.transition_job(job.id, "exploded")
 
 
-def test_concurrent_updates_from_two_connections_lose_nothing(tracking_settings: LynxSettings, tracker: Tracker,
-                                                              subject_id: int):
+def test_concurrent_updates_from_two_connections_lose_nothing(
+    tracking_settings: LynxSettings, tracker: Tracker, subject_id: int
+):
     """Two workers hammer one job: claim it (pending->running), fail it, retry it (attempt+1).
 
     Every successful claim must be followed by exactly one retry, so the final attempt count and
@@ -122,7 +137,9 @@ def test_concurrent_updates_from_two_connections_lose_nothing(tracking_settings:
                 except IllegalTransitionError:
                     continue  # the other worker holds it
                 claims[index] += 1
-                mine.transition_job(job.id, JobStatus.FAILED, error_stage="sample", error_text=f"worker {index}")
+                mine.transition_job(
+                    job.id, JobStatus.FAILED, error_stage="sample", error_text=f"worker {index}"
+                )
                 mine.transition_job(job.id, JobStatus.PENDING)
         except BaseException as err:  # noqa: BLE001 - reported below
             errors.append(err)
@@ -144,8 +161,9 @@ def test_concurrent_updates_from_two_connections_lose_nothing(tracking_settings:
     assert final.version == 1 + 3 * total
 
 
-def test_two_workers_claiming_at_once_exactly_one_wins(tracking_settings: LynxSettings, tracker: Tracker,
-                                                        subject_id: int):
+def test_two_workers_claiming_at_once_exactly_one_wins(
+    tracking_settings: LynxSettings, tracker: Tracker, subject_id: int
+):
     results: list[str] = []
     for round_number in range(5):
         job, _ = tracker.get_or_create_job(subject_id=subject_id, prompt=f"race {round_number}")
@@ -153,15 +171,15 @@ def test_two_workers_claiming_at_once_exactly_one_wins(tracking_settings: LynxSe
         barrier = threading.Barrier(2)
         outcome: list[str] = []
 
-        def claim(worker: Tracker) -> None:
+        def claim(worker: Tracker, job_id: int, barrier: threading.Barrier, outcome: list[str]) -> None:
             barrier.wait()
             try:
-                worker.transition_job(job.id, JobStatus.RUNNING)
+                worker.transition_job(job_id, JobStatus.RUNNING)
                 outcome.append("won")
             except IllegalTransitionError:
                 outcome.append("lost")
 
-        threads = [threading.Thread(target=claim, args=(w,)) for w in workers]
+        threads = [threading.Thread(target=claim, args=(w, job.id, barrier, outcome)) for w in workers]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -184,7 +202,12 @@ def test_stage_runs_record_timing_outputs_and_failures(tracker: Tracker, subject
         raise RuntimeError("decoder exploded")
 
     embed, decode = tracker.stage_runs(job.id)
-    assert (embed.stage, embed.status, embed.attempt, embed.flow_run_id) == ("embed_face", StageStatus.COMPLETED, 1, "fr-1")
+    assert (embed.stage, embed.status, embed.attempt, embed.flow_run_id) == (
+        "embed_face",
+        StageStatus.COMPLETED,
+        1,
+        "fr-1",
+    )
     assert embed.input_keys == ["sha256/aa/photo"] and embed.output_keys == ["sha256/bb/embedding"]
     assert embed.metrics == {"det_score": 0.93} and embed.duration_s >= 0.05
     assert decode.status is StageStatus.FAILED and decode.error_text == "RuntimeError: decoder exploded"
@@ -192,7 +215,9 @@ def test_stage_runs_record_timing_outputs_and_failures(tracker: Tracker, subject
         tracker.record_stage_finish(decode.id)
 
     manual = tracker.record_stage_start(job.id, "upscale")
-    finished = tracker.record_stage_finish(manual.id, status=StageStatus.SKIPPED, metrics={"reason": "already 1080p"})
+    finished = tracker.record_stage_finish(
+        manual.id, status=StageStatus.SKIPPED, metrics={"reason": "already 1080p"}
+    )
     assert finished.status is StageStatus.SKIPPED and finished.duration_s >= 0
 
 
@@ -200,9 +225,15 @@ def test_artifacts_take_owners_from_their_job(tracker: Tracker, subject_id: int)
     campaign = tracker.get_or_create_campaign("c")
     job, _ = tracker.get_or_create_job(subject_id=subject_id, prompt="p", campaign_id=campaign.id)
     embedding = tracker.record_artifact(_stored("emb"), kind="face_embedding", job_id=job.id)
-    video = tracker.record_artifact(_stored("vid", size=5_000_000_000), kind=ArtifactKind.VIDEO, job_id=job.id)
+    video = tracker.record_artifact(
+        _stored("vid", size=5_000_000_000), kind=ArtifactKind.VIDEO, job_id=job.id
+    )
 
-    assert (embedding.subject_id, embedding.campaign_id, embedding.biometric) == (subject_id, campaign.id, True)
+    assert (embedding.subject_id, embedding.campaign_id, embedding.biometric) == (
+        subject_id,
+        campaign.id,
+        True,
+    )
     assert video.biometric is False and video.size == 5_000_000_000  # BIGINT: videos exceed 2 GiB
     assert [a.id for a in tracker.list_artifacts(job_id=job.id, kind="video")] == [video.id]
     assert len(tracker.list_artifacts(subject_id=subject_id)) == 2
@@ -212,7 +243,9 @@ def test_artifacts_take_owners_from_their_job(tracker: Tracker, subject_id: int)
 
 def test_subject_reference_and_duplicates(tracker: Tracker):
     photo = _stored("photo")
-    subject = tracker.create_subject("Grace", external_ref="crm-17", reference=photo, consent_reference="form-9")
+    subject = tracker.create_subject(
+        "Grace", external_ref="crm-17", reference=photo, consent_reference="form-9"
+    )
     assert subject.reference_key == photo.key and subject.consent_given_at is not None
     assert subject.retention_until - subject.created_at > timedelta(days=29)
     [row] = tracker.list_artifacts(subject_id=subject.id)
@@ -233,13 +266,16 @@ def test_purged_subject_gets_no_new_jobs(tracker: Tracker, subject_id: int):
 def test_compute_events_and_campaign_summary(tracker: Tracker, subject_id: int):
     campaign = tracker.get_or_create_campaign("summer")
     jobs = [
-        tracker.get_or_create_job(subject_id=subject_id, prompt=f"p{i}", campaign_id=campaign.id)[0] for i in range(4)
+        tracker.get_or_create_job(subject_id=subject_id, prompt=f"p{i}", campaign_id=campaign.id)[0]
+        for i in range(4)
     ]
     for job in jobs:
         tracker.transition_job(job.id, JobStatus.RUNNING)
         with tracker.stage(job.id, "sample"):
             pass
-        tracker.record_compute_event("face_embedding", "emb-of-subject", reused=job is not jobs[0], job_id=job.id)
+        tracker.record_compute_event(
+            "face_embedding", "emb-of-subject", reused=job is not jobs[0], job_id=job.id
+        )
     tracker.record_compute_event("prompt_embeds", "p0", reused=False, job_id=jobs[0].id, duration_s=1.5)
     tracker.transition_job(jobs[0].id, JobStatus.COMPLETED)
     tracker.transition_job(jobs[1].id, JobStatus.FAILED, error_stage="decode", error_text="bad latents")
@@ -251,13 +287,17 @@ def test_compute_events_and_campaign_summary(tracker: Tracker, subject_id: int):
     assert summary.jobs_by_status[JobStatus.RUNNING] == 1
     assert summary.jobs_by_status[JobStatus.PENDING] == 0
     assert summary.needs_review_job_ids == [jobs[2].id]
-    assert [(f.job_id, f.error_stage, f.error_text) for f in summary.failures] == [(jobs[1].id, "decode", "bad latents")]
+    assert [(f.job_id, f.error_stage, f.error_text) for f in summary.failures] == [
+        (jobs[1].id, "decode", "bad latents")
+    ]
     assert summary.stage_timings["sample"].runs == 4
     assert summary.compute == {
         "face_embedding": ComputeCounts(computed=1, reused=3),
         "prompt_embeds": ComputeCounts(computed=1, reused=0),
     }
-    assert tracker.compute_counts(job_id=jobs[1].id) == {"face_embedding": ComputeCounts(computed=0, reused=1)}
+    assert tracker.compute_counts(job_id=jobs[1].id) == {
+        "face_embedding": ComputeCounts(computed=0, reused=1)
+    }
     with pytest.raises(NotFoundError, match="winter"):
         tracker.campaign_summary("winter")
 
@@ -267,5 +307,7 @@ def test_timestamps_are_utc_aware_on_both_backends(tracker: Tracker):
     subject = tracker.create_subject("Tz", retention_until=local_noon)
     stored = tracker.get_subject(subject.id).retention_until
     assert stored == local_noon and stored.tzinfo is not None and stored.utcoffset() == timedelta(0)
-    assert [s.id for s in tracker.expired_subjects(now=datetime(2030, 1, 1, 10, 1, tzinfo=timezone.utc))] == [subject.id]
+    assert [s.id for s in tracker.expired_subjects(now=datetime(2030, 1, 1, 10, 1, tzinfo=timezone.utc))] == [
+        subject.id
+    ]
     assert tracker.expired_subjects(now=datetime(2030, 1, 1, 9, 59, tzinfo=timezone.utc)) == []

@@ -24,7 +24,9 @@ def _timestamp(name: str, *, now: bool = False) -> sa.Column:
 
 
 def _status(table: str, name: str, *values: str) -> sa.Enum:
-    return sa.Enum(*values, name=op.f(f"ck_{table}_{name}"), native_enum=False, create_constraint=True, length=20)
+    return sa.Enum(
+        *values, name=op.f(f"ck_{table}_{name}"), native_enum=False, create_constraint=True, length=20
+    )
 
 
 def upgrade() -> None:
@@ -33,8 +35,11 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("name", sa.String(length=200), nullable=False),
         sa.Column("spec", sa.JSON(), nullable=False),
-        sa.Column("status", _status("campaigns", "campaign_status", "active", "completed", "cancelled"),
-                  nullable=False),
+        sa.Column(
+            "status",
+            _status("campaigns", "campaign_status", "active", "completed", "cancelled"),
+            nullable=False,
+        ),
         _timestamp("created_at", now=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_campaigns")),
         sa.UniqueConstraint("name", name=op.f("uq_campaigns_name")),
@@ -66,7 +71,9 @@ def upgrade() -> None:
         sa.Column("fingerprint", sa.String(length=64), nullable=False),
         sa.Column(
             "status",
-            _status("jobs", "job_status", "pending", "running", "completed", "failed", "cancelled", "needs_review"),
+            _status(
+                "jobs", "job_status", "pending", "running", "completed", "failed", "cancelled", "needs_review"
+            ),
             nullable=False,
         ),
         sa.Column("attempt", sa.Integer(), nullable=False),
@@ -77,8 +84,9 @@ def upgrade() -> None:
         _timestamp("created_at", now=True),
         _timestamp("started_at"),
         _timestamp("finished_at"),
-        sa.ForeignKeyConstraint(["campaign_id"], ["campaigns.id"], name=op.f("fk_jobs_campaign_id_campaigns"),
-                                ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["campaign_id"], ["campaigns.id"], name=op.f("fk_jobs_campaign_id_campaigns"), ondelete="CASCADE"
+        ),
         sa.ForeignKeyConstraint(["subject_id"], ["subjects.id"], name=op.f("fk_jobs_subject_id_subjects")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_jobs")),
         sa.UniqueConstraint("campaign_id", "fingerprint", name=op.f("uq_jobs_campaign_id_fingerprint")),
@@ -86,8 +94,12 @@ def upgrade() -> None:
     op.create_index("ix_jobs_campaign_id_status", "jobs", ["campaign_id", "status"])
     op.create_index(op.f("ix_jobs_subject_id"), "jobs", ["subject_id"])
     op.create_index(
-        "uq_jobs_fingerprint_no_campaign", "jobs", ["fingerprint"], unique=True,
-        postgresql_where=sa.text("campaign_id IS NULL"), sqlite_where=sa.text("campaign_id IS NULL"),
+        "uq_jobs_fingerprint_no_campaign",
+        "jobs",
+        ["fingerprint"],
+        unique=True,
+        postgresql_where=sa.text("campaign_id IS NULL"),
+        sqlite_where=sa.text("campaign_id IS NULL"),
     )
     op.create_table(
         "artifacts",
@@ -103,11 +115,21 @@ def upgrade() -> None:
         sa.Column("campaign_id", sa.Integer(), nullable=True),
         _timestamp("created_at", now=True),
         _timestamp("deleted_at"),
-        sa.ForeignKeyConstraint(["campaign_id"], ["campaigns.id"], name=op.f("fk_artifacts_campaign_id_campaigns"),
-                                ondelete="SET NULL"),
-        sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name=op.f("fk_artifacts_job_id_jobs"), ondelete="SET NULL"),
-        sa.ForeignKeyConstraint(["subject_id"], ["subjects.id"], name=op.f("fk_artifacts_subject_id_subjects"),
-                                ondelete="SET NULL"),
+        sa.ForeignKeyConstraint(
+            ["campaign_id"],
+            ["campaigns.id"],
+            name=op.f("fk_artifacts_campaign_id_campaigns"),
+            ondelete="SET NULL",
+        ),
+        sa.ForeignKeyConstraint(
+            ["job_id"], ["jobs.id"], name=op.f("fk_artifacts_job_id_jobs"), ondelete="SET NULL"
+        ),
+        sa.ForeignKeyConstraint(
+            ["subject_id"],
+            ["subjects.id"],
+            name=op.f("fk_artifacts_subject_id_subjects"),
+            ondelete="SET NULL",
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_artifacts")),
     )
     for column in ("campaign_id", "job_id", "key", "kind", "subject_id"):
@@ -122,10 +144,15 @@ def upgrade() -> None:
         sa.Column("job_id", sa.Integer(), nullable=True),
         sa.Column("campaign_id", sa.Integer(), nullable=True),
         _timestamp("created_at", now=True),
-        sa.ForeignKeyConstraint(["campaign_id"], ["campaigns.id"],
-                                name=op.f("fk_compute_events_campaign_id_campaigns"), ondelete="SET NULL"),
-        sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name=op.f("fk_compute_events_job_id_jobs"),
-                                ondelete="SET NULL"),
+        sa.ForeignKeyConstraint(
+            ["campaign_id"],
+            ["campaigns.id"],
+            name=op.f("fk_compute_events_campaign_id_campaigns"),
+            ondelete="SET NULL",
+        ),
+        sa.ForeignKeyConstraint(
+            ["job_id"], ["jobs.id"], name=op.f("fk_compute_events_job_id_jobs"), ondelete="SET NULL"
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_compute_events")),
     )
     op.create_index("ix_compute_events_campaign_id_kind", "compute_events", ["campaign_id", "kind"])
@@ -135,8 +162,11 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("job_id", sa.Integer(), nullable=False),
         sa.Column("stage", sa.String(length=64), nullable=False),
-        sa.Column("status", _status("stage_runs", "stage_status", "running", "completed", "failed", "skipped"),
-                  nullable=False),
+        sa.Column(
+            "status",
+            _status("stage_runs", "stage_status", "running", "completed", "failed", "skipped"),
+            nullable=False,
+        ),
         sa.Column("attempt", sa.Integer(), nullable=False),
         _timestamp("started_at", now=True),
         _timestamp("finished_at"),
@@ -146,7 +176,9 @@ def upgrade() -> None:
         sa.Column("metrics", sa.JSON(), nullable=False),
         sa.Column("error_text", sa.Text(), nullable=True),
         sa.Column("flow_run_id", sa.String(length=64), nullable=True),
-        sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name=op.f("fk_stage_runs_job_id_jobs"), ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["job_id"], ["jobs.id"], name=op.f("fk_stage_runs_job_id_jobs"), ondelete="CASCADE"
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_stage_runs")),
     )
     op.create_index("ix_stage_runs_job_id_stage", "stage_runs", ["job_id", "stage"])
