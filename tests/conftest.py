@@ -21,6 +21,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -101,16 +102,39 @@ def pg_url(make_pg_database: Callable[[], str]) -> str:
 
 # --- S3 (moto) -------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[str]:
-    """A moto S3 server on loopback; yields its endpoint "127.0.0.1:PORT"."""
-    from moto.server import ThreadedMotoServer
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto S3 server on loopback, in its own process; yields its endpoint "127.0.0.1:PORT".
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+    A separate process keeps the server's memory and CPU out of the tests' measurements, as a
+    real MinIO would be.
+    """
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop()
+    log_path = tmp_path_factory.mktemp("moto") / "server.log"
+    with open(log_path, "wb") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_for_http(f"http://127.0.0.1:{port}/moto-api/", server, log_path)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _wait_for_http(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"moto server exited with {process.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    process.terminate()
+    raise RuntimeError(f"moto server did not answer at {url} within {timeout} s")
 
 
 @pytest.fixture
