@@ -15,7 +15,6 @@ a temporary folder (autouse ``_isolated_lynx_env``). Area-specific fixtures belo
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 import socket
@@ -127,7 +126,8 @@ def _wait_for_http(url: str, process: subprocess.Popen, log_path: Path, timeout:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"moto server exited with {process.returncode}: {log_path.read_text()[-2000:]}")
+            tail = log_path.read_text()[-2000:]
+            raise RuntimeError(f"moto server exited with {process.returncode}: {tail}")
         try:
             urllib.request.urlopen(url, timeout=1).close()
             return
