@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import mimetypes
 import os
 import re
 import secrets
@@ -78,7 +79,7 @@ def validate_key(key: str, *, prefix: bool = False) -> str:
 
 
 class HashingReader(io.RawIOBase):
-    """Wraps a binary stream and hashes every byte read through it (for uploads)."""
+    """Wraps a binary stream and hashes every byte read through it (uploads hash what they send)."""
 
     def __init__(self, raw: BinaryIO) -> None:
         super().__init__()
@@ -104,7 +105,7 @@ class HashingReader(io.RawIOBase):
         return self._hash.hexdigest()
 
 
-class VerifyingReader(io.RawIOBase):
+class VerifyingReader(HashingReader):
     """A streaming reader that raises ``ChecksumMismatchError`` at end of stream if the bytes are wrong.
 
     Consumers of ``open_read`` get bytes as they arrive (no whole-file loads); whoever reads to the
@@ -112,33 +113,19 @@ class VerifyingReader(io.RawIOBase):
     """
 
     def __init__(self, raw: BinaryIO, expected: StoredObject, where: str) -> None:
-        super().__init__()
-        self._raw = raw
+        super().__init__(raw)
         self._expected = expected
         self._where = where
-        self._hash = hashlib.sha256()
-        self._size = 0
         self._checked = False
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
             return self.readall()
-        data = self._raw.read(size)
-        if data:
-            self._hash.update(data)
-            self._size += len(data)
-        elif not self._checked:
+        data = super().read(size)
+        if not data and not self._checked:
             self._checked = True
-            check_digest(self._expected, self._hash.hexdigest(), self._size, self._where)
+            check_digest(self._expected, self.hexdigest(), self.bytes_read, self._where)
         return data
-
-    def readinto(self, buffer) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
     def readall(self) -> bytes:
         chunks = []
@@ -161,6 +148,20 @@ def check_digest(expected: StoredObject, sha256: str, size: int, where: str) -> 
         )
 
 
+def write_hashed(source: BinaryIO, path: Path) -> tuple[str, int]:
+    """Stream ``source`` into a new file at ``path`` (fsynced); returns its sha256 and size."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "wb") as out:
+        while chunk := source.read(CHUNK_SIZE):
+            digest.update(chunk)
+            size += len(chunk)
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return digest.hexdigest(), size
+
+
 def copy_verified(source: BinaryIO, dest: Path, expected: StoredObject, where: str) -> None:
     """Stream ``source`` into a temp file beside ``dest``, verify it, then atomically rename it.
 
@@ -168,17 +169,9 @@ def copy_verified(source: BinaryIO, dest: Path, expected: StoredObject, where: s
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(f".{dest.name}.partial-{secrets.token_hex(6)}")
-    digest = hashlib.sha256()
-    size = 0
     try:
-        with open(partial, "wb") as out:
-            while chunk := source.read(CHUNK_SIZE):
-                digest.update(chunk)
-                size += len(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        check_digest(expected, digest.hexdigest(), size, where)
+        sha256, size = write_hashed(source, partial)
+        check_digest(expected, sha256, size, where)
         partial.replace(dest)
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -192,17 +185,34 @@ class ArtifactStore(ABC):
     location: str
 
     # --- writing -------------------------------------------------------------------------------
-    @abstractmethod
     def put_file(
         self, path: str | Path, *, key: str | None = None, content_type: str | None = None
     ) -> StoredObject:
-        """Store a file, streaming it. ``key=None`` stores it under its content-addressed key."""
+        """Store a file, streaming it. ``key=None`` stores it under its content-addressed key;
+        ``content_type=None`` guesses it from the file name."""
+        path = Path(path)
+        if key is not None:
+            validate_key(key)
+        if content_type is None:
+            content_type = mimetypes.guess_type(path.name)[0] or DEFAULT_CONTENT_TYPE
+        try:
+            source = open(path, "rb")
+        except OSError as err:
+            raise InputError(f"cannot read {path}: {err.strerror or err}") from None
+        with source:
+            return self._put_stream(source, os.fstat(source.fileno()).st_size, key, content_type)
 
-    @abstractmethod
     def put_bytes(
         self, data: bytes, *, key: str | None = None, content_type: str | None = None
     ) -> StoredObject:
         """Store bytes held in memory (small objects: manifests, embeddings, reports)."""
+        if key is not None:
+            validate_key(key)
+        return self._put_stream(io.BytesIO(data), len(data), key, content_type or DEFAULT_CONTENT_TYPE)
+
+    @abstractmethod
+    def _put_stream(self, source: BinaryIO, size: int, key: str | None, content_type: str) -> StoredObject:
+        """Store ``size`` bytes from a seekable ``source``; ``key`` (if any) is already validated."""
 
     @abstractmethod
     def delete(self, key: str) -> None:

@@ -13,11 +13,8 @@ writers of the same key cannot leave one's metadata beside the other's bytes.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
-import mimetypes
 import os
 import secrets
 from collections.abc import Iterator
@@ -27,15 +24,8 @@ from typing import BinaryIO
 
 from filelock import FileLock
 
-from lynx.errors import ArtifactNotFoundError, InputError, InvalidKeyError, ServiceUnavailableError
-from lynx.store.base import (
-    CHUNK_SIZE,
-    DEFAULT_CONTENT_TYPE,
-    ArtifactStore,
-    StoredObject,
-    content_key,
-    validate_key,
-)
+from lynx.errors import ArtifactNotFoundError, InvalidKeyError, ServiceUnavailableError
+from lynx.store.base import ArtifactStore, StoredObject, content_key, validate_key, write_hashed
 
 log = logging.getLogger(__name__)
 
@@ -54,48 +44,17 @@ class LocalArtifactStore(ArtifactStore):
         self._lock = FileLock(str(self.root / "tmp" / "publish.lock"))
 
     # --- writing -------------------------------------------------------------------------------
-    def put_file(
-        self, path: str | Path, *, key: str | None = None, content_type: str | None = None
-    ) -> StoredObject:
-        path = Path(path)
-        if key is not None:
-            validate_key(key)
-        if content_type is None:
-            content_type = mimetypes.guess_type(path.name)[0] or DEFAULT_CONTENT_TYPE
-        try:
-            source = open(path, "rb")
-        except OSError as err:
-            raise InputError(f"cannot read {path}: {err.strerror or err}") from None
-        with source:
-            return self._write(source, key=key, content_type=content_type)
-
-    def put_bytes(
-        self, data: bytes, *, key: str | None = None, content_type: str | None = None
-    ) -> StoredObject:
-        if key is not None:
-            validate_key(key)
-        return self._write(io.BytesIO(data), key=key, content_type=content_type or DEFAULT_CONTENT_TYPE)
-
-    def _write(self, source: BinaryIO, *, key: str | None, content_type: str) -> StoredObject:
+    def _put_stream(self, source: BinaryIO, size: int, key: str | None, content_type: str) -> StoredObject:
         with self._service_errors("write to"):
             self._tmp.mkdir(parents=True, exist_ok=True)
             partial = self._tmp / f"{secrets.token_hex(8)}.partial"
-            digest = hashlib.sha256()
-            size = 0
             try:
-                with open(partial, "wb") as out:
-                    while chunk := source.read(CHUNK_SIZE):
-                        digest.update(chunk)
-                        size += len(chunk)
-                        out.write(chunk)
-                    out.flush()
-                    os.fsync(out.fileno())
-                sha256 = digest.hexdigest()
-                stored = StoredObject(key or content_key(sha256), sha256, size, content_type)
+                sha256, written = write_hashed(source, partial)
+                stored = StoredObject(key or content_key(sha256), sha256, written, content_type)
                 self._publish(partial, stored, content_addressed=key is None)
             finally:
                 partial.unlink(missing_ok=True)
-        log.debug("stored %s (%d bytes) in %s", stored.key, size, self.location)
+        log.debug("stored %s (%d bytes) in %s", stored.key, written, self.location)
         return stored
 
     def _publish(self, partial: Path, stored: StoredObject, *, content_addressed: bool) -> None:

@@ -14,12 +14,10 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import mimetypes
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path
 from typing import BinaryIO
 
 import certifi
@@ -114,42 +112,14 @@ class S3ArtifactStore(ArtifactStore):
         self._bucket_ready = False
 
     # --- writing -------------------------------------------------------------------------------
-    def put_file(
-        self, path: str | Path, *, key: str | None = None, content_type: str | None = None
-    ) -> StoredObject:
-        path = Path(path)
-        if key is not None:
-            validate_key(key)
-        if content_type is None:
-            content_type = mimetypes.guess_type(path.name)[0] or DEFAULT_CONTENT_TYPE
-        try:
-            size = path.stat().st_size
-            # The checksum goes into the upload's metadata, so it is needed before the first byte.
-            sha256 = _file_sha256(path)
-            source = open(path, "rb")
-        except OSError as err:
-            raise InputError(f"cannot read {path}: {err.strerror or err}") from None
-        with source:
-            return self._upload(source, size, sha256, key=key, content_type=content_type, origin=str(path))
-
-    def put_bytes(
-        self, data: bytes, *, key: str | None = None, content_type: str | None = None
-    ) -> StoredObject:
-        if key is not None:
-            validate_key(key)
-        sha256 = hashlib.sha256(data).hexdigest()
-        return self._upload(
-            io.BytesIO(data),
-            len(data),
-            sha256,
-            key=key,
-            content_type=content_type or DEFAULT_CONTENT_TYPE,
-            origin="bytes",
-        )
-
-    def _upload(
-        self, source: BinaryIO, size: int, sha256: str, *, key: str | None, content_type: str, origin: str
-    ) -> StoredObject:
+    def _put_stream(self, source: BinaryIO, size: int, key: str | None, content_type: str) -> StoredObject:
+        # The checksum goes into the upload's metadata, so it is needed before the first byte:
+        # hash in one streaming pass, upload in a second that hashes again to catch a changed file.
+        digest = hashlib.sha256()
+        while chunk := source.read(CHUNK_SIZE):
+            digest.update(chunk)
+        source.seek(0)
+        sha256 = digest.hexdigest()
         stored = StoredObject(key or content_key(sha256), sha256, size, content_type)
         self._ensure_bucket()
         if key is None and self._stat_or_none(stored.key) is not None:
@@ -168,6 +138,7 @@ class S3ArtifactStore(ArtifactStore):
             )
         if reader.hexdigest() != sha256:
             self.delete(stored.key)
+            origin = getattr(source, "name", "the data")
             raise InputError(f"{origin} changed while it was being uploaded; nothing was stored")
         log.debug("stored %s (%d bytes) in %s", stored.key, size, self.location)
         return stored
@@ -309,14 +280,6 @@ class _ResponseReader(io.RawIOBase):
         data = self.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as source:
-        while chunk := source.read(CHUNK_SIZE):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _one_line(err: BaseException) -> str:

@@ -227,7 +227,7 @@ class _FailingStream(io.RawIOBase):
 def test_local_interrupted_write_publishes_nothing(tmp_path: Path):
     store = LocalArtifactStore(tmp_path / "artifacts")
     with pytest.raises(ServiceUnavailableError, match="LYNX_ARTIFACTS_DIR"):
-        store._write(_FailingStream(), key="videos/partial.mp4", content_type="video/mp4")
+        store._put_stream(_FailingStream(), 4 * 1024 * 1024, "videos/partial.mp4", "video/mp4")
     assert not store.exists("videos/partial.mp4")
     assert list(store.list()) == []
     assert list((tmp_path / "artifacts" / "tmp").glob("*.partial")) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -112,6 +113,30 @@ def test_unknown_job_and_status(tracker: Tracker, subject_id: int):
         tracker.transition_job(job.id, "exploded")
 
 
+def _run_at_once(settings: LynxSettings, work: Callable[[Tracker, int], None], workers: int = 2) -> None:
+    """Run ``work(tracker, index)`` in threads that start together, each with its own engine."""
+    trackers = [Tracker.from_settings(settings) for _ in range(workers)]
+    barrier = threading.Barrier(workers)
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        barrier.wait()
+        try:
+            work(trackers[index], index)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the test thread below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for tracker in trackers:
+        tracker.close()
+    if errors:
+        raise errors[0]
+
+
 def test_concurrent_updates_from_two_connections_lose_nothing(
     tracking_settings: LynxSettings, tracker: Tracker, subject_id: int
 ):
@@ -122,37 +147,20 @@ def test_concurrent_updates_from_two_connections_lose_nothing(
     other worker's change) would show up as a missing attempt or version.
     """
     job, _ = tracker.get_or_create_job(subject_id=subject_id, prompt="contended")
-    workers = [Tracker.from_settings(tracking_settings) for _ in range(2)]
     claims = [0, 0]
-    errors: list[BaseException] = []
-    start = threading.Barrier(2)
 
-    def work(index: int) -> None:
-        mine = workers[index]
-        start.wait()
-        try:
-            for _ in range(15):
-                try:
-                    mine.transition_job(job.id, JobStatus.RUNNING)
-                except IllegalTransitionError:
-                    continue  # the other worker holds it
-                claims[index] += 1
-                mine.transition_job(
-                    job.id, JobStatus.FAILED, error_stage="sample", error_text=f"worker {index}"
-                )
-                mine.transition_job(job.id, JobStatus.PENDING)
-        except BaseException as err:  # noqa: BLE001 - reported below
-            errors.append(err)
+    def work(mine: Tracker, index: int) -> None:
+        for _ in range(15):
+            try:
+                mine.transition_job(job.id, JobStatus.RUNNING)
+            except IllegalTransitionError:
+                continue  # the other worker holds it
+            claims[index] += 1
+            mine.transition_job(job.id, JobStatus.FAILED, error_stage="sample", error_text=f"worker {index}")
+            mine.transition_job(job.id, JobStatus.PENDING)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    for worker in workers:
-        worker.close()
+    _run_at_once(tracking_settings, work)
 
-    assert errors == []
     final = tracker.get_job(job.id)
     total = sum(claims)
     assert total >= 1
@@ -164,32 +172,20 @@ def test_concurrent_updates_from_two_connections_lose_nothing(
 def test_two_workers_claiming_at_once_exactly_one_wins(
     tracking_settings: LynxSettings, tracker: Tracker, subject_id: int
 ):
-    results: list[str] = []
     for round_number in range(5):
         job, _ = tracker.get_or_create_job(subject_id=subject_id, prompt=f"race {round_number}")
-        workers = [Tracker.from_settings(tracking_settings) for _ in range(2)]
-        barrier = threading.Barrier(2)
         outcome: list[str] = []
 
-        def claim(worker: Tracker, job_id: int, barrier: threading.Barrier, outcome: list[str]) -> None:
-            barrier.wait()
+        def claim(worker: Tracker, _index: int, job_id: int = job.id, outcome: list[str] = outcome) -> None:
             try:
                 worker.transition_job(job_id, JobStatus.RUNNING)
                 outcome.append("won")
             except IllegalTransitionError:
                 outcome.append("lost")
 
-        threads = [threading.Thread(target=claim, args=(w, job.id, barrier, outcome)) for w in workers]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        for worker in workers:
-            worker.close()
+        _run_at_once(tracking_settings, claim)
         assert sorted(outcome) == ["lost", "won"]
         assert tracker.get_job(job.id).version == 2
-        results.extend(outcome)
-    assert results.count("won") == 5
 
 
 def test_stage_runs_record_timing_outputs_and_failures(tracker: Tracker, subject_id: int):
