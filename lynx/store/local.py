@@ -13,6 +13,7 @@ writers of the same key cannot leave one's metadata beside the other's bytes.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -71,14 +72,15 @@ class LocalArtifactStore(ArtifactStore):
                 ) from None
             if target.is_dir():
                 raise InvalidKeyError(f"artifact key {stored.key!r} is a folder of other keys")
+            record = {"sha256": stored.sha256, "size": stored.size, "content_type": stored.content_type}
             meta_partial = partial.with_suffix(".meta")
-            meta_partial.write_text(
-                json.dumps(
-                    {"sha256": stored.sha256, "size": stored.size, "content_type": stored.content_type}
-                )
-            )
-            os.replace(meta_partial, meta)
+            try:
+                write_hashed(io.BytesIO(json.dumps(record).encode()), meta_partial)  # fsynced
+                os.replace(meta_partial, meta)
+            finally:
+                meta_partial.unlink(missing_ok=True)
             os.replace(partial, target)
+            _fsync_dir(meta.parent)
             _fsync_dir(target.parent)
 
     def delete(self, key: str) -> None:
