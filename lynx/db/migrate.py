@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, text
+from alembic.util import CommandError
+from filelock import FileLock
+from sqlalchemy import Connection, text
 
 from lynx.db.engine import make_engine
+from lynx.errors import ConfigurationError
 from lynx.settings import LynxSettings
 
 log = logging.getLogger(__name__)
@@ -50,12 +53,8 @@ def head_revision() -> str:
 
 def current(settings: LynxSettings) -> str | None:
     """The revision the database is at (None: no lynx schema yet)."""
-    engine = make_engine(settings)
-    try:
-        with engine.connect() as connection:
-            return MigrationContext.configure(connection).get_current_revision()
-    finally:
-        engine.dispose()
+    with _connection(settings) as connection:
+        return _revision(connection)
 
 
 def upgrade(settings: LynxSettings, revision: str = "head") -> str | None:
@@ -81,33 +80,26 @@ def ensure_schema(settings: LynxSettings) -> None:
 
 def upgrade_if_behind(settings: LynxSettings) -> None:
     """Upgrade to head unless already there; safe when several processes start at once."""
-    engine = make_engine(settings)
-    try:
-        head = head_revision()
-        with engine.connect() as connection:
-            if MigrationContext.configure(connection).get_current_revision() == head:
-                return
-        with _migration_lock(engine) as connection:
-            # Another process may have migrated while we waited for the lock.
-            if MigrationContext.configure(connection).get_current_revision() != head:
-                log.info("migrating tracking database %s to %s", settings.database_url_for_display, head)
+    head = head_revision()
+    with _connection(settings) as connection:
+        if _revision(connection) == head:
+            return
+    with _connection(settings, locked=True) as connection:
+        # Another process may have migrated while we waited for the lock.
+        if _revision(connection) != head:
+            log.info("migrating tracking database %s to %s", settings.database_url_for_display, head)
+            with _alembic_errors(settings):
                 command.upgrade(alembic_config(connection), "head")
-                connection.commit()
-    finally:
-        engine.dispose()
+            connection.commit()
 
 
 def schema_differences(settings: LynxSettings) -> list[Any]:
     """What autogenerate would change to make the database match the models (empty: they agree)."""
     from lynx.db.models import Base
 
-    engine = make_engine(settings)
-    try:
-        with engine.connect() as connection:
-            context = MigrationContext.configure(connection, opts={"compare_type": True})
-            return compare_metadata(context, Base.metadata)
-    finally:
-        engine.dispose()
+    with _connection(settings) as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        return compare_metadata(context, Base.metadata)
 
 
 def make_revision(settings: LynxSettings, message: str) -> Path:
@@ -115,49 +107,62 @@ def make_revision(settings: LynxSettings, message: str) -> Path:
 
     For developers adding tables or columns; review the generated file before committing it.
     """
-    engine = make_engine(settings)
-    try:
-        with engine.connect() as connection:
-            script = command.revision(alembic_config(connection), message=message, autogenerate=True)
-    finally:
-        engine.dispose()
+    with _connection(settings) as connection, _alembic_errors(settings):
+        script = command.revision(alembic_config(connection), message=message, autogenerate=True)
     return Path(script.path)
 
 
-def _run(settings: LynxSettings, action) -> str | None:
-    engine = make_engine(settings)
-    try:
-        with _migration_lock(engine) as connection:
+def _run(settings: LynxSettings, action: Callable[[Config], None]) -> str | None:
+    with _connection(settings, locked=True) as connection:
+        with _alembic_errors(settings):
             action(alembic_config(connection))
-            connection.commit()
-            revision = MigrationContext.configure(connection).get_current_revision()
-    finally:
-        engine.dispose()
+        connection.commit()
+        revision = _revision(connection)
     _ensured.discard(settings.resolved_database_url)
     return revision
 
 
+def _revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
 @contextmanager
-def _migration_lock(engine: Engine) -> Iterator[Connection]:
-    """A connection holding the cross-process migration lock.
+def _alembic_errors(settings: LynxSettings) -> Iterator[None]:
+    """Alembic's CommandError (unknown revision, database ahead of this lynx...) as one line."""
+    try:
+        yield
+    except CommandError as err:
+        raise ConfigurationError(
+            f"cannot migrate the tracking database {settings.database_url_for_display}: {err}",
+            setting="LYNX_DATABASE_URL",
+        ) from None
+
+
+@contextmanager
+def _connection(settings: LynxSettings, *, locked: bool = False) -> Iterator[Connection]:
+    """A connection on a short-lived engine; with ``locked``, holding the cross-process migration lock.
 
     PostgreSQL: a session-level advisory lock. SQLite: a lock file beside the database file
     (SQLite is single-host by nature, so a file lock covers every process that can open it).
     """
-    with engine.connect() as connection:
-        if connection.dialect.name == "postgresql":
-            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _PG_LOCK_KEY})
-            connection.commit()
-            try:
+    engine = make_engine(settings)
+    try:
+        with engine.connect() as connection:
+            if not locked:
                 yield connection
-            finally:
-                connection.rollback()
-                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _PG_LOCK_KEY})
+            elif connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _PG_LOCK_KEY})
                 connection.commit()
-        elif connection.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
-            from filelock import FileLock
-
-            with FileLock(f"{engine.url.database}.migrate.lock"):
+                try:
+                    yield connection
+                finally:
+                    connection.rollback()
+                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _PG_LOCK_KEY})
+                    connection.commit()
+            elif engine.url.database not in (None, "", ":memory:"):
+                with FileLock(f"{engine.url.database}.migrate.lock"):
+                    yield connection
+            else:
                 yield connection
-        else:
-            yield connection
+    finally:
+        engine.dispose()

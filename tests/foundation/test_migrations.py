@@ -5,11 +5,12 @@ from __future__ import annotations
 import threading
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from lynx.db import migrate
 from lynx.db.engine import make_engine
 from lynx.db.models import Base
+from lynx.errors import ConfigurationError
 from lynx.settings import LynxSettings
 
 TABLES = {"subjects", "campaigns", "jobs", "stage_runs", "artifacts", "compute_events"}
@@ -76,3 +77,16 @@ def test_sqlite_file_and_folder_are_created(make_settings, tmp_path, backend):
     settings = make_settings(backend=backend, database_url=f"sqlite:///{tmp_path}/deep/er/lynx.db")
     migrate.upgrade(settings)
     assert (tmp_path / "deep" / "er" / "lynx.db").is_file()
+
+
+def test_database_ahead_of_this_lynx_is_a_clear_error(tracking_settings: LynxSettings):
+    migrate.upgrade(tracking_settings)
+    engine = make_engine(tracking_settings)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = 'from_the_future'"))
+    engine.dispose()
+    migrate._ensured.clear()
+    with pytest.raises(ConfigurationError, match="from_the_future"):
+        migrate.ensure_schema(tracking_settings)
+    with pytest.raises(ConfigurationError, match="LYNX_DATABASE_URL"):
+        migrate.downgrade(tracking_settings, "no-such-revision")
