@@ -128,9 +128,16 @@ class Tracker:
         return cls(session_factory(settings), retention_days=settings.subject_retention_days)
 
     def close(self) -> None:
+        """Close the connection pool (the tracker's engine)."""
         bind = self._sessions.kw.get("bind")
         if bind is not None:
             bind.dispose()
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
