@@ -188,6 +188,25 @@ def test_two_workers_claiming_at_once_exactly_one_wins(
         assert tracker.get_job(job.id).version == 2
 
 
+def test_workers_creating_the_same_job_at_once_get_one_job(
+    tracking_settings: LynxSettings, tracker: Tracker, subject_id: int
+):
+    campaign = tracker.get_or_create_campaign("rush")
+    for round_number in range(5):
+        results: list[tuple[int, bool]] = []
+
+        def create(worker: Tracker, _index: int, prompt: str = f"same {round_number}") -> None:
+            job, created = worker.get_or_create_job(
+                subject_id=subject_id, prompt=prompt, params=PARAMS, campaign_id=campaign.id
+            )
+            results.append((job.id, created))
+
+        _run_at_once(tracking_settings, create)
+        assert len({job_id for job_id, _ in results}) == 1
+        assert sorted(created for _, created in results) == [False, True]
+    assert len(tracker.list_jobs(campaign_id=campaign.id)) == 5
+
+
 def test_stage_runs_record_timing_outputs_and_failures(tracker: Tracker, subject_id: int):
     job, _ = tracker.get_or_create_job(subject_id=subject_id, prompt="p")
     with tracker.stage(job.id, "embed_face", inputs=["sha256/aa/photo"], flow_run_id="fr-1") as stage:
