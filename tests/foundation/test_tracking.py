@@ -195,7 +195,9 @@ def test_workers_creating_the_same_job_at_once_get_one_job(
     for round_number in range(5):
         results: list[tuple[int, bool]] = []
 
-        def create(worker: Tracker, _index: int, prompt: str = f"same {round_number}") -> None:
+        def create(
+            worker: Tracker, _index: int, prompt: str = f"same {round_number}", results: list = results
+        ) -> None:
             job, created = worker.get_or_create_job(
                 subject_id=subject_id, prompt=prompt, params=PARAMS, campaign_id=campaign.id
             )
