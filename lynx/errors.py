@@ -51,3 +51,26 @@ class NotFoundError(LynxError):
     """A record or artifact that was asked for does not exist."""
 
     exit_code = 5
+
+
+# --- foundation: run tracking and artifact store ------------------------------------------------
+
+
+class IllegalTransitionError(LynxError):
+    """A job was asked to move to a status its current status does not lead to."""
+
+    exit_code = 6
+
+
+class ArtifactNotFoundError(NotFoundError):
+    """No object is stored under the requested key."""
+
+
+class InvalidKeyError(InputError):
+    """An artifact key could escape its bucket or folder, or cannot be stored."""
+
+
+class ChecksumMismatchError(LynxError):
+    """Bytes read back from the store do not hash to the sha256 recorded when they were written."""
+
+    exit_code = 7

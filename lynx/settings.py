@@ -62,6 +62,23 @@ class LynxSettings(BaseSettings):
         default=24 * 3600, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned download URLs."
     )
 
+    # --- foundation: tracking, store and retention details ---------------------------------
+    database_busy_timeout: float = Field(
+        default=30.0, gt=0, description="SQLite only: seconds a writer waits for another writer's lock."
+    )
+    s3_read_timeout: float = Field(
+        default=300.0, gt=0, description="Seconds to wait for the next bytes of an S3 response."
+    )
+    s3_retries: int = Field(
+        default=3, ge=0, le=10,
+        description="Retries of an S3 request after a connection error or a 5xx answer (with backoff).",
+    )
+    subject_retention_days: int = Field(
+        default=30, ge=1,
+        description="Days a subject's biometric data (photo, crops, embeddings) is kept when the "
+        "subject is created without an explicit retention date; `lynx retention purge` deletes it after.",
+    )
+
     # --- models ------------------------------------------------------------------------------
     models_dir: Path | None = Field(
         default=None, description="Folder of local model files (face packs, upscalers, classifiers). "

@@ -1,0 +1,1 @@
+"""Run tracking: SQLAlchemy models, engine/session setup, migrations and the ``Tracker`` service."""

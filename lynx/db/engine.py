@@ -1,0 +1,104 @@
+"""Engines and sessions for the tracking database (PostgreSQL in production, SQLite embedded).
+
+Connection failures, at connect time or later, surface as one ``ServiceUnavailableError`` naming
+``LYNX_DATABASE_URL`` and the URL without its password, within ``LYNX_DATABASE_CONNECT_TIMEOUT``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import ExceptionContext, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.orm import Session, sessionmaker
+
+from lynx.errors import ConfigurationError, ServiceUnavailableError
+from lynx.settings import LynxSettings
+
+log = logging.getLogger(__name__)
+
+SETTING = "LYNX_DATABASE_URL"
+
+
+def make_engine(settings: LynxSettings) -> Engine:
+    """An engine for ``settings``' database; nothing is contacted until first use."""
+    raw_url = settings.resolved_database_url
+    shown = settings.database_url_for_display if _parses(raw_url) else "<unparseable URL>"
+    try:
+        url = make_url(raw_url)
+    except ArgumentError:
+        raise ConfigurationError(
+            f"LYNX_DATABASE_URL is not a database URL: {shown}", setting=SETTING
+        ) from None
+
+    connect_args: dict[str, Any] = {}
+    options: dict[str, Any] = {"pool_pre_ping": True}
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        connect_args["timeout"] = settings.database_busy_timeout
+    elif url.get_backend_name() == "postgresql":
+        if url.drivername != "postgresql+psycopg":
+            raise ConfigurationError(
+                f"use a postgresql+psycopg:// URL (psycopg 3), got {url.drivername}://", setting=SETTING
+            )
+        connect_args["connect_timeout"] = settings.database_connect_timeout
+        connect_args["application_name"] = "lynx"
+    try:
+        engine = create_engine(url, connect_args=connect_args, **options)
+    except (ArgumentError, NoSuchModuleError) as err:
+        raise ConfigurationError(f"cannot use database URL {shown}: {err}", setting=SETTING) from None
+
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas(settings.database_busy_timeout))
+    event.listen(engine, "handle_error", _unavailable_error(shown))
+    log.debug("tracking database: %s", shown)
+    return engine
+
+
+def session_factory(settings_or_engine: LynxSettings | Engine) -> sessionmaker[Session]:
+    """Sessions whose objects stay readable after commit (tasks hand them around)."""
+    engine = settings_or_engine if isinstance(settings_or_engine, Engine) else make_engine(settings_or_engine)
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def _parses(raw_url: str) -> bool:
+    try:
+        make_url(raw_url)
+    except ArgumentError:
+        return False
+    return True
+
+
+def _sqlite_pragmas(busy_timeout_s: float):
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        # WAL: readers do not block the writer; foreign keys are off by default in SQLite.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        cursor.close()
+
+    return on_connect
+
+
+def _unavailable_error(shown_url: str):
+    def on_error(context: ExceptionContext) -> None:
+        if context.is_pre_ping:
+            return  # the pool noticed a dead pooled connection and will open a fresh one
+        # No connection yet (connect failed) or the server went away: not our bug, say what to check.
+        if context.connection is None or context.is_disconnect:
+            reason = _first_line(context.original_exception)
+            raise ServiceUnavailableError(
+                f"cannot reach the tracking database at {shown_url}: {reason}", setting=SETTING
+            ) from None
+
+    return on_error
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

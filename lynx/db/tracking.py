@@ -1,0 +1,654 @@
+"""The run-tracking service that tasks and flows call: subjects, campaigns, jobs, stage runs,
+artifacts, compute events and the queries behind a campaign summary.
+
+Every method is one short transaction. Job status changes are compare-and-swap updates on
+``Job.version`` (``UPDATE ... WHERE id = ? AND version = ?``), re-validated against the latest
+row when they lose a race, so two workers updating the same job never overwrite each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from lynx.db.models import (
+    BIOMETRIC_KINDS,
+    JOB_TRANSITIONS,
+    Artifact,
+    ArtifactKind,
+    Campaign,
+    CampaignStatus,
+    ComputeEvent,
+    Job,
+    JobStatus,
+    StageRun,
+    StageStatus,
+    Subject,
+    utcnow,
+)
+from lynx.errors import IllegalTransitionError, InputError, NotFoundError
+from lynx.settings import LynxSettings
+from lynx.store.base import StoredObject
+
+log = logging.getLogger(__name__)
+
+_TERMINAL_TIMESTAMPED = {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.NEEDS_REVIEW}
+# A compare-and-swap loses only when another writer changed the row in between; after this many
+# losses in a row something is hammering one job and we would rather say so than spin.
+_MAX_CAS_ROUNDS = 50
+
+
+def job_fingerprint(
+    subject_id: int, prompt: str, negative_prompt: str | None, params: dict[str, Any] | None
+) -> str:
+    """Identity of a job within a campaign: same subject, prompts and parameters => same job."""
+    canonical = json.dumps(
+        {"subject": subject_id, "prompt": prompt, "negative": negative_prompt or "", "params": params or {}},
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ComputeCounts:
+    computed: int = 0
+    reused: int = 0
+
+
+@dataclass(frozen=True)
+class StageTiming:
+    runs: int
+    total_s: float
+    mean_s: float
+    max_s: float
+
+
+@dataclass(frozen=True)
+class JobFailure:
+    job_id: int
+    attempt: int
+    error_stage: str | None
+    error_text: str | None
+
+
+@dataclass(frozen=True)
+class CampaignSummary:
+    campaign_id: int
+    name: str
+    status: CampaignStatus
+    jobs_by_status: dict[JobStatus, int]
+    needs_review_job_ids: list[int]
+    failures: list[JobFailure]
+    stage_timings: dict[str, StageTiming]
+    compute: dict[str, ComputeCounts]
+
+    @property
+    def total_jobs(self) -> int:
+        return sum(self.jobs_by_status.values())
+
+
+@dataclass
+class StageRecorder:
+    """Handed out by ``Tracker.stage``: fill in outputs and metrics, they are saved on exit."""
+
+    stage_run_id: int
+    output_keys: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    status: StageStatus = StageStatus.COMPLETED
+
+
+class Tracker:
+    """Run tracking over one ``sessionmaker``. Returned ORM objects are detached snapshots."""
+
+    def __init__(self, sessions: sessionmaker[Session], *, retention_days: int = 30) -> None:
+        self._sessions = sessions
+        self._retention = timedelta(days=retention_days)
+
+    @classmethod
+    def from_settings(cls, settings: LynxSettings, *, migrate: bool = True) -> Tracker:
+        """A tracker on ``settings``' database, schema brought to head first (unless ``migrate=False``)."""
+        from lynx.db.engine import session_factory
+        from lynx.db.migrate import ensure_schema
+
+        if migrate:
+            ensure_schema(settings)
+        return cls(session_factory(settings), retention_days=settings.subject_retention_days)
+
+    def close(self) -> None:
+        """Close the connection pool (the tracker's engine)."""
+        bind = self._sessions.kw.get("bind")
+        if bind is not None:
+            bind.dispose()
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on any exception."""
+        with self._sessions.begin() as session:
+            yield session
+
+    # --- subjects ------------------------------------------------------------------------------
+    def create_subject(
+        self,
+        name: str,
+        *,
+        external_ref: str | None = None,
+        reference: StoredObject | None = None,
+        consent_reference: str | None = None,
+        consent_given_at: datetime | None = None,
+        retention_until: datetime | None = None,
+    ) -> Subject:
+        """Register a person. Without ``retention_until`` their biometric data is kept for
+        ``LYNX_SUBJECT_RETENTION_DAYS`` days. A ``reference`` photo is recorded as a biometric artifact."""
+        now = utcnow()
+        subject = Subject(
+            name=name,
+            external_ref=external_ref,
+            consent_reference=consent_reference,
+            consent_given_at=consent_given_at or (now if consent_reference else None),
+            retention_until=retention_until or now + self._retention,
+        )
+        with self.transaction() as session:
+            session.add(subject)
+            try:
+                session.flush()
+            except IntegrityError:
+                raise InputError(f"a subject with external_ref {external_ref!r} already exists") from None
+            if reference is not None:
+                self._attach_reference(session, subject, reference)
+        return subject
+
+    def get_subject(self, subject_id: int) -> Subject:
+        with self._sessions() as session:
+            return _get(session, Subject, subject_id)
+
+    def find_subject(self, external_ref: str) -> Subject | None:
+        with self._sessions() as session:
+            return session.scalar(select(Subject).where(Subject.external_ref == external_ref))
+
+    def set_subject_reference(self, subject_id: int, reference: StoredObject) -> Subject:
+        """Point a subject at its reference photo (recorded as a biometric artifact)."""
+        with self.transaction() as session:
+            subject = _get(session, Subject, subject_id)
+            _check_not_purged(subject)
+            self._attach_reference(session, subject, reference)
+        return subject
+
+    def _attach_reference(self, session: Session, subject: Subject, reference: StoredObject) -> None:
+        subject.reference_key = reference.key
+        subject.reference_sha256 = reference.sha256
+        session.add(_artifact_row(reference, ArtifactKind.REFERENCE_PHOTO, subject_id=subject.id))
+
+    # --- campaigns -----------------------------------------------------------------------------
+    def get_or_create_campaign(self, name: str, *, spec: dict[str, Any] | None = None) -> Campaign:
+        """The campaign called ``name``; created with ``spec`` if new, returned unchanged if not."""
+        with self.transaction() as session:
+            existing = session.scalar(select(Campaign).where(Campaign.name == name))
+            if existing is not None:
+                return existing
+            campaign = Campaign(name=name, spec=spec or {})
+            try:
+                with session.begin_nested():
+                    session.add(campaign)
+            except IntegrityError:  # created by someone else a moment ago
+                return session.scalars(select(Campaign).where(Campaign.name == name)).one()
+            return campaign
+
+    def get_campaign(self, campaign: int | str) -> Campaign:
+        with self._sessions() as session:
+            return _campaign(session, campaign)
+
+    def set_campaign_status(self, campaign_id: int, status: CampaignStatus | str) -> Campaign:
+        with self.transaction() as session:
+            campaign = _get(session, Campaign, campaign_id)
+            campaign.status = CampaignStatus(status)
+        return campaign
+
+    # --- jobs ----------------------------------------------------------------------------------
+    def get_or_create_job(
+        self,
+        *,
+        subject_id: int,
+        prompt: str,
+        params: dict[str, Any] | None = None,
+        negative_prompt: str | None = None,
+        campaign_id: int | None = None,
+    ) -> tuple[Job, bool]:
+        """The job for this subject x prompt x params (in this campaign), and whether it is new.
+
+        Re-running a campaign therefore finds its jobs, with their status, instead of duplicating them.
+        """
+        fingerprint = job_fingerprint(subject_id, prompt, negative_prompt, params)
+        same_job = (
+            select(Job)
+            .where(Job.fingerprint == fingerprint)
+            .where(Job.campaign_id.is_(None) if campaign_id is None else Job.campaign_id == campaign_id)
+        )
+        with self.transaction() as session:
+            existing = session.scalar(same_job)
+            if existing is not None:
+                return existing, False
+            _check_not_purged(_get(session, Subject, subject_id))
+            job = Job(
+                campaign_id=campaign_id,
+                subject_id=subject_id,
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                params=params or {},
+                fingerprint=fingerprint,
+            )
+            try:
+                with session.begin_nested():
+                    session.add(job)
+            except IntegrityError:  # another worker created it between our SELECT and INSERT
+                return session.scalars(same_job).one(), False
+            return job, True
+
+    def get_job(self, job_id: int) -> Job:
+        with self._sessions() as session:
+            return _get(session, Job, job_id)
+
+    def list_jobs(
+        self,
+        *,
+        campaign_id: int | None = None,
+        subject_id: int | None = None,
+        status: JobStatus | str | None = None,
+    ) -> list[Job]:
+        query = select(Job).order_by(Job.id)
+        if campaign_id is not None:
+            query = query.where(Job.campaign_id == campaign_id)
+        if subject_id is not None:
+            query = query.where(Job.subject_id == subject_id)
+        if status is not None:
+            query = query.where(Job.status == JobStatus(status))
+        with self._sessions() as session:
+            return list(session.scalars(query))
+
+    def transition_job(
+        self,
+        job_id: int,
+        to_status: JobStatus | str,
+        *,
+        error_stage: str | None = None,
+        error_text: str | None = None,
+    ) -> Job:
+        """Move a job to ``to_status`` if its current status allows it (see ``JOB_TRANSITIONS``).
+
+        Side effects by target: running sets started_at; completed/failed/cancelled/needs_review set
+        finished_at; pending (a retry) adds one to ``attempt`` and clears the last error;
+        needs_review raises the ``needs_review`` flag. Raises ``IllegalTransitionError`` otherwise.
+        """
+        target = JobStatus(to_status)
+        for _ in range(_MAX_CAS_ROUNDS):
+            with self.transaction() as session:
+                job = _get(session, Job, job_id)
+                allowed = JOB_TRANSITIONS[job.status]
+                if target not in allowed:
+                    raise IllegalTransitionError(
+                        f"job {job_id} cannot go from {job.status.value} to {target.value}; allowed from "
+                        f"{job.status.value}: {', '.join(sorted(s.value for s in allowed)) or 'none'}"
+                    )
+                values = _transition_values(job, target, error_stage, error_text)
+                swapped = session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.version == job.version)
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+                if swapped == 1:
+                    session.refresh(job)
+                    log.debug("job %s: %s", job_id, target.value)
+                    return job
+            # Lost the race: someone changed the job since we read it. Re-read and re-decide.
+        raise IllegalTransitionError(
+            f"job {job_id} changed {_MAX_CAS_ROUNDS} times while moving it to {target.value}"
+        )
+
+    # --- stage runs ----------------------------------------------------------------------------
+    def record_stage_start(
+        self, job_id: int, stage: str, *, inputs: Sequence[str] = (), flow_run_id: str | None = None
+    ) -> StageRun:
+        with self.transaction() as session:
+            job = _get(session, Job, job_id)
+            run = StageRun(
+                job_id=job_id,
+                stage=stage,
+                attempt=job.attempt,
+                input_keys=list(inputs),
+                flow_run_id=flow_run_id,
+                started_at=utcnow(),
+            )
+            session.add(run)
+        return run
+
+    def record_stage_finish(
+        self,
+        stage_run_id: int,
+        *,
+        status: StageStatus | str = StageStatus.COMPLETED,
+        outputs: Sequence[str] = (),
+        metrics: dict[str, Any] | None = None,
+        error_text: str | None = None,
+        duration_s: float | None = None,
+    ) -> StageRun:
+        """Close a stage run. ``duration_s`` defaults to finish minus start (wall clock)."""
+        final = StageStatus(status)
+        if final is StageStatus.RUNNING:
+            raise IllegalTransitionError("a stage run cannot finish with status 'running'")
+        with self.transaction() as session:
+            run = _get(session, StageRun, stage_run_id)
+            if run.status is not StageStatus.RUNNING:
+                raise IllegalTransitionError(
+                    f"stage run {stage_run_id} ({run.stage}) already finished as {run.status.value}"
+                )
+            run.finished_at = utcnow()
+            run.status = final
+            run.duration_s = (
+                duration_s if duration_s is not None else (run.finished_at - run.started_at).total_seconds()
+            )
+            run.output_keys = list(outputs)
+            run.metrics = dict(metrics or {})
+            run.error_text = error_text
+        return run
+
+    @contextmanager
+    def stage(
+        self, job_id: int, stage: str, *, inputs: Sequence[str] = (), flow_run_id: str | None = None
+    ) -> Iterator[StageRecorder]:
+        """Record a stage around a block: failed with the error's text if the block raises."""
+        run = self.record_stage_start(job_id, stage, inputs=inputs, flow_run_id=flow_run_id)
+        recorder = StageRecorder(run.id)
+        started = time.monotonic()
+        try:
+            yield recorder
+        except BaseException as err:
+            self.record_stage_finish(
+                run.id,
+                status=StageStatus.FAILED,
+                outputs=recorder.output_keys,
+                metrics=recorder.metrics,
+                error_text=f"{type(err).__name__}: {err}",
+                duration_s=time.monotonic() - started,
+            )
+            raise
+        self.record_stage_finish(
+            run.id,
+            status=recorder.status,
+            outputs=recorder.output_keys,
+            metrics=recorder.metrics,
+            duration_s=time.monotonic() - started,
+        )
+
+    def stage_runs(self, job_id: int) -> list[StageRun]:
+        with self._sessions() as session:
+            return list(
+                session.scalars(select(StageRun).where(StageRun.job_id == job_id).order_by(StageRun.id))
+            )
+
+    # --- artifacts -----------------------------------------------------------------------------
+    def record_artifact(
+        self,
+        stored: StoredObject,
+        *,
+        kind: ArtifactKind | str,
+        job_id: int | None = None,
+        subject_id: int | None = None,
+        campaign_id: int | None = None,
+    ) -> Artifact:
+        """Record that ``stored`` belongs to a job/subject/campaign. Owners missing from the call are
+        taken from the job, so retention finds every biometric artifact by its subject."""
+        kind = _artifact_kind(kind)
+        with self.transaction() as session:
+            if job_id is not None:
+                job = _get(session, Job, job_id)
+                subject_id = subject_id if subject_id is not None else job.subject_id
+                campaign_id = campaign_id if campaign_id is not None else job.campaign_id
+            if subject_id is not None:
+                subject = _get(session, Subject, subject_id)
+                if kind in BIOMETRIC_KINDS:
+                    _check_not_purged(subject)
+            if campaign_id is not None:
+                _get(session, Campaign, campaign_id)
+            row = _artifact_row(stored, kind, job_id=job_id, subject_id=subject_id, campaign_id=campaign_id)
+            session.add(row)
+        return row
+
+    def list_artifacts(
+        self,
+        *,
+        job_id: int | None = None,
+        subject_id: int | None = None,
+        campaign_id: int | None = None,
+        kind: ArtifactKind | str | None = None,
+        include_deleted: bool = False,
+    ) -> list[Artifact]:
+        query = select(Artifact).order_by(Artifact.id)
+        for column, value in (
+            (Artifact.job_id, job_id),
+            (Artifact.subject_id, subject_id),
+            (Artifact.campaign_id, campaign_id),
+        ):
+            if value is not None:
+                query = query.where(column == value)
+        if kind is not None:
+            query = query.where(Artifact.kind == _artifact_kind(kind).value)
+        if not include_deleted:
+            query = query.where(Artifact.deleted_at.is_(None))
+        with self._sessions() as session:
+            return list(session.scalars(query))
+
+    # --- compute events ------------------------------------------------------------------------
+    def record_compute_event(
+        self,
+        kind: str,
+        cache_key: str,
+        *,
+        reused: bool,
+        job_id: int | None = None,
+        campaign_id: int | None = None,
+        duration_s: float | None = None,
+    ) -> ComputeEvent:
+        """Count one result of stage ``kind``: computed now (``reused=False``) or taken from a cache."""
+        with self.transaction() as session:
+            if job_id is not None and campaign_id is None:
+                campaign_id = _get(session, Job, job_id).campaign_id
+            event = ComputeEvent(
+                kind=kind,
+                cache_key=cache_key,
+                reused=reused,
+                job_id=job_id,
+                campaign_id=campaign_id,
+                duration_s=duration_s,
+            )
+            session.add(event)
+        return event
+
+    def compute_counts(
+        self, *, campaign_id: int | None = None, job_id: int | None = None
+    ) -> dict[str, ComputeCounts]:
+        query = select(ComputeEvent.kind, ComputeEvent.reused, func.count()).group_by(
+            ComputeEvent.kind, ComputeEvent.reused
+        )
+        if campaign_id is not None:
+            query = query.where(ComputeEvent.campaign_id == campaign_id)
+        if job_id is not None:
+            query = query.where(ComputeEvent.job_id == job_id)
+        counts: dict[str, dict[str, int]] = {}
+        with self._sessions() as session:
+            for kind, reused, n in session.execute(query):
+                counts.setdefault(kind, {"computed": 0, "reused": 0})["reused" if reused else "computed"] += n
+        return {kind: ComputeCounts(**c) for kind, c in sorted(counts.items())}
+
+    # --- summaries -----------------------------------------------------------------------------
+    def campaign_summary(self, campaign: int | str) -> CampaignSummary:
+        with self._sessions() as session:
+            row = _campaign(session, campaign)
+            by_status = dict(
+                session.execute(
+                    select(Job.status, func.count()).where(Job.campaign_id == row.id).group_by(Job.status)
+                ).all()
+            )
+            review = list(
+                session.scalars(
+                    select(Job.id).where(Job.campaign_id == row.id, Job.needs_review).order_by(Job.id)
+                )
+            )
+            failures = [
+                JobFailure(job.id, job.attempt, job.error_stage, job.error_text)
+                for job in session.scalars(
+                    select(Job)
+                    .where(Job.campaign_id == row.id, Job.status == JobStatus.FAILED)
+                    .order_by(Job.id)
+                )
+            ]
+            timings = {
+                stage: StageTiming(runs, float(total or 0), float(mean or 0), float(longest or 0))
+                for stage, runs, total, mean, longest in session.execute(
+                    select(
+                        StageRun.stage,
+                        func.count(),
+                        func.sum(StageRun.duration_s),
+                        func.avg(StageRun.duration_s),
+                        func.max(StageRun.duration_s),
+                    )
+                    .join(Job, Job.id == StageRun.job_id)
+                    .where(Job.campaign_id == row.id, StageRun.status == StageStatus.COMPLETED)
+                    .group_by(StageRun.stage)
+                    .order_by(StageRun.stage)
+                )
+            }
+        return CampaignSummary(
+            campaign_id=row.id,
+            name=row.name,
+            status=row.status,
+            jobs_by_status={status: by_status.get(status, 0) for status in JobStatus},
+            needs_review_job_ids=review,
+            failures=failures,
+            stage_timings=timings,
+            compute=self.compute_counts(campaign_id=row.id),
+        )
+
+    # --- retention -----------------------------------------------------------------------------
+    def expired_subjects(self, now: datetime | None = None) -> list[Subject]:
+        """Subjects whose retention has ended and whose biometric data is not purged yet."""
+        now = now or utcnow()
+        with self._sessions() as session:
+            return list(
+                session.scalars(
+                    select(Subject)
+                    .where(Subject.retention_until <= now, Subject.purged_at.is_(None))
+                    .order_by(Subject.id)
+                )
+            )
+
+    def live_keys_outside(self, keys: Sequence[str], subject_id: int) -> set[str]:
+        """Which of ``keys`` are also recorded, not deleted, for anything other than this subject."""
+        if not keys:
+            return set()
+        query = select(Artifact.key).where(
+            Artifact.key.in_(list(keys)),
+            Artifact.deleted_at.is_(None),
+            (Artifact.subject_id != subject_id) | Artifact.subject_id.is_(None),
+        )
+        with self._sessions() as session:
+            return set(session.scalars(query))
+
+    def mark_subject_purged(
+        self, subject_id: int, artifact_ids: Sequence[int], now: datetime | None = None
+    ) -> None:
+        now = now or utcnow()
+        with self.transaction() as session:
+            session.execute(
+                update(Artifact)
+                .where(Artifact.id.in_(list(artifact_ids)), Artifact.deleted_at.is_(None))
+                .values(deleted_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            _get(session, Subject, subject_id).purged_at = now
+
+
+def _transition_values(
+    job: Job, target: JobStatus, error_stage: str | None, error_text: str | None
+) -> dict[str, Any]:
+    now = utcnow()
+    values: dict[str, Any] = {"status": target, "version": job.version + 1}
+    if target is JobStatus.RUNNING:
+        values.update(started_at=now, finished_at=None)
+    elif target is JobStatus.PENDING:
+        values.update(
+            attempt=job.attempt + 1, started_at=None, finished_at=None, error_stage=None, error_text=None
+        )
+    elif target in _TERMINAL_TIMESTAMPED:
+        values["finished_at"] = now
+    if target is JobStatus.NEEDS_REVIEW:
+        values["needs_review"] = True
+    if target is not JobStatus.PENDING:
+        if error_stage is not None:
+            values["error_stage"] = error_stage
+        if error_text is not None:
+            values["error_text"] = error_text
+    return values
+
+
+def _artifact_kind(kind: ArtifactKind | str) -> ArtifactKind:
+    try:
+        return ArtifactKind(kind)
+    except ValueError:
+        raise InputError(
+            f"unknown artifact kind {kind!r}; known kinds: {', '.join(k.value for k in ArtifactKind)}"
+        ) from None
+
+
+def _artifact_row(stored: StoredObject, kind: ArtifactKind, **owners: int | None) -> Artifact:
+    return Artifact(
+        key=stored.key,
+        sha256=stored.sha256,
+        size=stored.size,
+        content_type=stored.content_type,
+        kind=kind.value,
+        biometric=kind in BIOMETRIC_KINDS,
+        **owners,
+    )
+
+
+def _get(session: Session, model: type, row_id: int) -> Any:
+    row = session.get(model, row_id)
+    if row is None:
+        raise NotFoundError(f"no {model.__tablename__[:-1].replace('_', ' ')} with id {row_id}")
+    return row
+
+
+def _campaign(session: Session, campaign: int | str) -> Campaign:
+    if isinstance(campaign, int):
+        return _get(session, Campaign, campaign)
+    row = session.scalar(select(Campaign).where(Campaign.name == campaign))
+    if row is None:
+        raise NotFoundError(f"no campaign named {campaign!r}")
+    return row
+
+
+def _check_not_purged(subject: Subject) -> None:
+    if subject.purged_at is not None:
+        raise InputError(
+            f"subject {subject.id} ({subject.name}) was purged at {subject.purged_at:%Y-%m-%d %H:%M} UTC "
+            "after its retention ended; register the person again with fresh consent"
+        )

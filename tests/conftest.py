@@ -1,0 +1,248 @@
+"""Shared fixtures: real services for every test area.
+
+- ``pg_url``: a throwaway PostgreSQL database on 127.0.0.1:5432 for the whole session;
+  ``make_pg_database()`` makes more (one per test where isolation matters). All dropped at the end.
+- ``s3_server``: a moto S3 server on loopback, endpoint "127.0.0.1:PORT"; ``s3_reset`` wipes it.
+- ``make_settings(backend=..., store=..., **overrides)``: a ``LynxSettings`` whose home lies under the
+  test's tmp_path, never the user's real LYNX_HOME and never a ``.env`` file.
+- ``tracking_settings`` (sqlite | postgres) and ``store`` (local | s3): parametrised, so a test that
+  uses them runs on both backends.
+
+Every test runs with LYNX_* variables from the outer environment removed and LYNX_HOME pointing at
+a temporary folder (autouse ``_isolated_lynx_env``). Area-specific fixtures belong in
+``tests/<area>/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lynx.settings import LynxSettings, get_settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
+#: Credentials the S3 fixtures use. moto checks none of them; they exist so tests can assert that
+#: secrets never leak into output.
+S3_ACCESS_KEY = "lynx-test-access"
+S3_SECRET_KEY = "lynx-test-secret-0123456789"
+#: Multipart part size used against the test server: S3's minimum, so 20 MB files go up in 4 parts.
+S3_TEST_PART_SIZE = 5 * 1024 * 1024
+
+
+# --- environment isolation -------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _isolated_lynx_env(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    for name in list(os.environ):
+        if name.startswith("LYNX_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("LYNX_HOME", str(tmp_path_factory.mktemp("lynx-home")))
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------------
+def _pg_admin_connect():
+    import psycopg
+
+    return psycopg.connect(
+        host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", connect_timeout=3, autocommit=True
+    )
+
+
+@pytest.fixture(scope="session")
+def make_pg_database() -> Iterator[Callable[[], str]]:
+    """Factory: each call creates an empty database and returns its postgresql+psycopg URL."""
+    import psycopg
+
+    try:
+        _pg_admin_connect().close()
+    except psycopg.OperationalError as err:
+        pytest.skip(f"PostgreSQL is not running on {PG_HOST}:{PG_PORT} (user {PG_USER}): {err}")
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"lynx_test_{secrets.token_hex(6)}"
+        with _pg_admin_connect() as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+
+    yield make
+    with _pg_admin_connect() as admin:
+        for name in created:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url(make_pg_database: Callable[[], str]) -> str:
+    """One throwaway database shared by the session (dropped at the end)."""
+    return make_pg_database()
+
+
+# --- S3 (moto) -------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto S3 server on loopback, in its own process; yields its endpoint "127.0.0.1:PORT".
+
+    A separate process keeps the server's memory and CPU out of the tests' measurements, as a
+    real MinIO would be.
+    """
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("moto") / "server.log"
+    with open(log_path, "wb") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_for_http(f"http://127.0.0.1:{port}/moto-api/", server, log_path)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _wait_for_http(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text()[-2000:]
+            raise RuntimeError(f"moto server exited with {process.returncode}: {tail}")
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    process.terminate()
+    raise RuntimeError(f"moto server did not answer at {url} within {timeout} s")
+
+
+@pytest.fixture
+def s3_reset(s3_server: str) -> Iterator[None]:
+    """Wipe every bucket and object on the test S3 server after the test."""
+    yield
+    request = urllib.request.Request(f"http://{s3_server}/moto-api/reset", method="POST")
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+# --- settings --------------------------------------------------------------------------------------
+@pytest.fixture
+def make_settings(tmp_path: Path, request: pytest.FixtureRequest) -> Callable[..., LynxSettings]:
+    """Factory: ``make_settings(backend="sqlite"|"postgres", store="local"|"s3", **overrides)``.
+
+    Home is ``tmp_path/"home"``. ``backend="postgres"`` gives a fresh database per call;
+    ``store="s3"`` a fresh bucket per call on the session's moto server.
+    """
+
+    def make(backend: str = "sqlite", store: str = "local", **overrides: Any) -> LynxSettings:
+        values: dict[str, Any] = {"home": tmp_path / "home"}
+        if backend == "postgres":
+            values["database_url"] = request.getfixturevalue("make_pg_database")()
+        elif backend != "sqlite":
+            raise ValueError(f"backend must be 'sqlite' or 'postgres', not {backend!r}")
+        if store == "s3":
+            values.update(
+                store_backend="s3",
+                s3_endpoint=request.getfixturevalue("s3_server"),
+                s3_secure=False,
+                s3_access_key=S3_ACCESS_KEY,
+                s3_secret_key=S3_SECRET_KEY,
+                s3_bucket=f"lynx-test-{secrets.token_hex(4)}",
+                s3_part_size=S3_TEST_PART_SIZE,
+                s3_retries=1,
+                s3_timeout=2.0,
+            )
+        elif store != "local":
+            raise ValueError(f"store must be 'local' or 's3', not {store!r}")
+        values.update(overrides)
+        return LynxSettings(_env_file=None, **values)
+
+    return make
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def tracking_settings(
+    request: pytest.FixtureRequest, make_settings: Callable[..., LynxSettings]
+) -> LynxSettings:
+    """Settings on an empty tracking database, once per backend."""
+    return make_settings(backend=request.param)
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, make_settings: Callable[..., LynxSettings]):
+    """An empty artifact store, once per backend (S3: its own bucket, emptied after the test)."""
+    from lynx.store import open_store
+
+    store = open_store(make_settings(store=request.param))
+    yield store
+    if request.param == "s3":
+        for key in list(store.list()):  # moto keeps objects in memory
+            store.delete(key)
+
+
+# --- the command line, as users run it -------------------------------------------------------------
+def settings_env(settings: LynxSettings) -> dict[str, str]:
+    """The LYNX_* environment that reproduces ``settings`` in another process."""
+    env = {}
+    for name, value in settings:
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        env[f"LYNX_{name.upper()}"] = str(value)
+    return env
+
+
+@pytest.fixture
+def lynx_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run ``python -m lynx.cli ARGS`` in a subprocess: ``lynx_cli(*args, settings=None, env=None)``.
+
+    The child gets this checkout on PYTHONPATH, no LYNX_* variables but those of ``settings`` and
+    ``env``, and a working directory without a ``.env`` file.
+    """
+    workdir = tmp_path / "cli-cwd"
+    workdir.mkdir(exist_ok=True)
+
+    def run(
+        *args: str,
+        settings: LynxSettings | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 120,
+    ) -> subprocess.CompletedProcess[str]:
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("LYNX_")}
+        child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), child_env.get("PYTHONPATH")]))
+        child_env.update(settings_env(settings) if settings is not None else {})
+        child_env.update(env or {})
+        return subprocess.run(
+            [sys.executable, "-m", "lynx.cli", *args],
+            env=child_env,
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    return run

@@ -1,0 +1,131 @@
+"""Settings (env, .env, secrets) and the database engine (SQLite pragmas, unreachable servers)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from lynx.db.engine import make_engine
+from lynx.db.models import JobStatus
+from lynx.db.tracking import Tracker
+from lynx.errors import ConfigurationError, ServiceUnavailableError
+from lynx.settings import LynxSettings, get_settings
+from lynx.store import open_store
+from tests.conftest import S3_SECRET_KEY, free_port
+
+DB_PASSWORD = "pg-pass-never-log-me"
+
+
+def test_embedded_defaults_need_no_server(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("LYNX_HOME", str(tmp_path / "home"))
+    settings = get_settings()
+    assert settings.resolved_database_url == f"sqlite:///{tmp_path / 'home' / 'lynx.db'}"
+    assert settings.resolved_artifacts_dir == tmp_path / "home" / "artifacts"
+    assert settings.store_backend == "local"
+    tracker = Tracker.from_settings(settings)
+    subject = tracker.create_subject("Local")
+    tracker.close()
+    assert subject.id == 1 and (tmp_path / "home" / "lynx.db").is_file()
+
+
+def test_environment_and_dotenv(monkeypatch, tmp_path: Path):
+    (tmp_path / ".env").write_text(
+        "LYNX_S3_BUCKET=from-dotenv\nLYNX_S3_SECRET_KEY=dotenv-secret\nLYNX_S3_SECURE=false\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LYNX_S3_BUCKET", "from-env")  # the environment wins over .env
+    settings = LynxSettings()
+    assert settings.s3_bucket == "from-env"
+    assert settings.s3_secret_key.get_secret_value() == "dotenv-secret" and settings.s3_secure is False
+
+
+def test_secrets_never_in_repr_or_dumps(make_settings, pg_url: str):
+    settings = make_settings(store="s3", database_url=pg_url.replace("postgres@", f"postgres:{DB_PASSWORD}@"))
+    for shown in (
+        repr(settings),
+        str(settings),
+        settings.model_dump_json(),
+        str(settings.model_dump()),
+        settings.database_url_for_display,
+        repr(make_engine(settings)),
+    ):
+        assert DB_PASSWORD not in shown and S3_SECRET_KEY not in shown
+
+
+def test_logs_carry_no_secrets(make_settings, pg_url: str, caplog: pytest.LogCaptureFixture):
+    settings = make_settings(store="s3", database_url=pg_url.replace("postgres@", f"postgres:{DB_PASSWORD}@"))
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("sqlalchemy.engine").setLevel(logging.INFO)  # SQL and parameters too
+        try:
+            tracker = Tracker.from_settings(settings)
+            store = open_store(settings)
+            stored = store.put_bytes(b"photo")
+            subject = tracker.create_subject("Logged", reference=stored)
+            job, _ = tracker.get_or_create_job(subject_id=subject.id, prompt="p")
+            tracker.transition_job(job.id, JobStatus.RUNNING)
+            tracker.close()
+            broken = make_settings(
+                store="s3",
+                s3_endpoint=f"127.0.0.1:{free_port()}",
+                s3_retries=0,
+                database_url=f"postgresql+psycopg://u:{DB_PASSWORD}@127.0.0.1:{free_port()}/x",
+            )
+            with pytest.raises(ServiceUnavailableError):
+                open_store(broken).check()
+            with pytest.raises(ServiceUnavailableError):
+                Tracker.from_settings(broken)
+        finally:
+            logging.getLogger("sqlalchemy.engine").setLevel(logging.WARNING)
+    assert caplog.records, "expected some log output to check"
+    assert DB_PASSWORD not in caplog.text and S3_SECRET_KEY not in caplog.text
+
+
+def test_sqlite_pragmas(make_settings):
+    engine = make_engine(make_settings())
+    with engine.connect() as connection:
+        assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        assert connection.execute(text("PRAGMA busy_timeout")).scalar() == 30_000
+    engine.dispose()
+
+
+def test_unreachable_database_fails_fast_naming_the_setting(make_settings):
+    port = free_port()
+    settings = make_settings(database_url=f"postgresql+psycopg://lynx:{DB_PASSWORD}@127.0.0.1:{port}/lynx")
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailableError) as caught:
+        Tracker.from_settings(settings)
+    assert time.monotonic() - started < settings.database_connect_timeout + 2
+    message = str(caught.value)
+    assert message.startswith(
+        f"cannot reach the tracking database at postgresql+psycopg://lynx:***@127.0.0.1:{port}"
+    )
+    assert "LYNX_DATABASE_URL" in message and "\n" not in message and DB_PASSWORD not in message
+
+
+def test_database_that_goes_away_mid_run(make_settings, make_pg_database):
+    import psycopg
+
+    url = make_pg_database()
+    settings = make_settings(database_url=url)
+    tracker = Tracker.from_settings(settings)
+    subject = tracker.create_subject("Before")
+    with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            (url.rsplit("/", 1)[1],),
+        )
+    # pool_pre_ping replaces the killed connection: the next call just works.
+    assert tracker.get_subject(subject.id).name == "Before"
+    tracker.close()
+
+
+@pytest.mark.parametrize("url", ["not a url", "postgresql://postgres@127.0.0.1/x", "mysql+nodriver://x@y/z"])
+def test_bad_database_url_is_a_configuration_error(make_settings, url: str):
+    with pytest.raises(ConfigurationError, match="LYNX_DATABASE_URL"):
+        make_engine(make_settings(database_url=url))

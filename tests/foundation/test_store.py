@@ -1,0 +1,296 @@
+"""The artifact store against a real S3 server (moto on loopback) and a local folder."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lynx.errors import (
+    ArtifactNotFoundError,
+    ChecksumMismatchError,
+    ConfigurationError,
+    InputError,
+    InvalidKeyError,
+    ServiceUnavailableError,
+)
+from lynx.store import ArtifactStore, content_key, open_store
+from lynx.store.local import LocalArtifactStore
+
+from .conftest import overwrite_bytes
+
+MB = 1000 * 1000
+
+
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("big") / "clip.mp4"
+    path.write_bytes(os.urandom(20 * MB))
+    return path
+
+
+def test_round_trip_of_20mb_file_uses_multipart_and_verifies(
+    store: ArtifactStore, big_file: Path, tmp_path: Path
+):
+    expected_sha = hashlib.sha256(big_file.read_bytes()).hexdigest()
+
+    stored = store.put_file(big_file)
+
+    assert stored.key == f"sha256/{expected_sha[:2]}/{expected_sha}"
+    assert (stored.sha256, stored.size, stored.content_type) == (expected_sha, 20 * MB, "video/mp4")
+    assert store.stat(stored.key) == stored
+    if store.location.startswith("s3://"):
+        etag = store._client.stat_object(store.bucket, stored.key).etag
+        assert etag.endswith("-4"), f"expected a 4-part multipart upload, got ETag {etag}"
+    dest = tmp_path / "out" / "clip.mp4"
+    assert store.get_file(stored.key, dest) == stored
+    assert hashlib.sha256(dest.read_bytes()).hexdigest() == expected_sha
+    assert [p.name for p in dest.parent.iterdir()] == ["clip.mp4"]  # no partial files left beside it
+
+
+def test_large_files_stream_without_whole_file_loads(store: ArtifactStore, tmp_path: Path):
+    """Python-side peak memory stays far below the file size going up and coming down.
+
+    S3 holds at most a few parts (5 MiB here) in memory; the local store one 1 MiB chunk.
+    """
+    import tracemalloc
+
+    source = tmp_path / "long.mp4"
+    with open(source, "wb") as out:
+        for _ in range(48):
+            out.write(os.urandom(MB))
+    budget = 30 * MB if store.location.startswith("s3://") else 8 * MB
+
+    tracemalloc.start()
+    try:
+        stored = store.put_file(source)
+        upload_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        store.get_file(stored.key, tmp_path / "back.mp4")
+        download_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert upload_peak < budget, f"upload peaked at {upload_peak / MB:.1f} MB for a 48 MB file"
+    assert download_peak < budget, f"download peaked at {download_peak / MB:.1f} MB for a 48 MB file"
+
+
+def test_same_bytes_same_key_and_explicit_keys(store: ArtifactStore):
+    first = store.put_bytes(b"embedding bytes")
+    again = store.put_bytes(b"embedding bytes")
+    named = store.put_bytes(
+        b'{"ok": true}', key="campaigns/c1/manifest.json", content_type="application/json"
+    )
+
+    assert first == again
+    assert first.key == content_key(hashlib.sha256(b"embedding bytes").hexdigest())
+    assert store.get_bytes(named.key) == b'{"ok": true}'
+    assert store.stat(named.key).content_type == "application/json"
+    assert list(store.list("campaigns/")) == ["campaigns/c1/manifest.json"]
+    assert list(store.list()) == sorted([first.key, named.key])
+
+
+def test_checksum_mismatch_is_detected_and_dest_untouched(store: ArtifactStore, tmp_path: Path):
+    stored = store.put_bytes(b"A" * 1000, key="jobs/1/latents.pt")
+    overwrite_bytes(store, stored, b"B" * 1000)
+    dest = tmp_path / "downloads" / "latents.pt"
+    dest.parent.mkdir()
+    dest.write_bytes(b"previous good copy")
+
+    with pytest.raises(ChecksumMismatchError, match="jobs/1/latents.pt"):
+        store.get_file(stored.key, dest)
+    assert dest.read_bytes() == b"previous good copy"
+    assert [p.name for p in dest.parent.iterdir()] == ["latents.pt"]
+    with pytest.raises(ChecksumMismatchError):
+        store.get_bytes(stored.key)
+    with pytest.raises(ChecksumMismatchError), store.open_read(stored.key) as reader:
+        while reader.read(100):
+            pass
+
+
+def test_truncated_object_is_detected(store: ArtifactStore):
+    stored = store.put_bytes(b"0123456789", key="frames/f.bin")
+    overwrite_bytes(store, stored, b"01234")
+    with pytest.raises(ChecksumMismatchError, match="read 5 bytes"):
+        store.get_bytes(stored.key)
+
+
+def test_open_read_streams_in_chunks(store: ArtifactStore, big_file: Path):
+    stored = store.put_file(big_file, key="videos/clip.mp4")
+    digest, reads = hashlib.sha256(), 0
+    with store.open_read(stored.key) as reader:
+        while chunk := reader.read(1024 * 1024):
+            assert len(chunk) <= 1024 * 1024
+            digest.update(chunk)
+            reads += 1
+    assert digest.hexdigest() == stored.sha256
+    assert reads >= 20
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "../escape",
+        "a/../../b",
+        "/etc/passwd",
+        "a//b",
+        "./a",
+        "a/./b",
+        "a\\b",
+        "a\x00b",
+        "a\nb",
+        "a\x7fb",
+        "",
+        "trailing/",
+        "C:/windows",
+        "x" * 1100,
+    ],
+)
+def test_bad_keys_are_rejected_before_any_io(store: ArtifactStore, key: str, tmp_path: Path):
+    source = tmp_path / "f.bin"
+    source.write_bytes(b"x")
+    with pytest.raises(InvalidKeyError):
+        store.put_bytes(b"x", key=key)
+    with pytest.raises(InvalidKeyError):
+        store.put_file(source, key=key)
+    with pytest.raises(InvalidKeyError):
+        store.get_file(key, tmp_path / "out")
+    with pytest.raises(InvalidKeyError):
+        store.delete(key)
+    assert list(store.list()) == []
+
+
+def test_presigned_url_downloads_same_bytes(store: ArtifactStore):
+    stored = store.put_bytes(os.urandom(300_000), key="previews/p.webp")
+    url = store.presigned_url(stored.key, expires=60)
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = response.read()
+    assert hashlib.sha256(body).hexdigest() == stored.sha256
+    if store.location.startswith("s3://"):
+        assert "X-Amz-Signature=" in url and "X-Amz-Expires=60" in url
+
+
+def test_missing_object_gives_clear_error(store: ArtifactStore, tmp_path: Path):
+    for call in (
+        lambda: store.get_file("jobs/7/video.mp4", tmp_path / "v.mp4"),
+        lambda: store.stat("jobs/7/video.mp4"),
+        lambda: store.get_bytes("jobs/7/video.mp4"),
+        lambda: store.presigned_url("jobs/7/video.mp4"),
+    ):
+        with pytest.raises(ArtifactNotFoundError) as caught:
+            call()
+        assert "'jobs/7/video.mp4'" in str(caught.value) and store.location in str(caught.value)
+    assert not (tmp_path / "v.mp4").exists()
+    assert store.exists("jobs/7/video.mp4") is False
+
+
+def test_delete_is_idempotent(store: ArtifactStore):
+    stored = store.put_bytes(b"bye", key="tmp/x")
+    store.delete(stored.key)
+    store.delete(stored.key)
+    assert not store.exists(stored.key)
+    assert list(store.list()) == []
+
+
+def test_get_bytes_refuses_large_objects(store: ArtifactStore):
+    stored = store.put_bytes(b"x" * 2000, key="big/one")
+    with pytest.raises(InputError, match="get_file"):
+        store.get_bytes(stored.key, max_bytes=1000)
+
+
+def test_missing_source_file_is_an_input_error(store: ArtifactStore, tmp_path: Path):
+    with pytest.raises(InputError, match="nope.mp4"):
+        store.put_file(tmp_path / "nope.mp4")
+
+
+# --- local backend specifics ---------------------------------------------------------------------------
+class _FailingStream(io.RawIOBase):
+    """Yields some bytes, then fails like a dying disk or network share."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self.sent >= 3 * 1024 * 1024:
+            raise OSError(5, "Input/output error")
+        self.sent += 1024 * 1024
+        return b"z" * 1024 * 1024
+
+
+def test_local_interrupted_write_publishes_nothing(tmp_path: Path):
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    with pytest.raises(ServiceUnavailableError, match="LYNX_ARTIFACTS_DIR"):
+        store._put_stream(_FailingStream(), 4 * 1024 * 1024, "videos/partial.mp4", "video/mp4")
+    assert not store.exists("videos/partial.mp4")
+    assert list(store.list()) == []
+    assert list((tmp_path / "artifacts" / "tmp").glob("*.partial")) == []
+
+
+def test_local_key_cannot_pass_through_an_existing_object(tmp_path: Path):
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    store.put_bytes(b"file", key="a/b")
+    with pytest.raises(InvalidKeyError, match="existing object"):
+        store.put_bytes(b"child", key="a/b/c")
+    with pytest.raises(InvalidKeyError, match="folder"):
+        store.put_bytes(b"parent", key="a")
+    assert store.get_bytes("a/b") == b"file"
+
+
+def test_local_unwritable_folder_names_the_setting(tmp_path: Path, make_settings):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the artifact folder should be")
+    store = open_store(make_settings(artifacts_dir=blocker))
+    with pytest.raises(ServiceUnavailableError, match="LYNX_ARTIFACTS_DIR"):
+        store.check()
+
+
+# --- S3 backend specifics ------------------------------------------------------------------------------
+def test_s3_bucket_is_created_on_first_write(make_settings, s3_reset):
+    store = open_store(make_settings(store="s3", s3_bucket="lynx-autocreated"))
+    assert not store._client.bucket_exists("lynx-autocreated")
+    store.put_bytes(b"first")
+    assert store._client.bucket_exists("lynx-autocreated")
+
+
+def test_s3_unreachable_fails_fast_naming_the_endpoint(make_settings):
+    from moto.server import ThreadedMotoServer
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    store = open_store(make_settings(store="s3", s3_endpoint=f"127.0.0.1:{port}", s3_retries=3, s3_timeout=5))
+    store.check()
+    stored = store.put_bytes(b"before the outage")
+    server.stop()
+
+    for call in (store.check, lambda: store.get_bytes(stored.key), lambda: store.put_bytes(b"during")):
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailableError) as caught:
+            call()
+        assert time.monotonic() - started < 10
+        message = str(caught.value)
+        assert "LYNX_S3_ENDPOINT" in message and f"127.0.0.1:{port}" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "setting"),
+    [
+        ({"s3_endpoint": None}, "LYNX_S3_ENDPOINT"),
+        ({"s3_endpoint": "http://minio:9000"}, "LYNX_S3_ENDPOINT"),
+        ({"s3_secret_key": None}, "LYNX_S3_SECRET_KEY"),
+        ({"s3_bucket": "no_underscores"}, "LYNX_S3_BUCKET"),
+    ],
+)
+def test_s3_misconfiguration_names_the_setting(make_settings, overrides, setting):
+    with pytest.raises(ConfigurationError) as caught:
+        open_store(make_settings(store="s3", **overrides)).check()
+    assert setting in str(caught.value)
