@@ -139,9 +139,12 @@ class LynxSettings(BaseSettings):
     deliver_safety_unsafe_index: int = Field(
         default=1, description="Index of the 'unsafe' class in the classifier output."
     )
-    deliver_safety_stride: int = Field(default=8, description="Screen every n-th frame (first frame included).")
+    deliver_safety_stride: int = Field(
+        default=8, description="Screen every n-th frame (the first frame included)."
+    )
     deliver_safety_output: Literal["logits", "probabilities"] = Field(
-        default="logits", description="Whether the classifier outputs logits (softmax applied) or probabilities."
+        default="logits",
+        description="Whether the classifier outputs logits (softmax applied) or probabilities.",
     )
     deliver_safety_normalization: Literal["symmetric", "imagenet", "unit"] = Field(
         default="symmetric", description="Pixel normalisation the classifier expects: symmetric "

@@ -65,8 +65,9 @@ def deliver_video(
     if source.fps != spec.source_fps:  # the file knows the model's native rate best
         spec = DeliverySpec(**{**spec.model_dump(), "source_fps": source.fps})
     workdir = Path(workdir or Path(tempfile.gettempdir()) / "lynx-delivery")
-    result = build_deliverables(iter_frames(intermediate), spec=spec, workdir=workdir, provenance=provenance,
-                                face_scores=face_scores)
+    result = build_deliverables(
+        iter_frames(intermediate), spec=spec, workdir=workdir, provenance=provenance, face_scores=face_scores
+    )
     prefix = prefix or deliverable_prefix(provenance.campaign, provenance.job_id)
     try:
         publish_deliverables(result, store, prefix=prefix)
@@ -74,8 +75,16 @@ def deliver_video(
         result.cleanup()
     return DeliverySummary(
         prefix=prefix,
-        files=[PublishedFile(key=f"{prefix}/{f.name}", kind=f.kind, content_type=f.content_type, sha256=f.sha256,
-                             size=f.size) for f in result.files],
+        files=[
+            PublishedFile(
+                key=f"{prefix}/{f.name}",
+                kind=f.kind,
+                content_type=f.content_type,
+                sha256=f.sha256,
+                size=f.size,
+            )
+            for f in result.files
+        ],
         safety=result.safety,
         timings=result.timings,
     )

@@ -36,8 +36,13 @@ def probe_audio(path: Path) -> AudioInfo:
             stream = container.streams.audio[0]
             samples = sum(frame.samples for frame in container.decode(stream))
             rate = stream.codec_context.sample_rate
-            info = AudioInfo(path=path, codec=stream.codec_context.name, duration=samples / rate if rate else 0.0,
-                             sample_rate=rate, channels=stream.codec_context.channels)
+            info = AudioInfo(
+                path=path,
+                codec=stream.codec_context.name,
+                duration=samples / rate if rate else 0.0,
+                sample_rate=rate,
+                channels=stream.codec_context.channels,
+            )
     except FileNotFoundError:
         raise AudioError(f"audio file {path} does not exist", setting=_SETTING) from None
     except av.FFmpegError as err:

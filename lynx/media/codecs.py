@@ -10,13 +10,30 @@ from dataclasses import dataclass
 from typing import Any
 
 X264_PRESETS = (
-    "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo",
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
+    "placebo",
 )
 # libvpx has no presets: --cpu-used trades speed for quality the same way (0 slowest, 5 fastest in
 # "good" mode), so the x264 preset name picks the nearest step.
 _VP9_CPU_USED = {
-    "ultrafast": 5, "superfast": 5, "veryfast": 4, "faster": 4, "fast": 3,
-    "medium": 2, "slow": 1, "slower": 1, "veryslow": 0, "placebo": 0,
+    "ultrafast": 5,
+    "superfast": 5,
+    "veryfast": 4,
+    "faster": 4,
+    "fast": 3,
+    "medium": 2,
+    "slow": 1,
+    "slower": 1,
+    "veryslow": 0,
+    "placebo": 0,
 }
 
 
@@ -41,7 +58,13 @@ class VideoFormat:
         elif self.encoder == "libx265":
             options = {"crf": crf, "preset": preset, "tag:v": "hvc1", "x265-params": "log-level=error"}
         else:  # libvpx-vp9 in constant-quality mode
-            options = {"crf": crf, "b:v": 0, "row-mt": 1, "deadline": "good", "cpu-used": _VP9_CPU_USED[preset]}
+            options = {
+                "crf": crf,
+                "b:v": 0,
+                "row-mt": 1,
+                "deadline": "good",
+                "cpu-used": _VP9_CPU_USED[preset],
+            }
         if self.mp4:
             # faststart: moov before mdat so players start before the download ends;
             # use_metadata_tags: keep our own keys (job_id, seed, ...) in the container.

@@ -80,15 +80,22 @@ class DeliveredFile(BaseModel):
 
     @classmethod
     def of(cls, path: Path, kind: FileKind, content_type: str, probe: MediaProbe | None) -> DeliveredFile:
-        return cls(path=path, name=path.name, kind=kind, content_type=content_type, sha256=sha256_file(path),
-                   size=path.stat().st_size, probe=probe)
+        return cls(
+            path=path,
+            name=path.name,
+            kind=kind,
+            content_type=content_type,
+            sha256=sha256_file(path),
+            size=path.stat().st_size,
+            probe=probe,
+        )
 
     def manifest_entry(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"path"})
 
 
 class DeliveryResult(BaseModel):
-    """What ``build_deliverables`` made: verified files (manifest last), the manifest and the safety verdict."""
+    """What ``build_deliverables`` made: verified files (manifest last), manifest and safety verdict."""
 
     staging_dir: Path
     files: list[DeliveredFile]
@@ -133,15 +140,20 @@ def _check_watermark(path: Path) -> None:
         with Image.open(path) as image:
             image.verify()
     except (OSError, SyntaxError) as err:
-        raise InvalidDeliverySpecError(f"watermark {path} is not a readable image: {err}",
-                                       setting="LYNX_DELIVER_WATERMARK") from None
+        raise InvalidDeliverySpecError(
+            f"watermark {path} is not a readable image: {err}", setting="LYNX_DELIVER_WATERMARK"
+        ) from None
 
 
 def _checker_for(spec: DeliverySpec) -> SafetyChecker | None:
     if spec.safety_model is None:
         return None
-    return OnnxImageClassifierSafety(spec.safety_model, unsafe_index=spec.safety_unsafe_index,
-                                     output=spec.safety_output, normalization=spec.safety_normalization)
+    return OnnxImageClassifierSafety(
+        spec.safety_model,
+        unsafe_index=spec.safety_unsafe_index,
+        output=spec.safety_output,
+        normalization=spec.safety_normalization,
+    )
 
 
 def build_deliverables(
@@ -169,8 +181,12 @@ def build_deliverables(
 
 
 def _build(
-    frames: np.ndarray | Iterable[np.ndarray], spec: DeliverySpec, staging: Path, provenance: Provenance,
-    face_scores: Sequence[float | None] | None, safety_checker: SafetyChecker | None,
+    frames: np.ndarray | Iterable[np.ndarray],
+    spec: DeliverySpec,
+    staging: Path,
+    provenance: Provenance,
+    face_scores: Sequence[float | None] | None,
+    safety_checker: SafetyChecker | None,
 ) -> DeliveryResult:
     steps = _Steps()
     work = staging / ".work"
@@ -183,14 +199,21 @@ def _build(
         audio = None
         if spec.audio is not None:
             probe_audio(spec.audio)
-            audio = AudioTrack(path=spec.audio, fade_seconds=spec.audio_fade_seconds, bitrate=spec.audio_bitrate)
+            audio = AudioTrack(
+                path=spec.audio, fade_seconds=spec.audio_fade_seconds, bitrate=spec.audio_bitrate
+            )
         watermark = None
         if spec.watermark is not None:
             _check_watermark(spec.watermark)
-            watermark = Watermark(path=spec.watermark, position=spec.watermark_position,
-                                  opacity=spec.watermark_opacity, width_fraction=spec.watermark_width)
-        gate = SafetyGate(safety_checker or _checker_for(spec), threshold=spec.safety_threshold,
-                          stride=spec.safety_stride)
+            watermark = Watermark(
+                path=spec.watermark,
+                position=spec.watermark_position,
+                opacity=spec.watermark_opacity,
+                width_fraction=spec.watermark_width,
+            )
+        gate = SafetyGate(
+            safety_checker or _checker_for(spec), threshold=spec.safety_threshold, stride=spec.safety_stride
+        )
 
     # 2. Frames -> safety gate -> (Real-ESRGAN) -> lossless mezzanine, one frame in memory at a time.
     with steps.step("stream frames"):
@@ -205,29 +228,54 @@ def _build(
         if spec.upscaler == "realesrgan" and height > source_h:
             from lynx.media.realesrgan import RealEsrganUpscaler  # torch only when asked for
 
-            upscaler = RealEsrganUpscaler.from_file(spec.realesrgan_weights, tile=spec.upscale_tile,
-                                                    overlap=spec.upscale_tile_overlap)
+            upscaler = RealEsrganUpscaler.from_file(
+                spec.realesrgan_weights, tile=spec.upscale_tile, overlap=spec.upscale_tile_overlap
+            )
             upscaling = f"realesrgan x{upscaler.scale} ({spec.realesrgan_weights.name})"
             stream = upscaler.upscale_frames(stream, (width, height))
-        mezzanine = write_lossless(stream, work / "mezzanine.mkv", spec.source_fps, ffmpeg_binary=spec.ffmpeg_binary)
+        mezzanine = write_lossless(
+            stream, work / "mezzanine.mkv", spec.source_fps, ffmpeg_binary=spec.ffmpeg_binary
+        )
 
     # 3. Safety before anything is encoded for delivery.
     verdict = gate.enforce()
-    plan = EncodePlan(source=mezzanine, width=width, height=height, fps=spec.target_fps, fps_mode=spec.fps_mode)
-    poster = choose_poster(face_scores, source_frames=mezzanine.frames, source_fps=spec.source_fps,
-                           fps=plan.fps, frames=plan.frames)
+    plan = EncodePlan(
+        source=mezzanine, width=width, height=height, fps=spec.target_fps, fps_mode=spec.fps_mode
+    )
+    poster = choose_poster(
+        face_scores,
+        source_frames=mezzanine.frames,
+        source_fps=spec.source_fps,
+        fps=plan.fps,
+        frames=plan.frames,
+    )
     delivered: list[DeliveredFile] = []
 
     # 4. Videos: the master, then each rendition, each verified right after encoding.
     def video(fmt: VideoFormat, stem: str, kind: FileKind, crf: int) -> None:
         path = staging / fmt.filename(stem)
         with steps.step(f"encode {path.name}"):
-            encode_video(plan, fmt, path, crf=crf, preset=spec.preset, exe=exe, audio=audio,
-                         watermark=watermark, tags=tags)
+            encode_video(
+                plan,
+                fmt,
+                path,
+                crf=crf,
+                preset=spec.preset,
+                exe=exe,
+                audio=audio,
+                watermark=watermark,
+                tags=tags,
+            )
         with steps.step("verify"):
             expected = VideoExpectation(
-                codec=fmt.codec, width=width, height=height, frames=plan.frames, fps=plan.fps,
-                audio_codec=fmt.audio_codec if audio else None, faststart=fmt.mp4, tags=tags,
+                codec=fmt.codec,
+                width=width,
+                height=height,
+                frames=plan.frames,
+                fps=plan.fps,
+                audio_codec=fmt.audio_codec if audio else None,
+                faststart=fmt.mp4,
+                tags=tags,
             )
             delivered.append(DeliveredFile.of(path, kind, fmt.content_type, verify_video(path, expected)))
 
@@ -242,43 +290,90 @@ def _build(
         sheet_indices = contact_sheet_indices(plan.frames, spec.contact_sheet_frames)
         stills = grab_frames(master, {poster.frame_index, *sheet_indices})
         poster_path = staging / "poster.jpg"
-        poster_size = write_poster(stills[poster.frame_index], poster_path, height=spec.poster_height, tags=tags)
+        poster_size = write_poster(
+            stills[poster.frame_index], poster_path, height=spec.poster_height, tags=tags
+        )
         sheet_path = staging / "contact_sheet.png"
-        sheet_size = write_contact_sheet({i: stills[i] for i in sheet_indices}, sheet_path,
-                                         columns=spec.contact_sheet_columns,
-                                         tile_height=spec.contact_sheet_tile_height, fps=plan.fps, tags=tags)
+        sheet_size = write_contact_sheet(
+            {i: stills[i] for i in sheet_indices},
+            sheet_path,
+            columns=spec.contact_sheet_columns,
+            tile_height=spec.contact_sheet_tile_height,
+            fps=plan.fps,
+            tags=tags,
+        )
         preview_path = staging / "preview.webp"
         # A preview is never larger than the master.
         preview_w, preview_h = output_size(width, height, min(spec.preview_height, height))
-        preview_fps = encode_animated_preview(master, preview_path, frames=plan.frames, source_fps=plan.fps,
-                                              height=preview_h, fps=spec.preview_fps, exe=exe)
+        preview_fps = encode_animated_preview(
+            master,
+            preview_path,
+            frames=plan.frames,
+            source_fps=plan.fps,
+            height=preview_h,
+            fps=spec.preview_fps,
+            exe=exe,
+        )
     with steps.step("verify"):
         preview_frames = converted_frame_count(plan.frames, plan.fps, float(preview_fps))
         delivered += [
-            DeliveredFile.of(poster_path, "poster", "image/jpeg",
-                             verify_image(poster_path, codec="jpeg", width=poster_size[0], height=poster_size[1])),
-            DeliveredFile.of(preview_path, "preview", "image/webp",
-                             verify_animation(preview_path, codec="webp", width=preview_w, height=preview_h,
-                                              frames=preview_frames, fps=float(preview_fps))),
-            DeliveredFile.of(sheet_path, "contact_sheet", "image/png",
-                             verify_image(sheet_path, codec="png", width=sheet_size[0], height=sheet_size[1])),
+            DeliveredFile.of(
+                poster_path,
+                "poster",
+                "image/jpeg",
+                verify_image(poster_path, codec="jpeg", width=poster_size[0], height=poster_size[1]),
+            ),
+            DeliveredFile.of(
+                preview_path,
+                "preview",
+                "image/webp",
+                verify_animation(
+                    preview_path,
+                    codec="webp",
+                    width=preview_w,
+                    height=preview_h,
+                    frames=preview_frames,
+                    fps=float(preview_fps),
+                ),
+            ),
+            DeliveredFile.of(
+                sheet_path,
+                "contact_sheet",
+                "image/png",
+                verify_image(sheet_path, codec="png", width=sheet_size[0], height=sheet_size[1]),
+            ),
         ]
 
     # 6. The manifest, last: it lists every verified output with its checksum.
     with steps.step("manifest"):
-        assets = [_asset_entry(role, path) for role, path in (
-            ("audio", spec.audio), ("watermark", spec.watermark),
-            ("upscaler_weights", spec.realesrgan_weights if upscaling.startswith("realesrgan") else None),
-            ("safety_model", spec.safety_model),
-        )]
+        assets = [
+            _asset_entry(role, path)
+            for role, path in (
+                ("audio", spec.audio),
+                ("watermark", spec.watermark),
+                ("upscaler_weights", spec.realesrgan_weights if upscaling.startswith("realesrgan") else None),
+                ("safety_model", spec.safety_model),
+            )
+        ]
         manifest = build_manifest(
             provenance=provenance,
             delivery=spec.model_dump(mode="json"),
             assets=[a for a in assets if a is not None],
-            source={"frames": mezzanine.frames, "width": source_w, "height": source_h, "fps": spec.source_fps},
-            video={"width": width, "height": height, "fps": plan.fps, "frames": plan.frames,
-                   "duration": plan.duration, "fps_mode": spec.fps_mode if plan.changes_rate else "native",
-                   "upscaling": upscaling},
+            source={
+                "frames": mezzanine.frames,
+                "width": source_w,
+                "height": source_h,
+                "fps": spec.source_fps,
+            },
+            video={
+                "width": width,
+                "height": height,
+                "fps": plan.fps,
+                "frames": plan.frames,
+                "duration": plan.duration,
+                "fps_mode": spec.fps_mode if plan.changes_rate else "native",
+                "upscaling": upscaling,
+            },
             poster=poster.model_dump(mode="json"),
             safety=verdict.model_dump(mode="json"),
             software={**provenance.software, "ffmpeg": ffmpeg_version(exe)},
@@ -287,7 +382,13 @@ def _build(
         manifest_path = write_manifest(manifest, staging / MANIFEST_NAME)
         delivered.append(DeliveredFile.of(manifest_path, "manifest", "application/json", None))
     shutil.rmtree(work)
-    logger.info("deliverables for job %s ready in %s (%d files, safety %s)", provenance.job_id, staging,
-                len(delivered), verdict.status)
-    return DeliveryResult(staging_dir=staging, files=delivered, manifest=manifest, safety=verdict,
-                          timings=steps.timings)
+    logger.info(
+        "deliverables for job %s ready in %s (%d files, safety %s)",
+        provenance.job_id,
+        staging,
+        len(delivered),
+        verdict.status,
+    )
+    return DeliveryResult(
+        staging_dir=staging, files=delivered, manifest=manifest, safety=verdict, timings=steps.timings
+    )

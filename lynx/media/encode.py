@@ -55,12 +55,14 @@ class Watermark(BaseModel):
     opacity: float = 0.8
     width_fraction: float = 0.15
 
-    def overlay(self, video: ffmpeg.nodes.FilterableStream, width: int, height: int) -> ffmpeg.nodes.FilterableStream:
+    def overlay(
+        self, video: ffmpeg.nodes.FilterableStream, width: int, height: int
+    ) -> ffmpeg.nodes.FilterableStream:
         """``video`` with the logo blended in at its corner, scaled relative to the frame width."""
         margin = even(0.03 * height)
         logo = (
-            ffmpeg.input(str(self.path)).video
-            .filter("scale", even(width * self.width_fraction), -2, flags=SCALE_FLAGS)
+            ffmpeg.input(str(self.path))
+            .video.filter("scale", even(width * self.width_fraction), -2, flags=SCALE_FLAGS)
             .filter("format", "rgba")
             .filter("colorchannelmixer", aa=self.opacity)
         )
@@ -135,15 +137,27 @@ def _metadata_options(tags: dict[str, str]) -> dict[str, str]:
 
 
 def encode_video(
-    plan: EncodePlan, fmt: VideoFormat, path: Path, *, crf: int, preset: str, exe: str,
-    audio: AudioTrack | None = None, watermark: Watermark | None = None, tags: dict[str, str] | None = None,
+    plan: EncodePlan,
+    fmt: VideoFormat,
+    path: Path,
+    *,
+    crf: int,
+    preset: str,
+    exe: str,
+    audio: AudioTrack | None = None,
+    watermark: Watermark | None = None,
+    tags: dict[str, str] | None = None,
 ) -> Path:
     """Encode one delivered video (master or rendition) into ``path``."""
     streams = [plan.video_stream(watermark)]
     options = {
-        "vcodec": fmt.encoder, **fmt.encoder_options(crf=crf, preset=preset),
-        "colorspace": "bt709", "color_primaries": "bt709", "color_trc": "bt709",
-        "frames:v": plan.frames, **_metadata_options(tags or {}),
+        "vcodec": fmt.encoder,
+        **fmt.encoder_options(crf=crf, preset=preset),
+        "colorspace": "bt709",
+        "color_primaries": "bt709",
+        "color_trc": "bt709",
+        "frames:v": plan.frames,
+        **_metadata_options(tags or {}),
     }
     if audio is not None:
         streams.append(audio.stream(plan.duration))
@@ -152,8 +166,9 @@ def encode_video(
     return path
 
 
-def encode_animated_preview(source: Path, path: Path, *, frames: int, source_fps: float, height: int,
-                            fps: float, exe: str) -> Fraction:
+def encode_animated_preview(
+    source: Path, path: Path, *, frames: int, source_fps: float, height: int, fps: float, exe: str
+) -> Fraction:
     """A small looping animated WebP of a video; returns its frame rate (never above the source's)."""
     rate = min(fps_fraction(fps), fps_fraction(source_fps))
     video = ffmpeg.input(str(source)).video
@@ -162,7 +177,8 @@ def encode_animated_preview(source: Path, path: Path, *, frames: int, source_fps
         video = video.filter("tpad", stop_mode="clone", stop=_TAIL_PADDING).filter("fps", fps=str(rate))
         count = converted_frame_count(frames, source_fps, float(rate))
     video = video.filter("scale", -2, height, flags=SCALE_FLAGS)
-    output = ffmpeg.output(video, str(path), vcodec="libwebp_anim", loop=0, quality=75, an=None,
-                           **{"frames:v": count})
+    output = ffmpeg.output(
+        video, str(path), vcodec="libwebp_anim", loop=0, quality=75, an=None, **{"frames:v": count}
+    )
     run_ffmpeg(output, exe=exe, what=f"encoding {path.name}")
     return rate

@@ -32,8 +32,9 @@ def ffmpeg_exe(override: Path | None = None) -> str:
     if override is not None:
         found = shutil.which(str(override))
         if found is None:
-            raise ConfigurationError(f"ffmpeg binary {override} does not exist or is not executable",
-                                     setting=_SETTING)
+            raise ConfigurationError(
+                f"ffmpeg binary {override} does not exist or is not executable", setting=_SETTING
+            )
         return found
     import imageio_ffmpeg
 
@@ -77,8 +78,10 @@ class RawVideoPipe:
 
     def __init__(self, output: ffmpeg.nodes.OutputStream, *, exe: str, what: str) -> None:
         self._what = what
-        self._process = output.global_args(*_QUIET).overwrite_output().run_async(
-            pipe_stdin=True, pipe_stderr=True, cmd=exe
+        self._process = (
+            output.global_args(*_QUIET)
+            .overwrite_output()
+            .run_async(pipe_stdin=True, pipe_stderr=True, cmd=exe)
         )
         self._stderr: collections.deque[str] = collections.deque(maxlen=50)
         self._drain = threading.Thread(target=self._read_stderr, daemon=True)
@@ -88,7 +91,11 @@ class RawVideoPipe:
     def input(width: int, height: int, fps: float) -> ffmpeg.nodes.FilterableStream:
         """The ffmpeg-python input node that reads what this pipe writes."""
         return ffmpeg.input(
-            "pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", framerate=str(fps_fraction(fps))
+            "pipe:",
+            format="rawvideo",
+            pix_fmt="rgb24",
+            s=f"{width}x{height}",
+            framerate=str(fps_fraction(fps)),
         )
 
     def _read_stderr(self) -> None:

@@ -84,7 +84,10 @@ def lossless_info(path: Path) -> LosslessVideo:
         stream = container.streams.video[0]
         count = sum(1 for packet in container.demux(stream) if packet.size)
         return LosslessVideo(
-            path=Path(path), frames=count, width=stream.width, height=stream.height,
+            path=Path(path),
+            frames=count,
+            width=stream.width,
+            height=stream.height,
             fps=float(stream.average_rate or stream.guessed_rate),
         )
 

@@ -21,8 +21,15 @@ AI_LABEL = "AI-generated"
 
 
 def build_manifest(
-    *, provenance: Provenance, delivery: dict[str, Any], assets: list[dict[str, Any]], source: dict[str, Any],
-    video: dict[str, Any], poster: dict[str, Any], safety: dict[str, Any], software: dict[str, str],
+    *,
+    provenance: Provenance,
+    delivery: dict[str, Any],
+    assets: list[dict[str, Any]],
+    source: dict[str, Any],
+    video: dict[str, Any],
+    poster: dict[str, Any],
+    safety: dict[str, Any],
+    software: dict[str, str],
     outputs: list[dict[str, Any]],
 ) -> dict[str, Any]:
     return {

@@ -36,7 +36,12 @@ class PosterChoice(BaseModel):
 
 
 def choose_poster(
-    face_scores: Sequence[float | None] | None, *, source_frames: int, source_fps: float, fps: float, frames: int
+    face_scores: Sequence[float | None] | None,
+    *,
+    source_frames: int,
+    source_fps: float,
+    fps: float,
+    frames: int,
 ) -> PosterChoice:
     """Pick the poster frame; ``face_scores`` (one per source frame, None = no face) must match the video."""
     if face_scores is not None and len(face_scores) != source_frames:
@@ -52,7 +57,7 @@ def choose_poster(
 
 
 def contact_sheet_indices(frames: int, count: int) -> list[int]:
-    """``count`` frame indices spread evenly from the first to the last frame (fewer if the video is short)."""
+    """``count`` frame indices spread evenly from first to last frame (fewer if the video is short)."""
     return sorted({round(i) for i in np.linspace(0, frames - 1, min(count, frames))})
 
 
@@ -92,7 +97,13 @@ def write_poster(frame: np.ndarray, path: Path, *, height: int, tags: dict[str, 
 
 
 def write_contact_sheet(
-    frames: dict[int, np.ndarray], path: Path, *, columns: int, tile_height: int, fps: float, tags: dict[str, str]
+    frames: dict[int, np.ndarray],
+    path: Path,
+    *,
+    columns: int,
+    tile_height: int,
+    fps: float,
+    tags: dict[str, str],
 ) -> tuple[int, int]:
     """A grid of thumbnails, each labelled with its frame number and time; returns the sheet size."""
     first = next(iter(frames.values()))

@@ -137,7 +137,9 @@ def probe_image(path: Path) -> MediaProbe:
             tags = {str(k).lower(): str(v) for k, v in getattr(image, "text", {}).items()}
             if "comment" in image.info:
                 comment = image.info["comment"]
-                tags["comment"] = comment.decode(errors="replace") if isinstance(comment, bytes) else str(comment)
+                tags["comment"] = (
+                    comment.decode(errors="replace") if isinstance(comment, bytes) else str(comment)
+                )
             frames = getattr(image, "n_frames", 1)
             duration = None
             if frames > 1:  # animated: per-frame display times in milliseconds
@@ -148,8 +150,13 @@ def probe_image(path: Path) -> MediaProbe:
                     milliseconds += image.info.get("duration", 0)
                 duration = milliseconds / 1000
             return MediaProbe(
-                container=(image.format or "unknown").lower(), codec=(image.format or "unknown").lower(),
-                width=image.width, height=image.height, frames=frames, duration=duration, tags=tags,
+                container=(image.format or "unknown").lower(),
+                codec=(image.format or "unknown").lower(),
+                width=image.width,
+                height=image.height,
+                frames=frames,
+                duration=duration,
+                tags=tags,
             )
     except (OSError, SyntaxError) as err:
         raise VerificationError(f"{path.name} cannot be read as an image: {err}") from None

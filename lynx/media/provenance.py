@@ -16,8 +16,20 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 _SOFTWARE = (
-    "lynx", "torch", "diffusers", "transformers", "prefect", "av", "imageio-ffmpeg", "ffmpeg-python",
-    "numpy", "onnxruntime", "onnxruntime-gpu", "insightface", "pillow", "opencv-python-headless",
+    "lynx",
+    "torch",
+    "diffusers",
+    "transformers",
+    "prefect",
+    "av",
+    "imageio-ffmpeg",
+    "ffmpeg-python",
+    "numpy",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "insightface",
+    "pillow",
+    "opencv-python-headless",
 )
 
 
@@ -101,4 +113,6 @@ class Provenance(BaseModel):
 def public_settings(settings: BaseModel) -> dict[str, Any]:
     """A settings object as JSON-ready values, secrets left out entirely (not even masked)."""
     dumped = settings.model_dump(mode="json")
-    return {name: value for name, value in dumped.items() if not isinstance(getattr(settings, name), SecretStr)}
+    return {
+        name: value for name, value in dumped.items() if not isinstance(getattr(settings, name), SecretStr)
+    }

@@ -46,9 +46,13 @@ def publish_deliverables(result: DeliveryResult, store: ArtifactStoreLike, *, pr
     if not prefix:
         raise PublishError("publishing needs a non-empty key prefix")
     listed = {entry["name"]: entry for entry in result.manifest["outputs"]}
-    files = [f for f in result.files if f.kind != "manifest"] + [f for f in result.files if f.kind == "manifest"]
+    files = [f for f in result.files if f.kind != "manifest"] + [
+        f for f in result.files if f.kind == "manifest"
+    ]
     if len(files) != len(listed) + 1 or any(f.kind != "manifest" and f.name not in listed for f in files):
-        raise PublishError("the delivery result and its manifest list different files; rebuild the deliverables")
+        raise PublishError(
+            "the delivery result and its manifest list different files; rebuild the deliverables"
+        )
     uploaded: list[str] = []
     stored: list[Any] = []
     try:
@@ -61,8 +65,10 @@ def publish_deliverables(result: DeliveryResult, store: ArtifactStoreLike, *, pr
             uploaded.append(key)
             remote = store.stat(key)
             if (remote.sha256, remote.size) != (expected["sha256"], expected["size"]):
-                raise PublishError(f"stored {key} has sha256 {remote.sha256} and {remote.size} bytes; "
-                                   f"the manifest says {expected['sha256']} and {expected['size']} bytes")
+                raise PublishError(
+                    f"stored {key} has sha256 {remote.sha256} and {remote.size} bytes; "
+                    f"the manifest says {expected['sha256']} and {expected['size']} bytes"
+                )
             stored.append(obj)
             logger.info("published %s (%d bytes)", key, item.size)
     except BaseException:

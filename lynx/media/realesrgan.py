@@ -71,8 +71,13 @@ class RRDBNet(nn.Module):
     """ESRGAN generator: conv, ``num_block`` RRDBs, two nearest-x2 upsampling convs, two output convs."""
 
     def __init__(
-        self, num_in_ch: int = 3, num_out_ch: int = 3, num_feat: int = 64, num_block: int = 23,
-        num_grow_ch: int = 32, scale: int = 4,
+        self,
+        num_in_ch: int = 3,
+        num_out_ch: int = 3,
+        num_feat: int = 64,
+        num_block: int = 23,
+        num_grow_ch: int = 32,
+        scale: int = 4,
     ) -> None:
         super().__init__()
         if scale not in (1, 2, 4):
@@ -119,13 +124,18 @@ def _activation(act_type: str, num_feat: int) -> nn.Module:
 
 
 class SRVGGNetCompact(nn.Module):
-    """Compact VGG-style generator: convs at input resolution, pixel shuffle, plus a nearest-upsampled skip."""
+    """Compact VGG-style generator: convs at input size, pixel shuffle, plus a nearest-upsampled skip."""
 
     size_multiple = 1
 
     def __init__(
-        self, num_in_ch: int = 3, num_out_ch: int = 3, num_feat: int = 64, num_conv: int = 16,
-        upscale: int = 4, act_type: str = "prelu",
+        self,
+        num_in_ch: int = 3,
+        num_out_ch: int = 3,
+        num_feat: int = 64,
+        num_conv: int = 16,
+        upscale: int = 4,
+        act_type: str = "prelu",
     ) -> None:
         super().__init__()
         self.scale = upscale
@@ -164,8 +174,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 loaded = loaded[wrapper]
                 break
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise ModelWeightsError(f"{path} holds no state dict (expected tensors, optionally under "
-                                "'params_ema' or 'params')", setting=_SETTING)
+        raise ModelWeightsError(
+            f"{path} holds no state dict (expected tensors, optionally under 'params_ema' or 'params')",
+            setting=_SETTING,
+        )
     return loaded
 
 
@@ -173,32 +185,46 @@ def _rrdbnet_for(state: dict[str, torch.Tensor]) -> RRDBNet:
     in_channels = state["conv_first.weight"].shape[1]
     scale = {3: 4, 12: 2, 48: 1}.get(in_channels)
     if scale is None:
-        raise ModelWeightsError(f"RRDBNet with {in_channels} input channels matches no scale (3, 12, 48)",
-                                setting=_SETTING)
+        raise ModelWeightsError(
+            f"RRDBNet with {in_channels} input channels matches no scale (3, 12, 48)", setting=_SETTING
+        )
     blocks = {key.split(".")[1] for key in state if key.startswith("body.")}
     return RRDBNet(
-        num_in_ch=in_channels // (4 // scale) ** 2, num_out_ch=state["conv_last.weight"].shape[0],
-        num_feat=state["conv_first.weight"].shape[0], num_block=len(blocks),
-        num_grow_ch=state["body.0.rdb1.conv1.weight"].shape[0], scale=scale,
+        num_in_ch=in_channels // (4 // scale) ** 2,
+        num_out_ch=state["conv_last.weight"].shape[0],
+        num_feat=state["conv_first.weight"].shape[0],
+        num_block=len(blocks),
+        num_grow_ch=state["body.0.rdb1.conv1.weight"].shape[0],
+        scale=scale,
     )
 
 
 def _srvgg_for(state: dict[str, torch.Tensor], act_type: str | None) -> SRVGGNetCompact:
-    conv_indices = sorted(int(key.split(".")[1]) for key in state if key.endswith(".weight")
-                          and state[key].ndim == 4)
+    conv_indices = sorted(
+        int(key.split(".")[1]) for key in state if key.endswith(".weight") and state[key].ndim == 4
+    )
     first, last = state[f"body.{conv_indices[0]}.weight"], state[f"body.{conv_indices[-1]}.weight"]
     num_in = first.shape[1]
     upscale = math.isqrt(last.shape[0] // num_in)
     if upscale * upscale * num_in != last.shape[0]:
-        raise ModelWeightsError(f"SRVGG last conv has {last.shape[0]} channels: no integer scale", setting=_SETTING)
+        raise ModelWeightsError(
+            f"SRVGG last conv has {last.shape[0]} channels: no integer scale", setting=_SETTING
+        )
     if act_type is None:
         # Only PReLU has parameters; the other activations leave no trace in the file.
         if "body.1.weight" not in state:
-            raise ModelWeightsError("SRVGG weights without PReLU slopes: pass act_type ('relu' or 'leakyrelu')",
-                                    setting=_SETTING)
+            raise ModelWeightsError(
+                "SRVGG weights without PReLU slopes: pass act_type ('relu' or 'leakyrelu')", setting=_SETTING
+            )
         act_type = "prelu"
-    return SRVGGNetCompact(num_in_ch=num_in, num_out_ch=num_in, num_feat=first.shape[0],
-                           num_conv=len(conv_indices) - 2, upscale=upscale, act_type=act_type)
+    return SRVGGNetCompact(
+        num_in_ch=num_in,
+        num_out_ch=num_in,
+        num_feat=first.shape[0],
+        num_conv=len(conv_indices) - 2,
+        upscale=upscale,
+        act_type=act_type,
+    )
 
 
 def load_realesrgan(path: Path, *, act_type: str | None = None) -> RRDBNet | SRVGGNetCompact:
@@ -215,18 +241,24 @@ def load_realesrgan(path: Path, *, act_type: str | None = None) -> RRDBNet | SRV
         elif "body.0.weight" in state:
             model = _srvgg_for(state, act_type)
         else:
-            raise ModelWeightsError(f"{path} is neither an RRDBNet nor an SRVGGNetCompact state dict "
-                                    f"(first keys: {', '.join(list(state)[:3])})", setting=_SETTING)
+            raise ModelWeightsError(
+                f"{path} is neither an RRDBNet nor an SRVGGNetCompact state dict "
+                f"(first keys: {', '.join(list(state)[:3])})",
+                setting=_SETTING,
+            )
         # Strict in effect, but the key lists make a better one-line message than torch's.
         outcome = model.load_state_dict(state, strict=False)
     except (KeyError, IndexError, RuntimeError) as err:  # wrong shapes, or keys the inference relies on
         reason = " ".join(line.strip() for line in str(err).splitlines()[1:3]) or str(err)
-        raise ModelWeightsError(f"{path} does not match the Real-ESRGAN layout: {reason[:300]}",
-                                setting=_SETTING) from None
+        raise ModelWeightsError(
+            f"{path} does not match the Real-ESRGAN layout: {reason[:300]}", setting=_SETTING
+        ) from None
     if outcome.missing_keys or outcome.unexpected_keys:
         raise ModelWeightsError(
             f"{path} does not match the Real-ESRGAN layout: missing {outcome.missing_keys[:3]}, "
-            f"unexpected {outcome.unexpected_keys[:3]}", setting=_SETTING)
+            f"unexpected {outcome.unexpected_keys[:3]}",
+            setting=_SETTING,
+        )
     return model.eval().requires_grad_(False)
 
 
@@ -258,8 +290,9 @@ def tiled_forward(model: nn.Module, image: torch.Tensor, *, tile: int, overlap: 
             cbottom, cright = min(bottom + overlap, padded_h), min(right + overlap, padded_w)
             result = model(image[..., ctop:cbottom, cleft:cright])
             y0, x0 = (top - ctop) * scale, (left - cleft) * scale
-            out[..., top * scale: bottom * scale, left * scale: right * scale] = \
-                result[..., y0: y0 + (bottom - top) * scale, x0: x0 + (right - left) * scale]
+            out[..., top * scale : bottom * scale, left * scale : right * scale] = result[
+                ..., y0 : y0 + (bottom - top) * scale, x0 : x0 + (right - left) * scale
+            ]
     return out[..., : height * scale, : width * scale]
 
 
@@ -270,10 +303,17 @@ class RealEsrganUpscaler:
     """
 
     def __init__(
-        self, model: nn.Module, *, tile: int = 256, overlap: int = 16, device: torch.device | str | None = None,
+        self,
+        model: nn.Module,
+        *,
+        tile: int = 256,
+        overlap: int = 16,
+        device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = (
+            torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.model = model.to(self.device, self.dtype)
         self.tile, self.overlap = tile, overlap
@@ -291,7 +331,9 @@ class RealEsrganUpscaler:
         """One frame through the generator: ``[H, W, 3]`` uint8 -> ``[H*s, W*s, 3]`` uint8."""
         image = torch.from_numpy(frame).to(self.device).permute(2, 0, 1)[None].to(self.dtype) / 255.0
         result = tiled_forward(self.model, image, tile=self.tile, overlap=self.overlap)
-        return (result[0].float().clamp_(0, 1) * 255.0).round_().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        return (
+            (result[0].float().clamp_(0, 1) * 255.0).round_().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        )
 
     def upscale_frames(self, frames: Iterable[np.ndarray], size: tuple[int, int]) -> Iterator[np.ndarray]:
         """Enlarge every frame and resize it to ``size`` (width, height), one frame at a time."""

@@ -32,4 +32,6 @@ def resize_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if (frame.shape[1], frame.shape[0]) == (width, height):
         return frame
     shrinking = width < frame.shape[1] and height < frame.shape[0]
-    return cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LANCZOS4)
+    return cv2.resize(
+        frame, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LANCZOS4
+    )

@@ -57,8 +57,13 @@ class OnnxImageClassifierSafety:
     """
 
     def __init__(
-        self, path: Path, *, unsafe_index: int = 1, output: Literal["logits", "probabilities"] = "logits",
-        normalization: Literal["symmetric", "imagenet", "unit"] = "symmetric", providers: list[str] | None = None,
+        self,
+        path: Path,
+        *,
+        unsafe_index: int = 1,
+        output: Literal["logits", "probabilities"] = "logits",
+        normalization: Literal["symmetric", "imagenet", "unit"] = "symmetric",
+        providers: list[str] | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -66,35 +71,43 @@ class OnnxImageClassifierSafety:
         if not path.is_file():
             raise ModelWeightsError(f"safety classifier {path} does not exist", setting=_SETTING)
         available = ort.get_available_providers()
-        providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        providers = providers or [
+            p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available
+        ]
         try:
             self._session = ort.InferenceSession(str(path), providers=providers)
         except Exception as err:  # onnxruntime raises its own untyped errors for bad files
-            raise ModelWeightsError(f"safety classifier {path} cannot be loaded: {err}", setting=_SETTING) from None
+            raise ModelWeightsError(
+                f"safety classifier {path} cannot be loaded: {err}", setting=_SETTING
+            ) from None
         self.name = path.name
         self._input = self._session.get_inputs()[0]
         self._channels_first, self._size = self._layout(self._input.shape, path)
         self._fixed_batch = isinstance(self._input.shape[0], int)
         classes = self._session.get_outputs()[0].shape[-1]
         if isinstance(classes, int) and not 0 <= unsafe_index < classes:
-            raise ModelWeightsError(f"safety classifier {path.name} has {classes} classes; "
-                                    f"unsafe index {unsafe_index} is out of range",
-                                    setting="LYNX_DELIVER_SAFETY_UNSAFE_INDEX")
+            raise ModelWeightsError(
+                f"safety classifier {path.name} has {classes} classes; "
+                f"unsafe index {unsafe_index} is out of range",
+                setting="LYNX_DELIVER_SAFETY_UNSAFE_INDEX",
+            )
         self._unsafe_index, self._output = unsafe_index, output
         self._mean, self._std = _NORMALIZATION[normalization]
 
     @staticmethod
     def _layout(shape: list, path: Path) -> tuple[bool, tuple[int, int]]:
         if len(shape) != 4:
-            raise ModelWeightsError(f"safety classifier {path.name} takes input {shape}, not an image batch",
-                                    setting=_SETTING)
+            raise ModelWeightsError(
+                f"safety classifier {path.name} takes input {shape}, not an image batch", setting=_SETTING
+            )
         if shape[1] == 3:
             channels_first, (height, width) = True, shape[2:]
         elif shape[3] == 3:
             channels_first, (height, width) = False, shape[1:3]
         else:
-            raise ModelWeightsError(f"safety classifier {path.name} input {shape} has no 3-channel axis",
-                                    setting=_SETTING)
+            raise ModelWeightsError(
+                f"safety classifier {path.name} input {shape} has no 3-channel axis", setting=_SETTING
+            )
         size = tuple(d if isinstance(d, int) and d > 0 else _DEFAULT_INPUT_SIZE for d in (height, width))
         return channels_first, size
 
@@ -106,7 +119,7 @@ class OnnxImageClassifierSafety:
 
     def score_frames(self, frames: Sequence[np.ndarray]) -> np.ndarray:
         batch = np.stack([self._prepare(f) for f in frames])
-        chunks = [batch[i: i + 1] for i in range(len(batch))] if self._fixed_batch else [batch]
+        chunks = [batch[i : i + 1] for i in range(len(batch))] if self._fixed_batch else [batch]
         outputs = np.concatenate([self._session.run(None, {self._input.name: c})[0] for c in chunks])
         outputs = outputs.reshape(len(batch), -1).astype(np.float64)
         if self._output == "logits":
@@ -137,8 +150,13 @@ class SafetyGate:
             return SafetyVerdict(status="not_checked", threshold=self.threshold)
         score = max(self._scores)
         status = "blocked" if score > self.threshold else "passed"
-        return SafetyVerdict(status=status, score=score, threshold=self.threshold, model=self.checker.name,
-                             frames_checked=len(self._scores))
+        return SafetyVerdict(
+            status=status,
+            score=score,
+            threshold=self.threshold,
+            model=self.checker.name,
+            frames_checked=len(self._scores),
+        )
 
     def enforce(self) -> SafetyVerdict:
         """The verdict, raising ``SafetyBlockedError`` when it blocks."""
@@ -146,7 +164,8 @@ class SafetyGate:
         if verdict.status == "blocked":
             raise SafetyBlockedError(
                 f"content-safety classifier {verdict.model} scored {verdict.score:.3f} "
-                f"> threshold {verdict.threshold}: deliverables blocked", verdict=verdict,
+                f"> threshold {verdict.threshold}: deliverables blocked",
+                verdict=verdict,
                 setting="LYNX_DELIVER_SAFETY_THRESHOLD",
             )
         return verdict

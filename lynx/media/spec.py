@@ -51,7 +51,9 @@ class DeliverySpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     ffmpeg_binary: Path | None = None
-    source_fps: float = Field(default=16.0, gt=0, le=MAX_FPS, description="Native rate of the frames handed in.")
+    source_fps: float = Field(
+        default=16.0, gt=0, le=MAX_FPS, description="Native rate of the frames handed in."
+    )
     # size
     height: int = Field(default=0, ge=0, le=MAX_HEIGHT)
     upscaler: Literal["lanczos", "realesrgan"] = "lanczos"
@@ -97,7 +99,9 @@ class DeliverySpec(BaseModel):
         except ValidationError as err:
             first = err.errors()[0]
             field = str(first["loc"][0]) if first["loc"] else "spec"
-            raise _bad(field, f"delivery setting {field}={first.get('input')!r} is invalid: {first['msg']}") from None
+            raise _bad(
+                field, f"delivery setting {field}={first.get('input')!r} is invalid: {first['msg']}"
+            ) from None
 
     @field_validator("renditions", mode="before")
     @classmethod
@@ -127,14 +131,18 @@ class DeliverySpec(BaseModel):
             raise _bad("upscale_tile_overlap", "upscale_tile_overlap must be less than half of upscale_tile")
         if self.upscaler == "realesrgan":
             if self.realesrgan_weights is None:
-                raise ModelWeightsError("upscaler 'realesrgan' needs a weight file",
-                                        setting="LYNX_DELIVER_REALESRGAN_WEIGHTS")
+                raise ModelWeightsError(
+                    "upscaler 'realesrgan' needs a weight file", setting="LYNX_DELIVER_REALESRGAN_WEIGHTS"
+                )
             if not self.realesrgan_weights.is_file():
-                raise ModelWeightsError(f"Real-ESRGAN weights {self.realesrgan_weights} do not exist",
-                                        setting="LYNX_DELIVER_REALESRGAN_WEIGHTS")
+                raise ModelWeightsError(
+                    f"Real-ESRGAN weights {self.realesrgan_weights} do not exist",
+                    setting="LYNX_DELIVER_REALESRGAN_WEIGHTS",
+                )
         if self.safety_model is not None and not self.safety_model.is_file():
-            raise ModelWeightsError(f"safety classifier {self.safety_model} does not exist",
-                                    setting="LYNX_DELIVER_SAFETY_MODEL")
+            raise ModelWeightsError(
+                f"safety classifier {self.safety_model} does not exist", setting="LYNX_DELIVER_SAFETY_MODEL"
+            )
         for field in ("audio", "watermark"):
             path = getattr(self, field)
             if path is not None and not path.is_file():

@@ -53,7 +53,10 @@ def verify_video(path: Path, expected: VideoExpectation) -> MediaProbe:
     elif expected.audio_codec is not None:
         if probe.audio_codec != expected.audio_codec:
             problems.append(f"audio codec is {probe.audio_codec!r}, expected {expected.audio_codec!r}")
-        elif probe.audio_duration is None or abs(probe.audio_duration - want_duration) > AUDIO_TOLERANCE_SECONDS:
+        elif (
+            probe.audio_duration is None
+            or abs(probe.audio_duration - want_duration) > AUDIO_TOLERANCE_SECONDS
+        ):
             problems.append(f"audio lasts {probe.audio_duration} s, the video {want_duration:.3f} s")
     if expected.faststart and not probe.faststart:
         problems.append("moov box is not before mdat (no faststart)")
@@ -82,7 +85,9 @@ def verify_image(path: Path, *, codec: str, width: int, height: int) -> MediaPro
     return probe
 
 
-def verify_animation(path: Path, *, codec: str, width: int, height: int, frames: int, fps: float) -> MediaProbe:
+def verify_animation(
+    path: Path, *, codec: str, width: int, height: int, frames: int, fps: float
+) -> MediaProbe:
     """Probe an animated image: format, size, at most ``frames`` frames lasting ``frames / fps``.
 
     WebP encoders merge identical consecutive frames into one longer frame, so the frame count

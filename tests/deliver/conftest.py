@@ -70,8 +70,22 @@ def make_audio(ffmpeg: str, tmp_path_factory: pytest.TempPathFactory) -> Callabl
     def make(seconds: float, extension: str = "wav") -> Path:
         path = folder / f"tone-{seconds:g}.{extension}"
         if not path.exists():
-            subprocess.run([ffmpeg, "-loglevel", "error", "-y", "-f", "lavfi", "-i",
-                            f"sine=frequency=440:duration={seconds}", "-ac", "1", str(path)], check=True)
+            subprocess.run(
+                [
+                    ffmpeg,
+                    "-loglevel",
+                    "error",
+                    "-y",
+                    "-f",
+                    "lavfi",
+                    "-i",
+                    f"sine=frequency=440:duration={seconds}",
+                    "-ac",
+                    "1",
+                    str(path),
+                ],
+                check=True,
+            )
         return path
 
     return make
@@ -90,8 +104,13 @@ def logo_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def provenance() -> Provenance:
     return Provenance(
-        job_id="job-0001", campaign="spring", subject_ref="subject:42", prompt="a person walking on a beach",
-        negative_prompt="blurry", seed=1234, model=ModelInfo(variant="full", version="test-fingerprint"),
+        job_id="job-0001",
+        campaign="spring",
+        subject_ref="subject:42",
+        prompt="a person walking on a beach",
+        negative_prompt="blurry",
+        seed=1234,
+        model=ModelInfo(variant="full", version="test-fingerprint"),
         settings={"steps": 4, "guidance": 5.0},
         inputs=(InputArtifact(key="inputs/ref.png", sha256="0" * 64, role="reference_image"),),
     )
@@ -117,15 +136,21 @@ class LocalFolderStore:
     def _path(self, key: str) -> Path:
         return self.root / key
 
-    def put_file(self, path: Path, *, key: str | None = None, content_type: str | None = None) -> StoredObject:
+    def put_file(
+        self, path: Path, *, key: str | None = None, content_type: str | None = None
+    ) -> StoredObject:
         data = Path(path).read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         key = key or f"sha256/{digest[:2]}/{digest}"
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
-        obj = StoredObject(key, hashlib.sha256(target.read_bytes()).hexdigest(), target.stat().st_size,
-                           content_type or "application/octet-stream")
+        obj = StoredObject(
+            key,
+            hashlib.sha256(target.read_bytes()).hexdigest(),
+            target.stat().st_size,
+            content_type or "application/octet-stream",
+        )
         self._meta[key] = obj
         self.uploads.append(key)
         return obj
@@ -173,8 +198,9 @@ def make_brightness_classifier(tmp_path_factory: pytest.TempPathFactory) -> Call
 
     folder = tmp_path_factory.mktemp("safety")
 
-    def make(layout: str = "nchw", size: int = 32, batch: int | str = "N", bias: float = 0.3,
-             gain: float = 20.0) -> Path:
+    def make(
+        layout: str = "nchw", size: int = 32, batch: int | str = "N", bias: float = 0.3, gain: float = 20.0
+    ) -> Path:
         shape = [batch, 3, size, size] if layout == "nchw" else [batch, size, size, 3]
         const = lambda name, value: helper.make_tensor(name, TensorProto.FLOAT, [], [value])  # noqa: E731
         graph = helper.make_graph(
@@ -190,7 +216,9 @@ def make_brightness_classifier(tmp_path_factory: pytest.TempPathFactory) -> Call
             [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, shape)],
             [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 2])],
             initializer=[
-                const("bias", bias), const("gain", gain), const("zero", 0.0),
+                const("bias", bias),
+                const("gain", gain),
+                const("zero", 0.0),
                 helper.make_tensor("column", TensorProto.INT64, [2], [-1, 1]),
             ],
         )

@@ -40,14 +40,27 @@ def encode(plan: EncodePlan, path: Path, ffmpeg: str, fmt=H264, **kwargs) -> Pat
 
 
 def expect(plan: EncodePlan, fmt=H264, **kwargs) -> VideoExpectation:
-    return VideoExpectation(codec=fmt.codec, width=plan.width, height=plan.height, frames=plan.frames,
-                            fps=plan.fps, faststart=fmt.mp4, **kwargs)
+    return VideoExpectation(
+        codec=fmt.codec,
+        width=plan.width,
+        height=plan.height,
+        frames=plan.frames,
+        fps=plan.fps,
+        faststart=fmt.mp4,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize(
     ("fps", "mode", "frames"),
-    [(24, "duplicate", 49), (25, "duplicate", 51), (30, "duplicate", 61), (12, "duplicate", 25),
-     (24, "interpolate", 49), (30, "interpolate", 61)],
+    [
+        (24, "duplicate", 49),
+        (25, "duplicate", 51),
+        (30, "duplicate", 61),
+        (12, "duplicate", 25),
+        (24, "interpolate", 49),
+        (30, "interpolate", 61),
+    ],
 )
 def test_frame_rate_conversion_and_upscale_give_exact_counts_and_sizes(
     tmp_path: Path, ffmpeg: str, mezzanine: LosslessVideo, fps: int, mode: str, frames: int
@@ -99,7 +112,7 @@ def test_interpolate_mode_makes_in_between_frames(tmp_path: Path, ffmpeg: str) -
     assert levels[0] == pytest.approx(16, abs=2.5) and levels[-1] == pytest.approx(80, abs=2.5)
     between = [lv for lv in levels if np.abs(source_levels - lv).min() > 2.5]
     assert between, f"no interpolated frame among {levels}"
-    assert all(a <= b + 1 for a, b in zip(levels, levels[1:]))  # brightness keeps rising
+    assert all(a <= b + 1 for a, b in zip(levels, levels[1:], strict=False))  # brightness keeps rising
 
 
 def _audio_envelope(path: Path) -> tuple[np.ndarray, int]:
@@ -108,7 +121,9 @@ def _audio_envelope(path: Path) -> tuple[np.ndarray, int]:
         return samples, container.streams.audio[0].rate
 
 
-@pytest.mark.parametrize(("seconds", "extension"), [(0.5, "wav"), (5.0, "m4a")], ids=["shorter-looped", "longer-trimmed"])
+@pytest.mark.parametrize(
+    ("seconds", "extension"), [(0.5, "wav"), (5.0, "m4a")], ids=["shorter-looped", "longer-trimmed"]
+)
 def test_audio_is_fitted_to_the_video_and_faded(
     tmp_path: Path, ffmpeg: str, mezzanine: LosslessVideo, make_audio, seconds: float, extension: str
 ) -> None:
@@ -120,7 +135,7 @@ def test_audio_is_fitted_to_the_video_and_faded(
     assert probe.audio_duration == pytest.approx(plan.duration, abs=0.05)
     assert (probe.audio_sample_rate, probe.audio_channels) == (48000, 2)
     samples, rate = _audio_envelope(path)
-    rms = lambda a, b: float(np.sqrt(np.mean(samples[int(a * rate): int(b * rate)] ** 2)))  # noqa: E731
+    rms = lambda a, b: float(np.sqrt(np.mean(samples[int(a * rate) : int(b * rate)] ** 2)))  # noqa: E731
     assert rms(1.2, 1.4) > 0.05  # ffmpeg's sine is 1/8 full scale (RMS 0.088): past the short tone, looped
     assert rms(plan.duration - 0.06, plan.duration - 0.02) < 0.2 * rms(1.2, 1.4)  # faded out
 
@@ -133,8 +148,21 @@ def test_master_is_faststart_and_verification_catches_a_file_that_is_not(
     assert boxes.index("moov") < boxes.index("mdat")
 
     slow = tmp_path / "slow.mp4"
-    subprocess.run([ffmpeg, "-loglevel", "error", "-i", str(mezzanine.path), "-c:v", "libx264", "-pix_fmt",
-                    "yuv420p", str(slow)], check=True)
+    subprocess.run(
+        [
+            ffmpeg,
+            "-loglevel",
+            "error",
+            "-i",
+            str(mezzanine.path),
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            str(slow),
+        ],
+        check=True,
+    )
     assert mp4_top_level_boxes(slow).index("mdat") < mp4_top_level_boxes(slow).index("moov")
     with pytest.raises(VerificationError, match="no faststart"):
         verify_video(slow, expect(plan))
@@ -147,8 +175,12 @@ def test_verification_reports_every_mismatch(tmp_path: Path, ffmpeg: str, mezzan
     with pytest.raises(VerificationError) as caught:
         verify_video(path, wrong)
     message = str(caught.value)
-    for reason in ("codec is 'h264', expected 'hevc'", "height is 64, expected 66", "frames is 33, expected 34",
-                   "audio codec is None"):
+    for reason in (
+        "codec is 'h264', expected 'hevc'",
+        "height is 64, expected 66",
+        "frames is 33, expected 34",
+        "audio codec is None",
+    ):
         assert reason in message
 
 
@@ -158,8 +190,14 @@ def test_renditions_probe_with_their_codecs_and_tags(
 ) -> None:
     fmt = RENDITIONS[name]
     plan = EncodePlan(source=mezzanine, width=144, height=96, fps=24, fps_mode="duplicate")
-    path = encode(plan, tmp_path / fmt.filename("rendition"), ffmpeg, fmt=fmt,
-                  audio=AudioTrack(path=make_audio(1.0)), tags=TAGS)
+    path = encode(
+        plan,
+        tmp_path / fmt.filename("rendition"),
+        ffmpeg,
+        fmt=fmt,
+        audio=AudioTrack(path=make_audio(1.0)),
+        tags=TAGS,
+    )
     probe = verify_video(path, expect(plan, fmt, audio_codec=fmt.audio_codec, tags=TAGS))
     assert (probe.codec, probe.pix_fmt, probe.frames) == (fmt.codec, "yuv420p", 49)
     assert probe.container == ("mp4" if name == "h265" else "matroska")

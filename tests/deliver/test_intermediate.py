@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from lynx.media.errors import DeliveryInputError
-from lynx.media.intermediate import iter_frames, lossless_info, write_lossless
 from lynx.media.frames import to_uint8_frames
+from lynx.media.intermediate import iter_frames, lossless_info, write_lossless
 
 from .conftest import synthetic_frames
 

@@ -52,9 +52,7 @@ def official_srvgg_state(*, feat: int, convs: int, upscale: int = 4) -> dict:
     return state
 
 
-@pytest.mark.parametrize(
-    ("in_ch", "scale"), [(3, 4), (12, 2), (48, 1)], ids=["x4plus", "x2plus", "x1"]
-)
+@pytest.mark.parametrize(("in_ch", "scale"), [(3, 4), (12, 2), (48, 1)], ids=["x4plus", "x2plus", "x1"])
 def test_rrdbnet_loads_official_params_ema_file_strictly(tmp_path: Path, in_ch: int, scale: int) -> None:
     state = official_rrdbnet_state(feat=8, blocks=2, grow=4, in_ch=in_ch)
     path = tmp_path / "RealESRGAN.pth"
@@ -109,7 +107,8 @@ def test_bad_weight_files_are_clear_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("scale", "tile", "overlap", "size"), [(4, 48, 20, (70, 100)), (2, 96, 40, (130, 200)), (1, 192, 80, (260, 400))]
+    ("scale", "tile", "overlap", "size"),
+    [(4, 48, 20, (70, 100)), (2, 96, 40, (130, 200)), (1, 192, 80, (260, 400))],
 )
 def test_tiled_equals_untiled_rrdbnet(scale: int, tile: int, overlap: int, size: tuple[int, int]) -> None:
     # One RRDB block sees ~19 trunk pixels around each output; the overlap covers 20 trunk pixels,
@@ -127,8 +126,12 @@ def test_tiled_equals_untiled_srvgg() -> None:
     torch.manual_seed(0)
     model = SRVGGNetCompact(num_feat=8, num_conv=6).eval()
     image = torch.rand(1, 3, 45, 67)
-    torch.testing.assert_close(tiled_forward(model, image, tile=32, overlap=8),
-                               tiled_forward(model, image, tile=0, overlap=0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        tiled_forward(model, image, tile=32, overlap=8),
+        tiled_forward(model, image, tile=0, overlap=0),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_upscaler_output_is_exactly_the_target_size(tmp_path: Path) -> None:

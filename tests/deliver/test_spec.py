@@ -18,10 +18,15 @@ def test_spec_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, 
     (models / "safety").mkdir(parents=True)
     (models / "safety" / "nsfw.onnx").write_bytes(b"onnx")
     for name, value in {
-        "LYNX_MODELS_DIR": str(models), "LYNX_DELIVER_HEIGHT": "720", "LYNX_DELIVER_FPS": "24",
-        "LYNX_DELIVER_FPS_MODE": "duplicate", "LYNX_DELIVER_RENDITIONS": '["h265", "vp9"]',
-        "LYNX_DELIVER_CRF": "20", "LYNX_DELIVER_WATERMARK": str(logo_png),
-        "LYNX_DELIVER_SAFETY_MODEL": "nsfw.onnx", "LYNX_DELIVER_SAFETY_THRESHOLD": "0.7",
+        "LYNX_MODELS_DIR": str(models),
+        "LYNX_DELIVER_HEIGHT": "720",
+        "LYNX_DELIVER_FPS": "24",
+        "LYNX_DELIVER_FPS_MODE": "duplicate",
+        "LYNX_DELIVER_RENDITIONS": '["h265", "vp9"]',
+        "LYNX_DELIVER_CRF": "20",
+        "LYNX_DELIVER_WATERMARK": str(logo_png),
+        "LYNX_DELIVER_SAFETY_MODEL": "nsfw.onnx",
+        "LYNX_DELIVER_SAFETY_THRESHOLD": "0.7",
     }.items():
         monkeypatch.setenv(name, value)
 
@@ -57,7 +62,9 @@ def test_defaults_keep_native_size_and_rate() -> None:
         ({"audio_bitrate": "loud"}, "LYNX_DELIVER_AUDIO_BITRATE", "invalid"),
     ],
 )
-def test_impossible_settings_are_refused_naming_the_variable(overrides: dict, setting: str, message: str) -> None:
+def test_impossible_settings_are_refused_naming_the_variable(
+    overrides: dict, setting: str, message: str
+) -> None:
     with pytest.raises(InvalidDeliverySpecError, match=message) as caught:
         DeliverySpec(**overrides)
     assert caught.value.setting == setting
