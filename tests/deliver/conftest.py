@@ -28,15 +28,19 @@ from PIL import Image
 from lynx.errors import NotFoundError
 from lynx.media.ffmpeg import ffmpeg_exe
 from lynx.media.provenance import InputArtifact, ModelInfo, Provenance
+from lynx.settings import get_settings
 
 
 @pytest.fixture(autouse=True)
-def _no_outer_lynx_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def _no_outer_lynx_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """Settings in these tests come from the test, never from the developer's environment."""
     for name in list(os.environ):
         if name.startswith("LYNX_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("LYNX_HOME", str(tmp_path / "lynx-home"))
+    get_settings.cache_clear()  # the CLI reads the cached settings object
+    yield
+    get_settings.cache_clear()
 
 
 def synthetic_frames(count: int, height: int, width: int, *, brightness: float = 1.0) -> Iterator[np.ndarray]:
