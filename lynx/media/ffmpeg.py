@@ -52,7 +52,11 @@ def ffmpeg_version(exe: str) -> str:
 
 
 def fps_fraction(fps: float) -> Fraction:
-    """A frame rate as the exact fraction ffmpeg expects (23.976 -> 24000/1001)."""
+    """A frame rate as the exact fraction ffmpeg expects (23.976 -> 24000/1001, 25 -> 25)."""
+    # NTSC rates are written rounded (23.976, 29.97, 59.94); they mean n * 1000/1001.
+    ntsc = Fraction(round(fps * 1.001) * 1000, 1001)
+    if fps != round(fps) and abs(fps - ntsc) < 1e-3:
+        return ntsc
     return Fraction(fps).limit_denominator(1001)
 
 

@@ -83,7 +83,14 @@ class OnnxImageClassifierSafety:
         self.name = path.name
         self._input = self._session.get_inputs()[0]
         self._channels_first, self._size = self._layout(self._input.shape, path)
-        self._fixed_batch = isinstance(self._input.shape[0], int)
+        batch = self._input.shape[0]
+        if isinstance(batch, int) and batch != 1:
+            raise ModelWeightsError(
+                f"safety classifier {path.name} takes batches of exactly {batch}; export it with batch 1 "
+                "or a dynamic batch axis",
+                setting=_SETTING,
+            )
+        self._fixed_batch = isinstance(batch, int)
         classes = self._session.get_outputs()[0].shape[-1]
         if isinstance(classes, int) and not 0 <= unsafe_index < classes:
             raise ModelWeightsError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -19,6 +20,7 @@ from lynx.media.encode import (
     encode_video,
 )
 from lynx.media.errors import VerificationError
+from lynx.media.ffmpeg import fps_fraction
 from lynx.media.intermediate import LosslessVideo, iter_frames, write_lossless
 from lynx.media.probe import mp4_top_level_boxes
 from lynx.media.resize import output_size
@@ -221,3 +223,9 @@ def test_logo_lands_in_its_corner(tmp_path: Path, ffmpeg: str, logo_png: Path, p
     assert corners[position].mean() > 150  # logo: red
     other = "top-left" if position == "bottom-right" else "bottom-right"
     assert abs(corners[other].mean()) < 10  # the other corner: untouched grey
+
+
+def test_ntsc_rates_are_exact_fractions() -> None:
+    assert fps_fraction(23.976) == Fraction(24000, 1001) and fps_fraction(29.97) == Fraction(30000, 1001)
+    assert fps_fraction(24) == 24 and fps_fraction(16) == 16 and fps_fraction(12.5) == Fraction(25, 2)
+    assert converted_frame_count(81, 16, 23.976) == 120  # floor(80 * 24000/1001/16) + 1

@@ -80,3 +80,5 @@ def test_bad_classifier_files_are_clear_errors(tmp_path: Path, make_brightness_c
     with pytest.raises(ModelWeightsError, match="2 classes; unsafe index 5") as caught:
         OnnxImageClassifierSafety(make_brightness_classifier(), unsafe_index=5)
     assert caught.value.setting == "LYNX_DELIVER_SAFETY_UNSAFE_INDEX"
+    with pytest.raises(ModelWeightsError, match="batches of exactly 4"):
+        OnnxImageClassifierSafety(make_brightness_classifier(batch=4))
