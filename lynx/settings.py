@@ -85,7 +85,93 @@ class LynxSettings(BaseSettings):
         "Default: LYNX_HOME/models."
     )
 
-    @field_validator("home", "artifacts_dir", "models_dir", mode="after")
+    # --- deliverables ------------------------------------------------------------------------
+    # Ranges and combinations are checked by lynx.media.spec.DeliverySpec, which names the
+    # variable to fix in its error; here the fields only declare types and defaults.
+    ffmpeg_binary: Path | None = Field(
+        default=None, description="ffmpeg executable. Default: the static build shipped by imageio-ffmpeg."
+    )
+    deliver_height: int = Field(
+        default=0, description="Height of the delivered video in pixels (even); the width follows the "
+        "aspect ratio, rounded to even. 0 keeps the native size."
+    )
+    deliver_upscaler: Literal["lanczos", "realesrgan"] = Field(
+        default="lanczos", description="'lanczos' (ffmpeg resampler) or 'realesrgan' (learned, needs "
+        "LYNX_DELIVER_REALESRGAN_WEIGHTS) for enlarging to LYNX_DELIVER_HEIGHT."
+    )
+    deliver_realesrgan_weights: Path | None = Field(
+        default=None, description="Real-ESRGAN weight file (.pth/.safetensors, official layout); a "
+        "relative path is looked up in LYNX_MODELS_DIR/realesrgan."
+    )
+    deliver_upscale_tile: int = Field(
+        default=256, description="Real-ESRGAN tile size in input pixels (bounds memory); 0 = whole frame."
+    )
+    deliver_upscale_tile_overlap: int = Field(
+        default=16, description="Pixels of context added around each Real-ESRGAN tile (hides seams)."
+    )
+    deliver_fps: float = Field(
+        default=0, description="Frame rate of the deliverables, e.g. 24, 25 or 30. 0 keeps the native rate "
+        "(16 full, 24 lite)."
+    )
+    deliver_fps_mode: Literal["interpolate", "duplicate"] = Field(
+        default="interpolate", description="How to change the frame rate: motion-interpolated frames "
+        "(ffmpeg minterpolate) or repeated/dropped frames."
+    )
+    deliver_crf: int = Field(default=18, description="x264 CRF of the H.264 master (0-51, lower = better).")
+    deliver_preset: str = Field(default="medium", description="x264/x265 preset (ultrafast ... veryslow).")
+    deliver_renditions: list[str] = Field(
+        default_factory=list, description='Extra renditions beside the H.264 master, as a JSON list: '
+        '["h265", "vp9"].'
+    )
+    deliver_h265_crf: int = Field(default=24, description="x265 CRF of the H.265 rendition (0-51).")
+    deliver_vp9_crf: int = Field(default=32, description="libvpx CRF of the VP9 WebM rendition (0-63).")
+    deliver_audio: Path | None = Field(
+        default=None, description="Campaign audio track muxed as AAC; looped or trimmed to the video."
+    )
+    deliver_audio_fade_seconds: float = Field(default=1.0, description="Fade-out at the end of the audio.")
+    deliver_audio_bitrate: str = Field(default="192k", description="AAC bitrate, e.g. 128k or 192k.")
+    deliver_watermark: Path | None = Field(
+        default=None, description="Logo image (PNG with alpha) overlaid on every video deliverable."
+    )
+    deliver_watermark_position: Literal["top-left", "top-right", "bottom-left", "bottom-right", "center"] = (
+        Field(default="bottom-right", description="Corner (or centre) the logo is placed in.")
+    )
+    deliver_watermark_opacity: float = Field(default=0.8, description="Logo opacity, in (0, 1].")
+    deliver_watermark_width: float = Field(
+        default=0.15, description="Logo width as a fraction of the video width, in (0, 1]."
+    )
+    deliver_poster_height: int = Field(default=0, description="Poster JPEG height; 0 = master height.")
+    deliver_preview_height: int = Field(default=240, description="Height of the animated WebP preview.")
+    deliver_preview_fps: float = Field(default=8, description="Frame rate of the animated WebP preview.")
+    deliver_contact_sheet_columns: int = Field(default=4, description="Thumbnails per contact-sheet row.")
+    deliver_contact_sheet_frames: int = Field(default=12, description="Thumbnails on the contact sheet.")
+    deliver_contact_sheet_tile_height: int = Field(default=144, description="Contact-sheet thumbnail height.")
+    deliver_safety_model: Path | None = Field(
+        default=None, description="ONNX image classifier for the content-safety gate; a relative path is "
+        "looked up in LYNX_MODELS_DIR/safety. Unset: the record says 'not checked'."
+    )
+    deliver_safety_threshold: float = Field(
+        default=0.5, description="Block the deliverables when the highest unsafe probability exceeds this."
+    )
+    deliver_safety_unsafe_index: int = Field(
+        default=1, description="Index of the 'unsafe' class in the classifier output."
+    )
+    deliver_safety_stride: int = Field(
+        default=8, description="Screen every n-th frame (the first frame included)."
+    )
+    deliver_safety_output: Literal["logits", "probabilities"] = Field(
+        default="logits",
+        description="Whether the classifier outputs logits (softmax applied) or probabilities.",
+    )
+    deliver_safety_normalization: Literal["symmetric", "imagenet", "unit"] = Field(
+        default="symmetric", description="Pixel normalisation the classifier expects: symmetric "
+        "((x-0.5)/0.5), imagenet (mean/std) or unit ([0, 1])."
+    )
+
+    @field_validator(
+        "home", "artifacts_dir", "models_dir", "ffmpeg_binary", "deliver_realesrgan_weights",
+        "deliver_audio", "deliver_watermark", "deliver_safety_model", mode="after",
+    )
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
@@ -100,6 +186,14 @@ class LynxSettings(BaseSettings):
         return self.models_dir or self.home / "models"
 
     @property
+    def resolved_realesrgan_weights(self) -> Path | None:
+        return _in_models_dir(self.deliver_realesrgan_weights, self.resolved_models_dir / "realesrgan")
+
+    @property
+    def resolved_safety_model(self) -> Path | None:
+        return _in_models_dir(self.deliver_safety_model, self.resolved_models_dir / "safety")
+
+    @property
     def resolved_database_url(self) -> str:
         """The URL to connect with (contains the password: never log it, use ``database_url_for_display``)."""
         if self.database_url is not None:
@@ -111,6 +205,13 @@ class LynxSettings(BaseSettings):
         from sqlalchemy.engine import make_url
 
         return make_url(self.resolved_database_url).render_as_string(hide_password=True)
+
+
+def _in_models_dir(path: Path | None, folder: Path) -> Path | None:
+    """A relative model path names a file inside its folder of the models directory."""
+    if path is None or path.is_absolute():
+        return path
+    return folder / path
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,146 @@
+"""Publishing: only verified files, manifest last, checksums re-checked, all or nothing; and the task."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import av
+import pytest
+
+from lynx.media.deliver import DeliveryResult, build_deliverables
+from lynx.media.errors import AudioError, PublishError
+from lynx.media.intermediate import write_lossless
+from lynx.media.provenance import Provenance
+from lynx.media.publish import deliverable_prefix, publish_deliverables
+from lynx.media.spec import DeliverySpec
+from tasks.deliver import deliver_video
+
+from .conftest import LocalFolderStore, StoredObject, synthetic_frames
+
+PREFIX = "deliverables/spring/job-0001"
+
+
+@pytest.fixture
+def result(tmp_path: Path, provenance: Provenance, make_audio) -> DeliveryResult:
+    spec = DeliverySpec(renditions=["vp9"], audio=make_audio(1.0), preset="veryfast")
+    return build_deliverables(
+        synthetic_frames(9, 32, 48), spec=spec, workdir=tmp_path / "work", provenance=provenance
+    )
+
+
+def test_publish_uploads_every_file_manifest_last_with_matching_checksums(
+    tmp_path: Path, result: DeliveryResult, store: LocalFolderStore
+) -> None:
+    stored = publish_deliverables(result, store, prefix=PREFIX + "/")
+
+    assert store.uploads[-1] == f"{PREFIX}/manifest.json"
+    assert [o.key for o in stored] == store.uploads == [f"{PREFIX}/{f.name}" for f in result.files]
+    # What the store holds is byte for byte what the (downloaded) manifest lists.
+    manifest_copy = tmp_path / "manifest.json"
+    store.get_file(f"{PREFIX}/manifest.json", manifest_copy)
+    manifest = json.loads(manifest_copy.read_text())
+    for entry in manifest["outputs"]:
+        with store.open_read(f"{PREFIX}/{entry['name']}") as handle:
+            data = handle.read()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["size"]
+        assert store.stat(f"{PREFIX}/{entry['name']}").content_type == entry["content_type"]
+    # The downloaded master still carries its provenance tags.
+    master = tmp_path / "master.mp4"
+    store.get_file(f"{PREFIX}/master.mp4", master)
+    with av.open(str(master)) as container:
+        assert container.metadata["comment"] == "AI-generated"
+        assert container.metadata["job_id"] == manifest["job"]["job_id"]
+        assert container.metadata["seed"] == "1234"
+
+
+class FailingStore(LocalFolderStore):
+    """Refuses the n-th upload, as a full disk or dropped connection would."""
+
+    def __init__(self, root: Path, fail_at: int) -> None:
+        super().__init__(root)
+        self.fail_at = fail_at
+
+    def put_file(self, path, *, key=None, content_type=None):
+        if len(self.uploads) + 1 == self.fail_at:
+            raise ConnectionError("connection reset by peer")
+        return super().put_file(path, key=key, content_type=content_type)
+
+
+class CorruptingStore(LocalFolderStore):
+    """Reports other bytes than were sent for the manifest."""
+
+    def stat(self, key: str) -> StoredObject:
+        obj = super().stat(key)
+        return StoredObject(obj.key, "f" * 64, obj.size) if key.endswith("manifest.json") else obj
+
+
+@pytest.mark.parametrize("fail_at", [1, 3, 6])
+def test_failed_upload_removes_everything_it_uploaded(
+    tmp_path: Path, result: DeliveryResult, fail_at: int
+) -> None:
+    store = FailingStore(tmp_path / "store", fail_at)
+    with pytest.raises(ConnectionError):
+        publish_deliverables(result, store, prefix=PREFIX)
+    assert store.keys() == []
+
+
+def test_checksum_mismatch_in_the_store_rolls_back(tmp_path: Path, result: DeliveryResult) -> None:
+    store = CorruptingStore(tmp_path / "store")
+    with pytest.raises(PublishError, match="manifest.json has sha256 f{64}"):
+        publish_deliverables(result, store, prefix=PREFIX)
+    assert store.keys() == []
+
+
+def test_file_changed_after_verification_is_not_published(
+    result: DeliveryResult, store: LocalFolderStore
+) -> None:
+    poster = result.file("poster.jpg").path
+    poster.write_bytes(poster.read_bytes() + b"tampered")
+    with pytest.raises(PublishError, match="poster.jpg changed on disk after verification"):
+        publish_deliverables(result, store, prefix=PREFIX)
+    assert store.keys() == []
+
+
+def test_task_delivers_an_intermediate_and_cleans_up(
+    tmp_path: Path, provenance: Provenance, store: LocalFolderStore, make_audio
+) -> None:
+    intermediate = write_lossless(synthetic_frames(13, 32, 48), tmp_path / "decoded.mkv", fps=24)
+    spec = DeliverySpec(audio=make_audio(0.3), preset="veryfast")  # source_fps 16: the file says 24
+    summary = deliver_video.fn(
+        intermediate.path,
+        spec=spec,
+        provenance=provenance,
+        store=store,
+        workdir=tmp_path / "work",
+        face_scores=[0.5] * 13,
+    )
+
+    assert summary.prefix == deliverable_prefix("spring", "job-0001") == PREFIX
+    assert summary.master_key == f"{PREFIX}/master.mp4" and summary.manifest_key == f"{PREFIX}/manifest.json"
+    assert store.keys() == sorted(f.key for f in summary.files)
+    assert all(store.stat(f.key).sha256 == f.sha256 for f in summary.files)
+    assert summary.safety.status == "not_checked"
+    with store.open_read(summary.manifest_key) as handle:
+        manifest = json.load(handle)
+    assert manifest["source"]["fps"] == 24.0 and manifest["video"]["frames"] == 13
+    assert list((tmp_path / "work").iterdir()) == []  # staging removed once published
+
+
+def test_task_with_corrupt_audio_uploads_nothing(
+    tmp_path: Path, provenance: Provenance, store: LocalFolderStore
+) -> None:
+    intermediate = write_lossless(synthetic_frames(5, 32, 48), tmp_path / "decoded.mkv", fps=16)
+    audio = tmp_path / "jingle.wav"
+    audio.write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt " + b"\x01" * 40)
+    with pytest.raises(AudioError):
+        deliver_video.fn(
+            intermediate.path,
+            spec=DeliverySpec(audio=audio),
+            provenance=provenance,
+            store=store,
+            workdir=tmp_path / "work",
+        )
+    assert store.keys() == []
+    assert list((tmp_path / "work").iterdir()) == []
