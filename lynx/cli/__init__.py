@@ -30,6 +30,8 @@ def _root() -> None:
 # (module under lynx.cli, command group name); each module exposes a `typer.Typer` named `app`.
 # A group name of None merges the module's commands into the top level (e.g. `lynx generate`).
 _COMMAND_GROUPS: list[tuple[str, str | None]] = [
+    ("faces", "faces"),
+    ("models", None),
 ]
 
 

@@ -66,13 +66,7 @@ class IRSE50(nn.Module):
         self.input_layer = nn.Sequential(
             nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64)
         )
-        units: list[nn.Module] = []
-        in_channels = 64
-        for channels, count in STAGES:
-            for index in range(count):
-                units.append(ImprovedResidualSE(in_channels, channels, stride=2 if index == 0 else 1))
-                in_channels = channels
-        self.body = nn.Sequential(*units)
+        # Registered before `body`, as facexlib does, so a saved state dict has the same key order.
         self.output_layer = nn.Sequential(
             nn.BatchNorm2d(512),
             nn.Dropout(dropout),
@@ -80,6 +74,13 @@ class IRSE50(nn.Module):
             nn.Linear(512 * 7 * 7, embedding_dim),
             nn.BatchNorm1d(embedding_dim),
         )
+        units: list[nn.Module] = []
+        in_channels = 64
+        for channels, count in STAGES:
+            for index in range(count):
+                units.append(ImprovedResidualSE(in_channels, channels, stride=2 if index == 0 else 1))
+                in_channels = channels
+        self.body = nn.Sequential(*units)
 
     @property
     def embedding_dim(self) -> int:

