@@ -246,6 +246,9 @@ def _manifest_detector(
         from insightface.model_zoo import model_zoo
 
         routed = model_zoo.get_model(str(path), providers=providers, sess_options=session_options())
+        if getattr(routed, "taskname", None) != "detection":
+            raise ModelWeightsError(f"{path} is not a face detector insightface recognises",
+                                    setting="LYNX_FACE_PACK")
         return InsightFaceDetector(
             routed, input_size=settings.face_detector_size, score_threshold=settings.face_detection_threshold
         )

@@ -104,9 +104,11 @@ def iter_video_frames(path: str | Path, stride: int = 1) -> Iterator[np.ndarray]
             raise InputError(f"{path} has no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        decoded = 0
         try:
-            for index, frame in enumerate(container.decode(stream)):
-                if index % stride == 0:
+            for frame in container.decode(stream):
+                if decoded % stride == 0:
                     yield frame.to_ndarray(format="rgb24")
+                decoded += 1
         except av.error.FFmpegError as err:
-            raise InputError(f"{path} could not be decoded past frame {index} ({err})") from err
+            raise InputError(f"{path} could not be decoded after {decoded} frames ({err})") from err

@@ -101,3 +101,26 @@ def test_recognizer_setting_overrides_the_pack_recogniser(buffalo_like, settings
     with pytest.raises(ModelWeightsError, match="nope.onnx") as caught:
         load_face_analyzer(pick("nope.onnx"))
     assert caught.value.setting == "LYNX_FACE_RECOGNIZER"
+
+
+def test_manifest_pack_with_an_insightface_detector(buffalo_like, settings_for):
+    import json
+
+    from lynx.faces.pack import PACK_MANIFEST, sha256_file
+
+    manifest = {
+        "format": 1,
+        "name": "buffalo_like",
+        "detector": {"file": "det_10g.onnx", "kind": "insightface"},
+        "recognizer": {"file": "w600k_r50.onnx", "kind": "arcface_onnx", "preprocessing": "embedded"},
+        "files": {name: sha256_file(buffalo_like / name) for name in ("det_10g.onnx", "w600k_r50.onnx")},
+    }
+    (buffalo_like / PACK_MANIFEST).write_text(json.dumps(manifest))
+    settings = settings_for(models_dir=buffalo_like.parents[1], face_pack="buffalo_like")
+    analyzer = load_face_analyzer(settings)
+    assert isinstance(analyzer.detector, InsightFaceDetector)
+    assert analyzer.embedder.model.input_mean == 0.0  # the manifest's preprocessing reached insightface
+    manifest["detector"]["file"] = "w600k_r50.onnx"
+    (buffalo_like / PACK_MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ModelWeightsError, match="not a face detector"):
+        load_face_analyzer(settings)
