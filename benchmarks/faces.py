@@ -59,7 +59,9 @@ def test_images() -> dict[str, np.ndarray]:
     return {
         "astronaut 512x512 (1 face)": skimage.data.astronaut(),
         "t1 1280x886 (6 faces)": cv2.imread(str(data / "t1.jpg"))[..., ::-1].copy(),
-        "Tom Hanks padded 312x312 (1 face)": cv2.copyMakeBorder(hanks, 100, 100, 100, 100, cv2.BORDER_CONSTANT),
+        "Tom Hanks padded 312x312 (1 face)": cv2.copyMakeBorder(
+            hanks, 100, 100, 100, 100, cv2.BORDER_CONSTANT
+        ),
     }
 
 
@@ -89,33 +91,39 @@ def main() -> None:
         irse50 = ArcFaceIRSE50Embedder(weights, device="cpu")
         irse50_load_ms = (time.perf_counter() - start) * 1000
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+          f"torch threads {torch.get_num_threads()}, "
           f"python {platform.python_version()}; milliseconds, median (fastest) of {args.repeats} runs "
           f"({max(5, args.repeats // 2)} for IR-SE50) after three warm-ups")
+    if hasattr(os, "getloadavg"):
+        print(f"system load average while measuring (1 min): {os.getloadavg()[0]:.2f}")
     print(f"load: demo pack (YuNet + SFace) {load_ms:.0f} ms; IR-SE50 weights file {irse50_load_ms:.0f} ms\n")
     print("| image | detect @640 | detect @320 | faces | SFace / face | SFace batch / face "
           "| IR-SE50 / face | IR-SE50 batch / face | analyze_reference_photo |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, image in test_images().items():
-        bgr = np.ascontiguousarray(image[..., ::-1])
-        faces = analyzer.detector.detect(bgr)
-        crops = np.stack([arcface_crop(bgr, face.kps) for face in faces])
-        detect = measure(lambda: analyzer.detector.detect(bgr), args.repeats)
-        detect_small = measure(lambda: small.detector.detect(bgr), args.repeats)
-        sface_one = measure(lambda: analyzer.embedder.embed(crops[0]), args.repeats)
-        sface_batch = measure(lambda: analyzer.embedder.embed(crops), args.repeats, per=len(crops))
-        irse_one = measure(lambda: irse50.embed(crops[0]), max(5, args.repeats // 2))
-        irse_batch = measure(lambda: irse50.embed(crops), max(5, args.repeats // 2), per=len(crops))
-        with tempfile.TemporaryDirectory() as scratch:
-            photo = Path(scratch) / "photo.png"
-            cv2.imwrite(str(photo), bgr)
-            settings_small_faces = settings.model_copy(update={"face_min_size": 16})
-            full = measure(
-                lambda: analyze_reference_photo(photo, settings_small_faces, analyzer=analyzer), args.repeats
-            )
-        print(f"| {name} | {detect:.1f} | {detect_small:.1f} | {len(faces)} | {sface_one:.1f} "
-              f"| {sface_batch:.1f} | {irse_one:.0f} | {irse_batch:.0f} | {full:.1f} |")
+        print(bench_image(name, image, analyzer, small, irse50, settings, args.repeats))
 
+
+def bench_image(name, image, analyzer, small, irse50, settings, repeats: int) -> str:
+    """One table row: every measurement of one image, taken back to back."""
+    bgr = np.ascontiguousarray(image[..., ::-1])
+    faces = analyzer.detector.detect(bgr)
+    crops = np.stack([arcface_crop(bgr, face.kps) for face in faces])
+    irse_repeats = max(5, repeats // 2)
+    detect = measure(lambda: analyzer.detector.detect(bgr), repeats)
+    detect_small = measure(lambda: small.detector.detect(bgr), repeats)
+    sface_one = measure(lambda: analyzer.embedder.embed(crops[0]), repeats)
+    sface_batch = measure(lambda: analyzer.embedder.embed(crops), repeats, per=len(crops))
+    irse_one = measure(lambda: irse50.embed(crops[0]), irse_repeats)
+    irse_batch = measure(lambda: irse50.embed(crops), irse_repeats, per=len(crops))
+    with tempfile.TemporaryDirectory() as scratch:
+        photo = Path(scratch) / "photo.png"
+        cv2.imwrite(str(photo), bgr)
+        small_faces_ok = settings.model_copy(update={"face_min_size": 16})
+        full = measure(lambda: analyze_reference_photo(photo, small_faces_ok, analyzer=analyzer), repeats)
+    return (f"| {name} | {detect:.1f} | {detect_small:.1f} | {len(faces)} | {sface_one:.1f} "
+            f"| {sface_batch:.1f} | {irse_one:.0f} | {irse_batch:.0f} | {full:.1f} |")
 
 if __name__ == "__main__":
     main()

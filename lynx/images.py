@@ -131,7 +131,9 @@ def _to_rgb(image: Image.Image, name: str) -> np.ndarray:
     try:
         rgb = image.convert("RGB")
     except ValueError as err:
-        raise UnsupportedImageError(f"{name} uses image mode {mode!r}, which we cannot convert to RGB") from err
+        raise UnsupportedImageError(
+            f"{name} uses image mode {mode!r}, which we cannot convert to RGB"
+        ) from err
     array = np.asarray(rgb, dtype=np.uint8)
     if array.ndim != 3 or array.shape[2] != 3 or 0 in array.shape:
         raise UnsupportedImageError(f"{name} decoded to an unusable shape {array.shape}")

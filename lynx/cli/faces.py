@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import typer
@@ -16,12 +17,16 @@ app = typer.Typer(
 
 @app.command()
 def embed(
-    image: Path = typer.Argument(..., help="Reference photo (JPEG, PNG, WebP, TIFF...)."),
-    as_json: bool = typer.Option(False, "--json", help="Print exactly one JSON object on stdout."),
-    save_crops: Path | None = typer.Option(
-        None, "--save-crops", help="Folder to write the 112x112 ArcFace and 256x256 reference crops into.",
-        file_okay=False,
-    ),
+    image: Annotated[Path, typer.Argument(help="Reference photo (JPEG, PNG, WebP, TIFF...).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")] = False,
+    save_crops: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-crops",
+            help="Folder to write the 112x112 ArcFace and 256x256 reference crops into.",
+            file_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Detect faces, choose the largest, and print its identity embedding."""
     from PIL import Image
@@ -43,7 +48,8 @@ def embed(
     for index, face in enumerate(result.faces):
         marker = "*" if index == result.chosen else " "
         x1, y1, x2, y2 = (float(v) for v in face.box)
-        typer.echo(f" {marker} #{index}  box ({x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f})  score {face.score:.3f}")
+        box = f"({x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f})"
+        typer.echo(f" {marker} #{index}  box {box}  score {face.score:.3f}")
     values = np.array2string(result.embedding, separator=", ", max_line_width=100,
                              threshold=result.embedding.size + 1,
                              formatter={"float_kind": lambda value: f"{value:+.4f}"})

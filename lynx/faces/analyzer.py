@@ -168,7 +168,9 @@ def load_embedder(
         if not path.is_absolute():
             path = pack.path / path
         if not path.is_file():
-            raise ModelWeightsError(f"recognition model {path} does not exist", setting="LYNX_FACE_RECOGNIZER")
+            raise ModelWeightsError(
+                f"recognition model {path} does not exist", setting="LYNX_FACE_RECOGNIZER"
+            )
         preprocessing = pack.recognizer.preprocessing if pack.recognizer and (
             pack.path / pack.recognizer.file) == path else None
         return OnnxArcFaceEmbedder(path, providers=providers, preprocessing=preprocessing)
@@ -275,12 +277,16 @@ def _route_insightface_pack(
         task = getattr(model, "taskname", None)
         if task == "detection" and detector is None:
             detector = InsightFaceDetector(
-                model, input_size=settings.face_detector_size, score_threshold=settings.face_detection_threshold
+                model,
+                input_size=settings.face_detector_size,
+                score_threshold=settings.face_detection_threshold,
             )
         elif task == "recognition" and recognizer is None and isinstance(model, ArcFaceONNX):
             recognizer = OnnxArcFaceEmbedder.from_model(model)
     if detector is None:
-        raise ModelWeightsError(f"face pack {pack.path} has no face detection model", setting="LYNX_FACE_PACK")
+        raise ModelWeightsError(
+            f"face pack {pack.path} has no face detection model", setting="LYNX_FACE_PACK"
+        )
     return detector, recognizer
 
 

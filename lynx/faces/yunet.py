@@ -54,7 +54,8 @@ class YuNetDetector:
     def detect(self, image_bgr: np.ndarray) -> list[DetectedFace]:
         canvas, scale = self._letterbox(image_bgr)
         blob = canvas.transpose(2, 0, 1)[None].astype(np.float32)
-        outputs = dict(zip(self.output_names, self.session.run(self.output_names, {self.input_name: blob})))
+        results = self.session.run(self.output_names, {self.input_name: blob})
+        outputs = dict(zip(self.output_names, results, strict=True))
         boxes, scores, kps = self._decode(outputs, canvas.shape[0], canvas.shape[1])
         keep = self._nms(boxes, scores)
         return [

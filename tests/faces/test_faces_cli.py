@@ -85,13 +85,15 @@ def test_rejected_input_exits_non_zero_with_one_line_and_writes_nothing(lynx, tm
 
 
 def test_oversized_image_is_refused_by_the_pixel_limit(lynx):
-    result = lynx("faces", "embed", str(demo_face_path()), "--json", extra_env={"LYNX_MAX_IMAGE_PIXELS": "1000"})
+    limit = {"LYNX_MAX_IMAGE_PIXELS": "1000"}
+    result = lynx("faces", "embed", str(demo_face_path()), "--json", extra_env=limit)
     assert result.returncode == 4
     assert "LYNX_MAX_IMAGE_PIXELS" in result.stderr
 
 
 def test_missing_pack_tells_how_to_fix_it(lynx, tmp_path):
-    result = lynx("faces", "embed", str(demo_face_path()), extra_env={"LYNX_MODELS_DIR": str(tmp_path / "none")})
+    nowhere = {"LYNX_MODELS_DIR": str(tmp_path / "none")}
+    result = lynx("faces", "embed", str(demo_face_path()), extra_env=nowhere)
     assert result.returncode == 2
     assert "lynx models" in result.stderr and "LYNX_FACE_PACK" in result.stderr
 

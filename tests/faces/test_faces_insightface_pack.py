@@ -41,7 +41,10 @@ def _scrfd_like_detector(path) -> None:
         }
         for head, (weight, bias, width) in heads.items():
             name = f"{head}{stride}"
-            initializers += [numpy_helper.from_array(weight, f"{name}_w"), numpy_helper.from_array(bias, f"{name}_b")]
+            initializers += [
+                numpy_helper.from_array(weight, f"{name}_w"),
+                numpy_helper.from_array(bias, f"{name}_b"),
+            ]
             nodes.append(helper.make_node("Conv", [pooled, f"{name}_w", f"{name}_b"], [f"{name}_conv"]))
             source = f"{name}_conv"
             if head == "score":

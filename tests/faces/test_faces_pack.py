@@ -22,7 +22,8 @@ from lynx.faces.pack import DEMO_DETECTOR_FILE, DEMO_RECOGNIZER_FILE, PACK_MANIF
 def test_dequantize_modes_follow_the_onnx_spec():
     values = np.arange(-6, 6, dtype=np.int8).reshape(3, 4)
     # per-tensor, even when a block size is (wrongly) given: the case onnxruntime rejects
-    assert np.allclose(dequantize(values, np.array(0.5), np.array(2, np.int8), block_size=9), (values - 2) * 0.5)
+    per_tensor = dequantize(values, np.array(0.5), np.array(2, np.int8), block_size=9)
+    assert np.allclose(per_tensor, (values - 2) * 0.5)
     per_axis = dequantize(values, np.array([1.0, 2.0, 3.0]), np.zeros(3, np.int8), axis=0)
     assert np.allclose(per_axis, values * np.array([[1.0], [2.0], [3.0]]))
     scales = np.array([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]], np.float32)  # blocks of 2 along axis 1
@@ -44,8 +45,11 @@ def test_folding_a_graph_keeps_its_output():
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
          helper.make_tensor_value_info("stale", TensorProto.FLOAT, [3])],  # read by no node
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
-        [numpy_helper.from_array(weights, "wq"), numpy_helper.from_array(np.array([0.5, 2.0], np.float32), "ws"),
-         numpy_helper.from_array(np.zeros(2, np.int8), "wz")],
+        [
+            numpy_helper.from_array(weights, "wq"),
+            numpy_helper.from_array(np.array([0.5, 2.0], np.float32), "ws"),
+            numpy_helper.from_array(np.zeros(2, np.int8), "wz"),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     assert fold_constant_dequantize(model) == 1

@@ -9,7 +9,13 @@ from PIL import Image
 
 from lynx.assets import demo_face_path
 from lynx.errors import InputError
-from lynx.faces import FaceTooSmallError, NoFaceError, ReferenceFace, analyze_reference_photo, cosine_similarity
+from lynx.faces import (
+    FaceTooSmallError,
+    NoFaceError,
+    ReferenceFace,
+    analyze_reference_photo,
+    cosine_similarity,
+)
 from lynx.images import CorruptImageError, ImageTooLargeError, NotAnImageError
 
 
@@ -42,7 +48,9 @@ def test_largest_face_is_chosen(tmp_path, face_settings, analyzer, t1_rgb):
     assert cosine_similarity(result.embedding, analyzer.embed(t1_rgb, chosen)) > 0.999
 
 
-def test_largest_face_wins_over_a_smaller_second_person(tmp_path, face_settings, analyzer, astronaut_rgb, hanks_rgb):
+def test_largest_face_wins_over_a_smaller_second_person(
+    tmp_path, face_settings, analyzer, astronaut_rgb, hanks_rgb
+):
     canvas = np.zeros((512, 900, 3), np.uint8)
     canvas[:, :512] = astronaut_rgb
     canvas[100:412, 560:872] = hanks_rgb  # his face: ~78 px, the astronaut's ~90 px
@@ -51,8 +59,11 @@ def test_largest_face_wins_over_a_smaller_second_person(tmp_path, face_settings,
     assert result.box[0] < 512  # the astronaut, whose face is larger
 
 
-def test_exif_rotated_photo_is_turned_upright_before_detection(tmp_path, face_settings, analyzer, astronaut_rgb):
-    upright = analyze_reference_photo(_save(astronaut_rgb, tmp_path / "up.png"), face_settings, analyzer=analyzer)
+def test_exif_rotated_photo_is_turned_upright_before_detection(
+    tmp_path, face_settings, analyzer, astronaut_rgb
+):
+    photo = _save(astronaut_rgb, tmp_path / "up.png")
+    upright = analyze_reference_photo(photo, face_settings, analyzer=analyzer)
     exif = Image.Exif()
     exif[0x0112] = 8  # "rotate 90 CCW to display": stored turned clockwise
     stored = np.ascontiguousarray(np.rot90(astronaut_rgb, k=-1))
@@ -76,7 +87,8 @@ def test_face_too_small(tmp_path, settings_for, analyzer, astronaut_rgb):
     with pytest.raises(FaceTooSmallError, match="below the minimum of 64 px") as caught:
         analyze_reference_photo(path, settings_for(face_min_size=64), analyzer=analyzer)
     assert caught.value.setting == "LYNX_FACE_MIN_SIZE"
-    assert analyze_reference_photo(path, settings_for(face_min_size=32), analyzer=analyzer).embedding.shape == (128,)
+    accepted = analyze_reference_photo(path, settings_for(face_min_size=32), analyzer=analyzer)
+    assert accepted.embedding.shape == (128,)
 
 
 def test_bad_files_raise_their_image_errors(tmp_path, face_settings, analyzer, astronaut_rgb):
@@ -90,7 +102,8 @@ def test_bad_files_raise_their_image_errors(tmp_path, face_settings, analyzer, a
     with pytest.raises(CorruptImageError):
         analyze_reference_photo(cut, face_settings, analyzer=analyzer)
     with pytest.raises(ImageTooLargeError):
-        analyze_reference_photo(jpeg, face_settings.model_copy(update={"max_image_pixels": 1000}), analyzer=analyzer)
+        tiny_limit = face_settings.model_copy(update={"max_image_pixels": 1000})
+        analyze_reference_photo(jpeg, tiny_limit, analyzer=analyzer)
 
 
 def test_face_errors_are_input_errors():

@@ -49,7 +49,8 @@ def test_installed_runtime_is_found():
 
 def test_warning_is_logged_once(monkeypatch, caplog):
     monkeypatch.setattr(runtime, "_conflict_checked", False)
-    monkeypatch.setattr(runtime, "installed_onnxruntime_distributions", lambda: ["onnxruntime", "onnxruntime-gpu"])
+    both = ["onnxruntime", "onnxruntime-gpu"]
+    monkeypatch.setattr(runtime, "installed_onnxruntime_distributions", lambda: both)
     with caplog.at_level(logging.WARNING, logger="lynx.faces.runtime"):
         runtime.warn_on_onnxruntime_conflict()
         runtime.warn_on_onnxruntime_conflict()
