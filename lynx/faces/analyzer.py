@@ -146,7 +146,10 @@ def load_face_analyzer(settings: LynxSettings, *, recognizer: FaceEmbedder | Non
         detector = _manifest_detector(pack, pack.detector, settings, providers)
         routed_recognizer = None
     else:
-        detector, routed_recognizer = _route_insightface_pack(pack, settings, providers)
+        wants_pack_recognizer = settings.embedding_backend == "onnx" and not settings.face_recognizer
+        detector, routed_recognizer = _route_insightface_pack(
+            pack, settings, providers, find_recognizer=wants_pack_recognizer and recognizer is None
+        )
     embedder = recognizer or load_embedder(settings, pack, providers, routed=routed_recognizer)
     return FaceAnalyzer(detector, embedder)
 
@@ -171,8 +174,9 @@ def load_embedder(
             raise ModelWeightsError(
                 f"recognition model {path} does not exist", setting="LYNX_FACE_RECOGNIZER"
             )
-        preprocessing = pack.recognizer.preprocessing if pack.recognizer and (
-            pack.path / pack.recognizer.file) == path else None
+        # The pack's own recogniser named explicitly keeps the manifest's preprocessing.
+        own = pack.recognizer is not None and pack.path / pack.recognizer.file == path
+        preprocessing = pack.recognizer.preprocessing if own else None
         return OnnxArcFaceEmbedder(path, providers=providers, preprocessing=preprocessing)
     if pack.recognizer is not None:
         return OnnxArcFaceEmbedder(
@@ -259,7 +263,7 @@ def _manifest_detector(
 
 
 def _route_insightface_pack(
-    pack: FacePack, settings: LynxSettings, providers: list[str]
+    pack: FacePack, settings: LynxSettings, providers: list[str], *, find_recognizer: bool = True
 ) -> tuple[FaceDetector, OnnxArcFaceEmbedder | None]:
     """Let insightface's model zoo recognise the pack's detector and recogniser (as FaceAnalysis
     does); other models (landmarks, gender/age) are skipped."""
@@ -268,7 +272,7 @@ def _route_insightface_pack(
 
     detector = recognizer = None
     for path in sorted(pack.path.glob("*.onnx")):
-        if detector is not None and recognizer is not None:
+        if detector is not None and (recognizer is not None or not find_recognizer):
             break
         try:
             model = model_zoo.get_model(str(path), providers=providers, sess_options=session_options())
@@ -281,7 +285,7 @@ def _route_insightface_pack(
                 input_size=settings.face_detector_size,
                 score_threshold=settings.face_detection_threshold,
             )
-        elif task == "recognition" and recognizer is None and isinstance(model, ArcFaceONNX):
+        elif find_recognizer and recognizer is None and isinstance(model, ArcFaceONNX):
             recognizer = OnnxArcFaceEmbedder.from_model(model)
     if detector is None:
         raise ModelWeightsError(
