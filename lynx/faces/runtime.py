@@ -1,0 +1,98 @@
+"""Where face models run: onnxruntime execution providers and the torch device.
+
+``auto`` takes CUDA when the installed runtime offers it and CPU otherwise; it never fails for
+want of a GPU. ``cuda`` is for fleets that must not silently fall back to CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from importlib import metadata
+
+import onnxruntime
+
+from lynx.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+# Every one of these ships the same `onnxruntime` Python module; with two installed, whichever
+# was unpacked last wins file by file and the result may not import or may lack CUDA.
+ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino")
+
+_conflict_checked = False
+
+
+def onnx_providers(device: str, available: Iterable[str] | None = None) -> list[str]:
+    """Execution providers for ``device`` ('auto' | 'cpu' | 'cuda'), CPU always last as fallback."""
+    offered = set(onnxruntime.get_available_providers() if available is None else available)
+    if device == "cpu":
+        return [CPU]
+    if CUDA in offered:
+        return [CUDA, CPU]
+    if device == "cuda":
+        raise ConfigurationError(
+            "LYNX_FACE_DEVICE=cuda but onnxruntime offers no CUDA provider: install the `gpu` extra "
+            "(onnxruntime-gpu) in place of onnxruntime, or use LYNX_FACE_DEVICE=auto",
+            setting="LYNX_FACE_DEVICE",
+        )
+    return [CPU]
+
+
+def torch_device(device: str) -> str:
+    """The torch device string for ``device`` ('auto' | 'cpu' | 'cuda')."""
+    import torch  # only the IR-SE50 backend needs torch; keep it off the import path otherwise
+
+    if device == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise ConfigurationError(
+            "LYNX_FACE_DEVICE=cuda but torch sees no CUDA device", setting="LYNX_FACE_DEVICE"
+        )
+    return "cpu"
+
+
+def installed_onnxruntime_distributions() -> list[str]:
+    """Which onnxruntime builds pip has installed in this environment."""
+    found = []
+    for name in ONNXRUNTIME_DISTRIBUTIONS:
+        try:
+            metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def onnxruntime_conflict_message(installed: list[str]) -> str | None:
+    """A warning text when more than one onnxruntime build is installed, else None."""
+    if len(installed) < 2:
+        return None
+    return (
+        f"several onnxruntime builds are installed together ({', '.join(installed)}); they "
+        "overwrite each other's files. Keep exactly one: `pip uninstall -y "
+        f"{' '.join(installed)}` then install `onnxruntime` (CPU) or `onnxruntime-gpu` (CUDA)"
+    )
+
+
+def warn_on_onnxruntime_conflict() -> None:
+    """Log the conflict warning once per process (called when face models are loaded)."""
+    global _conflict_checked
+    if _conflict_checked:
+        return
+    _conflict_checked = True
+    message = onnxruntime_conflict_message(installed_onnxruntime_distributions())
+    if message:
+        logger.warning(message)
+
+
+def session_options() -> onnxruntime.SessionOptions:
+    """Session options that keep onnxruntime's graph-optimisation chatter off stderr."""
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    return options
