@@ -221,7 +221,8 @@ class LynxSettings(BaseSettings):
         default_factory=lambda: ["pack"],
         description='Recognisers that score identity, as a JSON list: "pack" (the face pack\'s own), '
         '"arcface_ir_se50" (IR-SE50 at LYNX_ARCFACE_WEIGHTS_PATH), a recognition ONNX (file name in the '
-        'pack or a path), or {"path": ..., "name": ..., "preprocessing": "embedded" | {"mean": m, "std": s}}.',
+        'pack or a path), or {"path": ..., "name": ..., '
+        '"preprocessing": "embedded" | {"mean": m, "std": s}}.',
     )
     eval_frame_stride: int = Field(
         default=4, ge=1, description="Score every n-th frame of a video (the first frame included)."
@@ -240,6 +241,10 @@ class LynxSettings(BaseSettings):
         default=0.5, ge=0.0, le=1.0,
         description="With the gate on, a video whose share of sampled frames showing a face is below "
         "this is marked 'needs review' too.",
+    )
+    eval_reports_dir: Path | None = Field(
+        default=None, description="Folder the evaluation reports are written to (each run in its own "
+        "sub-folder) before they are uploaded. Default: LYNX_HOME/reports/eval."
     )
     eval_report_contact_sheets: int = Field(
         default=3, ge=0, le=20,
@@ -271,7 +276,7 @@ class LynxSettings(BaseSettings):
     @field_validator(
         "home", "artifacts_dir", "models_dir", "ffmpeg_binary", "deliver_realesrgan_weights",
         "deliver_audio", "deliver_watermark", "deliver_safety_model", "arcface_weights_path",
-        "face_demo_wheel", mode="after",
+        "face_demo_wheel", "eval_reports_dir", mode="after",
     )
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
@@ -307,6 +312,10 @@ class LynxSettings(BaseSettings):
         return self.arcface_weights_path or (
             self.resolved_face_packs_dir / "arcface" / "recognition_arcface_ir_se50.pth"
         )
+
+    @property
+    def resolved_eval_reports_dir(self) -> Path:
+        return self.eval_reports_dir or self.home / "reports" / "eval"
 
     @property
     def resolved_database_url(self) -> str:

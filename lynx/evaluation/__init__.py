@@ -21,11 +21,19 @@ from lynx.evaluation.recognizers import (
     load_evaluation_models,
 )
 from lynx.evaluation.report import render_report
-from lynx.evaluation.sources import EvalItem, Manifest, campaign_items, load_manifest, manifest_items
+from lynx.evaluation.sources import (
+    EvalItem,
+    EvaluationSource,
+    Manifest,
+    collect_source,
+    load_manifest,
+    manifest_items,
+)
 
 __all__ = [
     "EvalItem",
     "EvaluationModels",
+    "EvaluationSource",
     "Evaluator",
     "GateVerdict",
     "Manifest",
@@ -33,7 +41,7 @@ __all__ = [
     "VideoMetrics",
     "VideoResult",
     "cached_evaluation_models",
-    "campaign_items",
+    "collect_source",
     "evaluate_frames",
     "evaluate_video",
     "gate_job",

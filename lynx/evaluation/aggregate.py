@@ -31,8 +31,12 @@ class Spread:
         if not values:
             return cls(0, None, None, None, None, None)
         return cls(
-            len(values), statistics.fmean(values), statistics.median(values), statistics.pstdev(values),
-            min(values), max(values),
+            len(values),
+            statistics.fmean(values),
+            statistics.median(values),
+            statistics.pstdev(values),
+            min(values),
+            max(values),
         )
 
 
@@ -73,7 +77,9 @@ def _stats(name: str, members: list[VideoResult], recognizers: Sequence[str]) ->
         no_face=sum(1 for r in scored if r.metrics[first].frames_with_face == 0),
         face_share=statistics.fmean(shares) if shares else None,
         by_recognizer={
-            recognizer: Spread.of([r.metrics[recognizer].mean for r in scored if r.metrics[recognizer].mean is not None])
+            recognizer: Spread.of(
+                [r.metrics[recognizer].mean for r in scored if r.metrics[recognizer].mean is not None]
+            )
             for recognizer in recognizers
         },
     )

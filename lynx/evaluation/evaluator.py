@@ -11,9 +11,12 @@ when the evaluator closes.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +25,8 @@ import numpy as np
 from lynx.db.tracking import Tracker
 from lynx.errors import InputError
 from lynx.evaluation.metrics import evaluate_video, reference_embeddings
-from lynx.evaluation.records import save_metrics, stored_metrics
 from lynx.evaluation.recognizers import EvaluationModels, cached_evaluation_models, setup_for
+from lynx.evaluation.records import save_metrics, stored_metrics
 from lynx.evaluation.sources import EvalItem
 from lynx.faces.pack import sha256_file
 from lynx.faces.similarity import FaceSimilarity
@@ -96,8 +99,11 @@ class Evaluator:
             reference_sha = item.reference_sha256 or sha256_file(Path(item.reference))
             if not self.force:
                 stored = stored_metrics(
-                    self.tracker, video_sha256=video_sha, reference_sha256=reference_sha,
-                    stride=self.stride, setups=self._setups,
+                    self.tracker,
+                    video_sha256=video_sha,
+                    reference_sha256=reference_sha,
+                    stride=self.stride,
+                    setups=self._setups,
                 )
                 if stored is not None:
                     self._count(item, video_sha, reference_sha, reused=True)
@@ -112,7 +118,9 @@ class Evaluator:
         if item.job_id is None:
             metrics = self._score(item, reference_sha)
         else:
-            with self.tracker.stage(item.job_id, EVALUATE_STAGE, inputs=[item.video, item.reference]) as stage:
+            with self.tracker.stage(
+                item.job_id, EVALUATE_STAGE, inputs=[item.video, item.reference]
+            ) as stage:
                 metrics = self._score(item, reference_sha)
                 stage.metrics.update(
                     stride=self.stride,
@@ -121,8 +129,14 @@ class Evaluator:
                     similarity={name: r.mean for name, r in metrics.by_recognizer.items()},
                 )
         save_metrics(
-            self.tracker, video=item.video, video_sha256=video_sha, reference_sha256=reference_sha,
-            stride=self.stride, metrics=metrics.by_recognizer, setups=self._setups, job_id=item.job_id,
+            self.tracker,
+            video=item.video,
+            video_sha256=video_sha,
+            reference_sha256=reference_sha,
+            stride=self.stride,
+            metrics=metrics.by_recognizer,
+            setups=self._setups,
+            job_id=item.job_id,
             duration_s=metrics.seconds,
         )
         seconds = time.perf_counter() - started
@@ -131,41 +145,49 @@ class Evaluator:
 
     def _score(self, item: EvalItem, reference_sha: str):
         references = self._reference_embeddings(item, reference_sha)
-        with self.local_file(item.video, in_store=item.in_store, name="video") as video:
+        with self.local_file(item, item.video) as video:
             return evaluate_video(video, references, self.models, stride=self.stride)
 
     def _reference_embeddings(self, item: EvalItem, reference_sha: str) -> dict[str, np.ndarray]:
         if reference_sha not in self._references:
-            with self.local_file(item.reference, in_store=item.in_store, name="reference") as photo:
+            with self.local_file(item, item.reference) as photo:
                 self._references[reference_sha] = reference_embeddings(photo, self.models, self.settings)
         return self._references[reference_sha]
 
-    def local_file(self, location: str, *, in_store: bool, name: str) -> _LocalFile:
-        """A local path for ``location``: the file itself, or a verified download removed afterwards."""
-        return _LocalFile(location, store=self.store if in_store else None, folder=self._workdir, name=name)
+    def local_file(self, item: EvalItem, location: str) -> AbstractContextManager[Path]:
+        """A local path for one of ``item``'s files (downloaded into the evaluator's temp folder)."""
+        return local_copy(location, store=self.store if item.in_store else None, folder=self._workdir)
 
     def _count(
-        self, item: EvalItem, video_sha: str, reference_sha: str, *, reused: bool, duration_s: float | None = None
+        self,
+        item: EvalItem,
+        video_sha: str,
+        reference_sha: str,
+        *,
+        reused: bool,
+        duration_s: float | None = None,
     ) -> None:
         self.tracker.record_compute_event(
-            EVALUATE_STAGE, f"{video_sha}:{reference_sha[:16]}:{self.stride}", reused=reused,
-            job_id=item.job_id, duration_s=duration_s,
+            EVALUATE_STAGE,
+            f"{video_sha}:{reference_sha[:16]}:{self.stride}",
+            reused=reused,
+            job_id=item.job_id,
+            duration_s=duration_s,
         )
 
 
-class _LocalFile:
-    def __init__(self, location: str, *, store: ArtifactStore | None, folder: Path, name: str) -> None:
-        self.location, self.store, self.folder, self.name = location, store, folder, name
-        self._download: Path | None = None
-
-    def __enter__(self) -> Path:
-        if self.store is None:
-            return Path(self.location)
-        suffix = Path(self.location).suffix
-        self._download = Path(tempfile.mkstemp(prefix=f"{self.name}-", suffix=suffix, dir=self.folder)[1])
-        self.store.get_file(self.location, self._download)
-        return self._download
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._download is not None:
-            self._download.unlink(missing_ok=True)
+@contextmanager
+def local_copy(location: str, *, store: ArtifactStore | None, folder: Path) -> Iterator[Path]:
+    """A local path for ``location``: the file itself (``store`` None), or a download from the store
+    into ``folder``, verified against its sha256 and removed on exit."""
+    if store is None:
+        yield Path(location)
+        return
+    handle, name = tempfile.mkstemp(prefix="fetched-", suffix=Path(location).suffix, dir=folder)
+    os.close(handle)
+    path = Path(name)
+    try:
+        store.get_file(location, path)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)

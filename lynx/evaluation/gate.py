@@ -46,7 +46,9 @@ class GateVerdict:
         return asdict(self)
 
 
-GATE_OFF = GateVerdict(enabled=False, passed=True, reason="quality gate off (LYNX_QUALITY_GATE_THRESHOLD unset)")
+GATE_OFF = GateVerdict(
+    enabled=False, passed=True, reason="quality gate off (LYNX_QUALITY_GATE_THRESHOLD unset)"
+)
 
 
 def gate_verdict(
@@ -59,24 +61,34 @@ def gate_verdict(
     result = metrics[recognizer]
     min_share = settings.quality_gate_min_face_share
     common = {
-        "enabled": True, "recognizer": recognizer, "similarity": result.mean,
-        "face_share": result.face_share, "threshold": threshold, "min_face_share": min_share,
+        "enabled": True,
+        "recognizer": recognizer,
+        "similarity": result.mean,
+        "face_share": result.face_share,
+        "threshold": threshold,
+        "min_face_share": min_share,
     }
     if result.frames_with_face == 0:
         return GateVerdict(passed=False, reason="no face found in any sampled frame", **common)
     if result.face_share < min_share:
         return GateVerdict(
-            passed=False, reason=f"a face shows in {result.face_share:.0%} of sampled frames, below the "
-            f"required {min_share:.0%}", **common,
+            passed=False,
+            reason=f"a face shows in {result.face_share:.0%} of sampled frames, below the "
+            f"required {min_share:.0%}",
+            **common,
         )
     assert result.mean is not None  # frames with a face always give a mean
     if result.mean < threshold:
         return GateVerdict(
-            passed=False, reason=f"identity similarity {result.mean:.3f} ({recognizer}) is below the "
-            f"threshold {threshold:.3f}", **common,
+            passed=False,
+            reason=f"identity similarity {result.mean:.3f} ({recognizer}) is below the "
+            f"threshold {threshold:.3f}",
+            **common,
         )
     return GateVerdict(
-        passed=True, reason=f"identity similarity {result.mean:.3f} ({recognizer}) >= {threshold:.3f}", **common
+        passed=True,
+        reason=f"identity similarity {result.mean:.3f} ({recognizer}) >= {threshold:.3f}",
+        **common,
     )
 
 
@@ -108,8 +120,12 @@ def gate_job(
         recognizer = evaluator.gate_recognizer
     if result.metrics is None:
         verdict = GateVerdict(
-            enabled=True, passed=False, reason=f"could not be evaluated: {result.error}", recognizer=recognizer,
-            threshold=settings.quality_gate_threshold, min_face_share=settings.quality_gate_min_face_share,
+            enabled=True,
+            passed=False,
+            reason=f"could not be evaluated: {result.error}",
+            recognizer=recognizer,
+            threshold=settings.quality_gate_threshold,
+            min_face_share=settings.quality_gate_min_face_share,
         )
     else:
         verdict = gate_verdict(result.metrics, recognizer, settings)

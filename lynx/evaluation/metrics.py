@@ -59,7 +59,9 @@ def reference_embeddings(
             crop = np.ascontiguousarray(reference.arcface_crop[..., ::-1])
         else:  # a recogniser with another input size: align again from the photo itself
             if image_bgr is None:
-                image_bgr = np.ascontiguousarray(load_image(photo, max_pixels=settings.max_image_pixels)[..., ::-1])
+                image_bgr = np.ascontiguousarray(
+                    load_image(photo, max_pixels=settings.max_image_pixels)[..., ::-1]
+                )
             crop = arcface_crop(image_bgr, reference.kps, size)
         embeddings[name] = embedder.embed(crop)
     return embeddings

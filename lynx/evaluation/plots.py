@@ -45,8 +45,10 @@ def similarity_distributions(
         frames = [v for r in results if r.metrics for v in r.metrics[name].per_frame if v is not None]
         per_video.hist(np.clip(means, -0.2, 1.0), bins=bins, alpha=0.55, color=colour, label=name)
         per_frame.hist(np.clip(frames, -0.2, 1.0), bins=bins, alpha=0.55, color=colour, label=name)
-    for axes, title, unit in ((per_video, "Per-video mean similarity", "videos"),
-                              (per_frame, "Per-frame similarity", "frames")):
+    for axes, title, unit in (
+        (per_video, "Per-video mean similarity", "videos"),
+        (per_frame, "Per-frame similarity", "frames"),
+    ):
         _threshold_line(axes, threshold, vertical=True)
         axes.set_title(title)
         axes.set_xlabel("cosine similarity to the reference")
@@ -68,8 +70,15 @@ def similarity_over_time(
         values = np.array([np.nan if v is None else v for v in result.metrics[recognizer].per_frame], float)
         frames = np.arange(len(values)) * result.stride
         label = f"{result.item.subject} / {result.item.label}" if len(scored) <= 8 else None
-        axes.plot(frames, values, marker=".", linewidth=1, alpha=alpha, label=label,
-                  color=_COLOURS[index % len(_COLOURS)])
+        axes.plot(
+            frames,
+            values,
+            marker=".",
+            linewidth=1,
+            alpha=alpha,
+            label=label,
+            color=_COLOURS[index % len(_COLOURS)],
+        )
     _threshold_line(axes, threshold, vertical=False)
     axes.set_title(f"Similarity over time ({recognizer})")
     axes.set_xlabel("frame")
@@ -80,7 +89,9 @@ def similarity_over_time(
     return _png(figure)
 
 
-def similarity_by_subject(results: Sequence[VideoResult], recognizer: str, *, threshold: float | None = None) -> bytes:
+def similarity_by_subject(
+    results: Sequence[VideoResult], recognizer: str, *, threshold: float | None = None
+) -> bytes:
     """Box plot of per-video mean similarity for each subject."""
     groups: dict[str, list[float]] = {}
     for result in results:

@@ -129,8 +129,11 @@ _cached: dict[tuple[Any, ...], EvaluationModels] = {}
 def cached_evaluation_models(settings: LynxSettings) -> EvaluationModels:
     """One set of models per process and configuration: loading costs far more than one video."""
     key = (
-        settings.resolved_face_pack_dir, settings.face_detector_size, settings.face_detection_threshold,
-        json.dumps(settings.eval_recognizers, sort_keys=True), settings.resolved_arcface_weights_path,
+        settings.resolved_face_pack_dir,
+        settings.face_detector_size,
+        settings.face_detection_threshold,
+        json.dumps(settings.eval_recognizers, sort_keys=True),
+        settings.resolved_arcface_weights_path,
         settings.face_device,
     )
     with _cache_lock:
@@ -185,7 +188,10 @@ def _setup(
 
 def setup_for(setup: Mapping[str, Any], recognizer: str) -> dict[str, Any]:
     """The part of ``setup`` one recogniser's stored numbers depend on."""
-    return {**{k: v for k, v in setup.items() if k != "recognizers"}, "recognizer": setup["recognizers"][recognizer]}
+    return {
+        **{k: v for k, v in setup.items() if k != "recognizers"},
+        "recognizer": setup["recognizers"][recognizer],
+    }
 
 
 def setup_digest(setup: Mapping[str, Any]) -> str:

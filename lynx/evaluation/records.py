@@ -61,14 +61,18 @@ def save_metrics(
                     key = (video_sha256, reference_sha256, name, stride)
                     row = session.scalar(
                         select(Evaluation).where(
-                            Evaluation.video_sha256 == key[0], Evaluation.reference_sha256 == key[1],
-                            Evaluation.recognizer == key[2], Evaluation.stride == key[3],
+                            Evaluation.video_sha256 == key[0],
+                            Evaluation.reference_sha256 == key[1],
+                            Evaluation.recognizer == key[2],
+                            Evaluation.stride == key[3],
                         )
                     )
                     if row is None:
                         row = Evaluation(
-                            video_sha256=video_sha256, reference_sha256=reference_sha256,
-                            recognizer=name, stride=stride,
+                            video_sha256=video_sha256,
+                            reference_sha256=reference_sha256,
+                            recognizer=name,
+                            stride=stride,
                         )
                         session.add(row)
                     row.job_id = job_id if job_id is not None else row.job_id
@@ -96,6 +100,12 @@ def job_evaluations(tracker: Tracker, job_id: int) -> list[Evaluation]:
 
 def _similarity(row: Evaluation) -> FaceSimilarity:
     return FaceSimilarity(
-        mean=row.mean, std=row.std, min=row.min, max=row.max, frames_total=row.frames_sampled,
-        frames_with_face=row.frames_with_face, face_share=row.face_share, per_frame=list(row.per_frame),
+        mean=row.mean,
+        std=row.std,
+        min=row.min,
+        max=row.max,
+        frames_total=row.frames_sampled,
+        frames_with_face=row.frames_with_face,
+        face_share=row.face_share,
+        per_frame=list(row.per_frame),
     )

@@ -33,9 +33,16 @@ from lynx.settings import LynxSettings
 SHEET_FRAMES, SHEET_COLUMNS, SHEET_TILE_HEIGHT = 8, 4, 120
 #: Settings shown in the report: what the numbers depend on (never secrets or URLs).
 SHOWN_SETTINGS = (
-    "eval_recognizers", "eval_frame_stride", "quality_gate_threshold", "quality_gate_recognizer",
-    "quality_gate_min_face_share", "face_pack", "face_detector_size", "face_detection_threshold",
-    "face_min_size", "face_device",
+    "eval_recognizers",
+    "eval_frame_stride",
+    "quality_gate_threshold",
+    "quality_gate_recognizer",
+    "quality_gate_min_face_share",
+    "face_pack",
+    "face_detector_size",
+    "face_detection_threshold",
+    "face_min_size",
+    "face_device",
 )
 _PACKAGES = ("lynx", "insightface", "onnxruntime", "torch", "av", "matplotlib")
 
@@ -98,7 +105,9 @@ def verdict(result: VideoResult, recognizer: str, settings: LynxSettings) -> Gat
     if settings.quality_gate_threshold is None:
         return GATE_OFF
     if result.metrics is None:
-        return GateVerdict(enabled=True, passed=False, reason=f"not evaluated: {result.error}", recognizer=recognizer)
+        return GateVerdict(
+            enabled=True, passed=False, reason=f"not evaluated: {result.error}", recognizer=recognizer
+        )
     return gate_verdict(result.metrics, recognizer, settings)
 
 
@@ -123,16 +132,24 @@ def _figures(
     results: Sequence[VideoResult], recognizers: Sequence[str], gate_recognizer: str, threshold: float | None
 ) -> list[dict[str, str]]:
     return [
-        {"title": "Similarity distributions", "png": _data_uri(
-            similarity_distributions(results, recognizers, threshold=threshold))},
-        {"title": "Identity stability over time", "png": _data_uri(
-            similarity_over_time(results, gate_recognizer, threshold=threshold))},
-        {"title": "Similarity by subject", "png": _data_uri(
-            similarity_by_subject(results, gate_recognizer, threshold=threshold))},
+        {
+            "title": "Similarity distributions",
+            "png": _data_uri(similarity_distributions(results, recognizers, threshold=threshold)),
+        },
+        {
+            "title": "Identity stability over time",
+            "png": _data_uri(similarity_over_time(results, gate_recognizer, threshold=threshold)),
+        },
+        {
+            "title": "Similarity by subject",
+            "png": _data_uri(similarity_by_subject(results, gate_recognizer, threshold=threshold)),
+        },
     ]
 
 
-def _sheet(result: VideoResult, rank: str, place: int, recognizer: str, open_video: OpenVideo) -> ContactSheet:
+def _sheet(
+    result: VideoResult, rank: str, place: int, recognizer: str, open_video: OpenVideo
+) -> ContactSheet:
     """A contact sheet of frames spread over the part of the video that was sampled."""
     item = result.item
     similarity = result.metrics[recognizer]
@@ -141,7 +158,9 @@ def _sheet(result: VideoResult, rank: str, place: int, recognizer: str, open_vid
         fps = probe_video(video).fps or 1.0
         frames = grab_frames(video, contact_sheet_indices((sampled - 1) * result.stride + 1, SHEET_FRAMES))
         path = Path(folder) / "sheet.png"
-        write_contact_sheet(frames, path, columns=SHEET_COLUMNS, tile_height=SHEET_TILE_HEIGHT, fps=fps, tags={})
+        write_contact_sheet(
+            frames, path, columns=SHEET_COLUMNS, tile_height=SHEET_TILE_HEIGHT, fps=fps, tags={}
+        )
         png = path.read_bytes()
     mean = "no face found" if similarity.mean is None else f"mean {similarity.mean:.3f}"
     return ContactSheet(

@@ -90,7 +90,9 @@ def load_manifest(path: str | Path) -> Manifest:
         raise InputError(f"manifest {path}: {where}: {first['msg']}") from None
     base = path.parent
     entries = [
-        entry.model_copy(update={"video": base / entry.video, "reference_photo": base / entry.reference_photo})
+        entry.model_copy(
+            update={"video": base / entry.video, "reference_photo": base / entry.reference_photo}
+        )
         for entry in manifest.videos
     ]
     return manifest.model_copy(update={"videos": entries})
@@ -103,7 +105,9 @@ def manifest_items(manifest: Manifest) -> list[EvalItem]:
         missing = next((p for p in (entry.video, entry.reference_photo) if not p.is_file()), None)
         items.append(
             EvalItem(
-                subject=entry.subject, prompt=entry.prompt, video=str(entry.video),
+                subject=entry.subject,
+                prompt=entry.prompt,
+                video=str(entry.video),
                 reference=str(entry.reference_photo),
                 skip_reason=f"{missing} does not exist" if missing is not None else None,
             )
@@ -111,17 +115,13 @@ def manifest_items(manifest: Manifest) -> list[EvalItem]:
     return items
 
 
-def campaign_items(tracker: Tracker, campaign: str | int) -> list[EvalItem]:
-    """One item per finished job of the campaign (raises NotFoundError for an unknown campaign)."""
-    row = tracker.get_campaign(campaign)
-    return [job_item(tracker, job) for job in tracker.list_jobs(campaign_id=row.id) if job.status in FINISHED]
-
-
 def job_item(tracker: Tracker, job: Job) -> EvalItem:
     """A job's delivered master video and its subject's reference photo, both in the store."""
     subject = tracker.get_subject(job.subject_id)
     videos = tracker.list_artifacts(job_id=job.id, kind=ArtifactKind.VIDEO)
-    video = next((a for a in videos if a.key.rsplit("/", 1)[-1] == MASTER_NAME), videos[0] if videos else None)
+    video = next(
+        (a for a in videos if a.key.rsplit("/", 1)[-1] == MASTER_NAME), videos[0] if videos else None
+    )
     skip = None
     if video is None:
         skip = "no delivered video recorded for the job"
@@ -139,4 +139,42 @@ def job_item(tracker: Tracker, job: Job) -> EvalItem:
         video_sha256=video.sha256 if video is not None else None,
         reference_sha256=subject.reference_sha256,
         skip_reason=skip,
+    )
+
+
+class EvaluationSource(BaseModel):
+    """A named set of items: a campaign's finished jobs or a manifest's videos."""
+
+    name: str
+    description: str
+    items: list[EvalItem]
+    campaign_id: int | None = None
+
+
+def collect_source(
+    tracker: Tracker,
+    *,
+    campaign: str | None = None,
+    manifest: str | Path | None = None,
+    name: str | None = None,
+) -> EvaluationSource:
+    """Exactly one of ``campaign`` (name) and ``manifest`` (file) says what to evaluate."""
+    if (campaign is None) == (manifest is None):
+        raise InputError("evaluate either a campaign or a manifest, not both or neither")
+    if campaign is not None:
+        row = tracker.get_campaign(campaign)
+        jobs = tracker.list_jobs(campaign_id=row.id)
+        items = [job_item(tracker, job) for job in jobs if job.status in FINISHED]
+        waiting = len(jobs) - len(items)
+        description = f"campaign {row.name}: {len(items)} finished jobs" + (
+            f" ({waiting} not finished, not evaluated)" if waiting else ""
+        )
+        return EvaluationSource(
+            name=name or row.name, description=description, items=items, campaign_id=row.id
+        )
+    loaded = load_manifest(manifest)
+    return EvaluationSource(
+        name=name or loaded.name,
+        description=f"manifest {manifest}: {len(loaded.videos)} videos",
+        items=manifest_items(loaded),
     )
