@@ -150,7 +150,8 @@ def test_report_renders_in_headless_chromium(report, chromium, tmp_path):
     # frames the report and writes every <img>'s natural size into its own DOM.
     checker = tmp_path / "check.html"
     checker.write_text(
-        f"""<!DOCTYPE html><html><body><iframe id="r" src="{report.as_uri()}" width="1200" height="800"></iframe>
+        f"""<!DOCTYPE html><html><body>
+<iframe id="r" src="{report.as_uri()}" width="1200" height="800"></iframe>
 <pre id="out">pending</pre><script>
 document.getElementById("r").addEventListener("load", () => {{
   const doc = document.getElementById("r").contentDocument;
