@@ -61,6 +61,16 @@ _WEIGHT_COMPONENTS = ("transformer", "vae", "text_encoder")
 ProgressCallback = Callable[[int, int, float], None]
 
 
+def wan_flow_sigmas(num_inference_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
+    """Unshifted flow sigmas of original Wan2.1 and of the Lynx reference (diffusers 0.33).
+
+    They run from 1 - 1/N down towards 0; diffusers >= 0.35 starts UniPC's flow schedule at 1.0
+    instead, which moves every timestep (by up to 0.2 % here) and the sampled latents with it.
+    The scheduler applies its ``flow_shift`` to these.
+    """
+    return np.linspace(1.0 - 1.0 / num_train_timesteps, 0.0, num_inference_steps + 1)[:-1].copy()
+
+
 @dataclass
 class LynxPipelineOutput(BaseOutput):
     """``frames``: per video ``[F, H, W, 3]`` float32 in [0, 1] ("np"), a list of PIL images ("pil"),
@@ -168,6 +178,7 @@ class LynxPipeline(DiffusionPipeline):
         scheduler: UniPCMultistepScheduler,
         resampler: LynxResampler | None = None,
         adapters: LynxAdapters | None = None,
+        sigma_schedule: Literal["wan", "scheduler"] = "wan",
     ) -> None:
         super().__init__()
         self.register_modules(
@@ -188,6 +199,8 @@ class LynxPipeline(DiffusionPipeline):
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
         self.base_model_path: Path | None = None
         self._base_fingerprint: str | None = None
+        # "wan": the timesteps of original Wan and the Lynx reference; "scheduler": the scheduler's own
+        self.sigma_schedule = sigma_schedule
 
     # ------------------------------------------------------------------------------------------
     # loading and saving
@@ -612,7 +625,11 @@ class LynxPipeline(DiffusionPipeline):
         )
 
         # 4. timesteps
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        if self.sigma_schedule == "wan" and self.scheduler.config.get("use_flow_sigmas", False):
+            sigmas = wan_flow_sigmas(num_inference_steps, self.scheduler.config.num_train_timesteps)
+            self.scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         self.scheduler.set_begin_index(0)
 
