@@ -152,7 +152,7 @@ class AdapterSpec:
             raise WeightsError(
                 f"{folder} holds a {detected} adapter ({have}) but the {variant} variant was asked for",
                 path=folder,
-                role="adapter",
+                role="variant",
             )
         layout = variant_layout(detected, num_blocks)
         if len(indices) != layout["num_layers"] or has_bias != layout["bias"]:

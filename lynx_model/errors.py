@@ -17,9 +17,9 @@ class LynxModelError(Exception):
 class WeightsError(LynxModelError):
     """A weights folder or file is missing, truncated, corrupt or does not fit the expected layout.
 
-    ``path`` is the file or folder to look at; ``role`` says which one it is ("base" for the Wan
-    folder, "adapter" for the ``lynx_full`` / ``lynx_lite`` folder) so callers can point users at the
-    right setting.
+    ``path`` is the file or folder to look at; ``role`` says what is at fault ("base": the Wan
+    folder, "adapter": the ``lynx_full`` / ``lynx_lite`` folder, "variant": the variant asked for
+    does not match the adapter files) so callers can point users at the right setting.
     """
 
     def __init__(self, message: str, *, path: str | Path | None = None, role: str | None = None) -> None:
