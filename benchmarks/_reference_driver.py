@@ -50,7 +50,14 @@ def lite_init_image_proj_modules(pipe, model_dir, device, dtype):
     from safetensors.torch import load_file
 
     pipe.resampler = Resampler(
-        depth=4, dim=1280, dim_head=64, embedding_dim=512, ff_mult=4, heads=20, num_queries=16, output_dim=2048
+        depth=4,
+        dim=1280,
+        dim_head=64,
+        embedding_dim=512,
+        ff_mult=4,
+        heads=20,
+        num_queries=16,
+        output_dim=2048,
     )
     pipe.resampler.to(device=device, dtype=dtype)
     pipe.resampler.eval()
@@ -78,7 +85,9 @@ def main() -> None:
         from modules.full.lynx_pipeline import LynxWanPipeline
 
         pipe = LynxWanPipeline.from_pretrained(args.base, torch_dtype=dtype)
-        pipe.scheduler = UniPCMultistepScheduler.from_pretrained(args.base, subfolder="scheduler", torch_dtype=dtype)
+        pipe.scheduler = UniPCMultistepScheduler.from_pretrained(
+            args.base, subfolder="scheduler", torch_dtype=dtype
+        )
         pipe.init_image_proj_modules(args.adapter, device=device, dtype=dtype)
         pipe.init_ref_adapter_modules(args.adapter, dtype=dtype)
         pipe.to(device)
@@ -106,9 +115,17 @@ def main() -> None:
             guidance_scale_i=args.guidance_scale_i,
             generator=generator,
             output_type="latent",
-            attention_kwargs={"ip_hidden_states": [ip_cond], "ip_scale": 1.0, "ref_buffer": ref_buffer, "ref_scale": 1.0},
+            attention_kwargs={
+                "ip_hidden_states": [ip_cond],
+                "ip_scale": 1.0,
+                "ref_buffer": ref_buffer,
+                "ref_scale": 1.0,
+            },
             attention_kwargs_uncond={
-                "ip_hidden_states": [ip_uncond], "ip_scale": 1.0, "ref_buffer": ref_buffer_uncond, "ref_scale": 1.0,
+                "ip_hidden_states": [ip_uncond],
+                "ip_scale": 1.0,
+                "ref_buffer": ref_buffer_uncond,
+                "ref_scale": 1.0,
             },
         ).frames
         result["identity_cond"] = ip_cond.numpy()
@@ -121,7 +138,9 @@ def main() -> None:
         from modules.lite.lynx_lite_pipeline import LynxLiteWanPipeline
 
         pipe = LynxLiteWanPipeline.from_pretrained(args.base, torch_dtype=dtype)
-        pipe.scheduler = UniPCMultistepScheduler.from_pretrained(args.base, subfolder="scheduler", torch_dtype=dtype)
+        pipe.scheduler = UniPCMultistepScheduler.from_pretrained(
+            args.base, subfolder="scheduler", torch_dtype=dtype
+        )
         lite_init_image_proj_modules(pipe, args.adapter, device, dtype)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)

@@ -61,9 +61,13 @@ DRIVER = Path(__file__).with_name("_reference_driver.py")
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--reference", default=os.environ.get("LYNX_REFERENCE_CHECKOUT", ".reference/lynx"))
-    parser.add_argument("--python", default=os.environ.get("LYNX_REFERENCE_PYTHON", "/work/refenv/bin/python"))
+    parser.add_argument(
+        "--python", default=os.environ.get("LYNX_REFERENCE_PYTHON", "/work/refenv/bin/python")
+    )
     parser.add_argument("--workdir", default="/tmp/lynx-parity")
     parser.add_argument("--variants", nargs="+", default=["full", "lite"], choices=["full", "lite"])
     parser.add_argument("--height", type=int, default=64)
@@ -127,16 +131,38 @@ def run_ours(variant: str, paths, inputs: dict, args) -> dict[str, np.ndarray]:
 def run_reference(variant: str, paths, inputs_file: Path, out_file: Path, args) -> dict[str, np.ndarray]:
     adapter = paths.full if variant == "full" else paths.lite
     command = [
-        args.python, str(DRIVER),
-        "--reference", str(Path(args.reference).resolve()),
-        "--variant", variant,
-        "--base", str(paths.base), "--adapter", str(adapter),
-        "--inputs", str(inputs_file), "--out", str(out_file),
-        "--prompt", "a woman walking in the park at sunset",
-        "--negative-prompt", DEFAULT_NEGATIVE_PROMPT,
-        "--height", str(args.height), "--width", str(args.width),
-        "--num-frames", str(args.num_frames), "--steps", str(args.steps),
-        "--guidance-scale", "5.0", "--guidance-scale-i", "2.0", "--seed", str(args.seed),
+        args.python,
+        str(DRIVER),
+        "--reference",
+        str(Path(args.reference).resolve()),
+        "--variant",
+        variant,
+        "--base",
+        str(paths.base),
+        "--adapter",
+        str(adapter),
+        "--inputs",
+        str(inputs_file),
+        "--out",
+        str(out_file),
+        "--prompt",
+        "a woman walking in the park at sunset",
+        "--negative-prompt",
+        DEFAULT_NEGATIVE_PROMPT,
+        "--height",
+        str(args.height),
+        "--width",
+        str(args.width),
+        "--num-frames",
+        str(args.num_frames),
+        "--steps",
+        str(args.steps),
+        "--guidance-scale",
+        "5.0",
+        "--guidance-scale-i",
+        "2.0",
+        "--seed",
+        str(args.seed),
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
     completed = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -155,8 +181,11 @@ def main() -> int:
     inputs_file = workdir / "inputs.npz"
     np.savez(inputs_file, **inputs)
 
-    print(f"tiny DiT: {PARITY_SPEC.num_layers} blocks x {PARITY_SPEC.hidden_dim} wide; "
-          f"{args.num_frames} frames {args.height}x{args.width}, {args.steps} UniPC steps, seed {args.seed}, fp32 CPU")
+    print(
+        f"tiny DiT: {PARITY_SPEC.num_layers} blocks x {PARITY_SPEC.hidden_dim} wide; "
+        f"{args.num_frames} frames {args.height}x{args.width}, {args.steps} UniPC steps, "
+        f"seed {args.seed}, fp32 CPU"
+    )
     worst = 0.0
     for variant in args.variants:
         start = time.perf_counter()

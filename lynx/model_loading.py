@@ -44,10 +44,13 @@ def resolve_device(value: str) -> torch.device:
     device = torch.device(value)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigurationError(f"LYNX_DEVICE={value} but no CUDA device is available", setting="LYNX_DEVICE")
+            raise ConfigurationError(
+                f"LYNX_DEVICE={value} but no CUDA device is available", setting="LYNX_DEVICE"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigurationError(
-                f"LYNX_DEVICE={value} but only {torch.cuda.device_count()} CUDA device(s) exist", setting="LYNX_DEVICE"
+                f"LYNX_DEVICE={value} but only {torch.cuda.device_count()} CUDA device(s) exist",
+                setting="LYNX_DEVICE",
             )
     return device
 
@@ -80,7 +83,9 @@ def load_lynx_pipeline(settings: LynxSettings | None = None) -> LynxPipeline:
         )
     device = resolve_device(settings.device)
     if settings.cpu_offload and device.type != "cuda":
-        raise ConfigurationError("LYNX_CPU_OFFLOAD needs a CUDA device (LYNX_DEVICE)", setting="LYNX_CPU_OFFLOAD")
+        raise ConfigurationError(
+            "LYNX_CPU_OFFLOAD needs a CUDA device (LYNX_DEVICE)", setting="LYNX_CPU_OFFLOAD"
+        )
     dtype = resolve_dtype(settings.model_dtype, device)
 
     from lynx_model import LynxModelError, LynxPipeline

@@ -71,8 +71,8 @@ class LynxSettings(BaseSettings):
     # --- model ---------------------------------------------------------------------------------
     base_model_path: Path | None = Field(
         default=None,
-        description="Wan2.1 text-to-video diffusers folder (model_index.json, transformer/, vae/, text_encoder/, "
-        "tokenizer/, scheduler/). Default: LYNX_MODELS_DIR/Wan2.1-T2V-14B-Diffusers.",
+        description="Wan2.1 text-to-video diffusers folder (model_index.json, transformer/, vae/, "
+        "text_encoder/, tokenizer/, scheduler/). Default: LYNX_MODELS_DIR/Wan2.1-T2V-14B-Diffusers.",
     )
     adapter_path: Path | None = Field(
         default=None,
@@ -81,27 +81,35 @@ class LynxSettings(BaseSettings):
         "(lynx_lite when LYNX_MODEL_VARIANT=lite).",
     )
     model_variant: Literal["auto", "full", "lite"] = Field(
-        default="auto", description="'auto' infers full or lite from the adapter files; naming one makes a mismatch an error."
+        default="auto",
+        description="'auto' infers full or lite from the adapter files; naming one makes a mismatch an "
+        "error.",
     )
     model_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        default="auto", description="Compute dtype of the DiT, text encoder and adapters ('auto': bfloat16 on CUDA, "
-        "float32 on CPU). The VAE, resampler and fp32-sensitive layers stay float32."
+        default="auto",
+        description="Compute dtype of the DiT, text encoder and adapters ('auto': bfloat16 on CUDA, float32 "
+        "on CPU). The VAE, resampler and fp32-sensitive layers stay float32.",
     )
     device: str = Field(
-        default="auto", description="Where the model runs: 'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."
+        default="auto",
+        description="Where the model runs: 'auto' (cuda if available, else cpu), 'cpu', 'cuda' or "
+        "'cuda:N'.",
     )
     cpu_offload: bool = Field(
-        default=False, description="Keep components in host RAM and move each to the GPU only while it runs "
-        "(diffusers model CPU offload): for the 14B model the GPU then holds the DiT with adapters (~35 GiB of "
-        "bf16 weights) instead of every component (~46 GiB); costs host-to-GPU copies per video."
+        default=False,
+        description="Keep components in host RAM and move each to the GPU only while it runs (diffusers "
+        "model CPU offload): for the 14B model the GPU then holds the DiT with adapters (~35 GiB of bf16 "
+        "weights) instead of every component (~46 GiB); costs host-to-GPU copies per video.",
     )
     vae_tiling: bool = Field(
-        default=False, description="Decode (and encode) video in overlapping tiles and one video at a time, to bound "
-        "VAE memory at 480p/720p."
+        default=False,
+        description="Decode (and encode) video in overlapping tiles and one video at a time, to bound VAE "
+        "memory at 480p/720p.",
     )
     attention_backend: str = Field(
-        default="native", description="diffusers attention backend for the DiT: 'native' (PyTorch SDPA), 'flash' "
-        "(flash-attn 2, CUDA, install the 'flash' extra), '_native_cudnn', 'sage', ..."
+        default="native",
+        description="diffusers attention backend for the DiT: 'native' (PyTorch SDPA), 'flash' "
+        "(flash-attn 2, CUDA, install the 'flash' extra), '_native_cudnn', 'sage', ...",
     )
 
     @field_validator("device")

@@ -37,7 +37,29 @@ _EXPORTS = {
     "ModelInputError": "errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AdapterRuntime",
+    "AdapterSpec",
+    "AdapterState",
+    "DEFAULT_NEGATIVE_PROMPT",
+    "IdentityTokens",
+    "LynxAdapters",
+    "LynxIdentityAdapterLayers",
+    "LynxIdentityAttnProcessor",
+    "LynxModelError",
+    "LynxPipeline",
+    "LynxPipelineOutput",
+    "LynxReferenceAdapterLayers",
+    "LynxReferenceAttnProcessor",
+    "LynxResampler",
+    "ModelInputError",
+    "PromptEmbeddings",
+    "REFERENCE_PROMPT",
+    "ReferenceFeatures",
+    "WeightsError",
+    "load_adapters",
+    "save_adapters",
+]
 
 
 def __getattr__(name: str):

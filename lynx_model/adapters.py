@@ -97,7 +97,9 @@ def _layer_indices(header: SafetensorsHeader) -> list[int]:
     for key in header.tensors:
         head = key.split(".", 1)[0]
         if not head.isdigit():
-            raise WeightsError(f"{header.path} has a key that is not per-layer: {key}", path=header.path, role="adapter")
+            raise WeightsError(
+                f"{header.path} has a key that is not per-layer: {key}", path=header.path, role="adapter"
+            )
         indices.add(int(head))
     return sorted(indices)
 
@@ -141,7 +143,9 @@ class AdapterSpec:
 
         indices = _layer_indices(identity)
         if indices != list(range(len(indices))) or not indices:
-            raise WeightsError(f"{identity.path}: layer indices are not 0..n-1", path=identity.path, role="adapter")
+            raise WeightsError(
+                f"{identity.path}: layer indices are not 0..n-1", path=identity.path, role="adapter"
+            )
         out_dim, identity_dim = _require(identity, "0.to_k_ip.weight")
         has_bias = "0.to_k_ip.bias" in identity.tensors
         num_registers = identity.shape("0.registers")[1] if "0.registers" in identity.tensors else 0
@@ -157,7 +161,8 @@ class AdapterSpec:
         layout = variant_layout(detected, num_blocks)
         if len(indices) != layout["num_layers"] or has_bias != layout["bias"]:
             raise WeightsError(
-                f"{identity.path} has {len(indices)} layers {'with' if has_bias else 'without'} bias; a {detected} "
+                f"{identity.path} has {len(indices)} layers {'with' if has_bias else 'without'} bias; "
+                f"a {detected} "
                 f"adapter for a {num_blocks}-block DiT has {layout['num_layers']} layers "
                 f"{'with' if layout['bias'] else 'without'} bias (wrong base model or mixed-up files?)",
                 path=identity.path,
@@ -177,7 +182,9 @@ class AdapterSpec:
                 path=identity.path,
                 role="adapter",
             )
-        identity_config = dict(layout, hidden_dim=hidden_dim, identity_dim=identity_dim, num_registers=num_registers)
+        identity_config = dict(
+            layout, hidden_dim=hidden_dim, identity_dim=identity_dim, num_registers=num_registers
+        )
 
         reference_config = None
         headers = {RESAMPLER_FILE: resampler, IDENTITY_FILE: identity}
@@ -246,7 +253,9 @@ class LynxAdapters:
         """Set the processors on ``transformer``'s attention modules (they become its submodules)."""
         blocks = transformer.blocks
         if any(block.attn2.add_k_proj is not None for block in blocks):
-            raise WeightsError("Lynx adapters need a text-to-video Wan transformer (this one has image inputs)")
+            raise WeightsError(
+                "Lynx adapters need a text-to-video Wan transformer (this one has image inputs)"
+            )
         for processor in self.identity_layers.processors():
             processor.runtime = self.runtime
             blocks[processor.block_index].attn2.set_processor(processor)
@@ -284,15 +293,30 @@ def load_adapters(
 ) -> tuple[LynxResampler, LynxAdapters]:
     """Stream the weights of an inspected adapter folder to ``device`` (checked key by key first)."""
     resampler = _load_checked(
-        LynxResampler, spec.resampler_config, spec.headers[RESAMPLER_FILE], device, resampler_dtype, "resampler"
+        LynxResampler,
+        spec.resampler_config,
+        spec.headers[RESAMPLER_FILE],
+        device,
+        resampler_dtype,
+        "resampler",
     )
     identity_layers = _load_checked(
-        LynxIdentityAdapterLayers, spec.identity_config, spec.headers[IDENTITY_FILE], device, dtype, spec.variant
+        LynxIdentityAdapterLayers,
+        spec.identity_config,
+        spec.headers[IDENTITY_FILE],
+        device,
+        dtype,
+        spec.variant,
     )
     reference_layers = None
     if spec.reference_config is not None:
         reference_layers = _load_checked(
-            LynxReferenceAdapterLayers, spec.reference_config, spec.headers[REFERENCE_FILE], device, dtype, "full"
+            LynxReferenceAdapterLayers,
+            spec.reference_config,
+            spec.headers[REFERENCE_FILE],
+            device,
+            dtype,
+            "full",
         )
     return resampler, LynxAdapters(spec.variant, identity_layers, reference_layers, spec.fingerprint())
 
@@ -327,8 +351,14 @@ def read_transformer_size(transformer_folder: str | Path) -> tuple[int, int]:
     path = Path(transformer_folder) / "config.json"
     try:
         config = json.loads(path.read_text())
-        return int(config["num_layers"]), int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+        return int(config["num_layers"]), int(config["num_attention_heads"]) * int(
+            config["attention_head_dim"]
+        )
     except FileNotFoundError:
-        raise WeightsError(f"missing {path} (is this a Wan2.1 diffusers folder?)", path=path, role="base") from None
+        raise WeightsError(
+            f"missing {path} (is this a Wan2.1 diffusers folder?)", path=path, role="base"
+        ) from None
     except (ValueError, KeyError, TypeError) as err:
-        raise WeightsError(f"{path} is not a Wan transformer config ({err})", path=path, role="base") from None
+        raise WeightsError(
+            f"{path} is not a Wan transformer config ({err})", path=path, role="base"
+        ) from None

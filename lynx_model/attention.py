@@ -167,7 +167,9 @@ class LynxIdentityAttnProcessor(_LynxProcessor):
         super().__init__(block_index)
         self.to_k_ip = nn.Linear(identity_dim, hidden_dim, bias=bias)
         self.to_v_ip = nn.Linear(identity_dim, hidden_dim, bias=bias)
-        self.registers = nn.Parameter(torch.zeros(1, num_registers, identity_dim)) if num_registers > 0 else None
+        self.registers = (
+            nn.Parameter(torch.zeros(1, num_registers, identity_dim)) if num_registers > 0 else None
+        )
         # diffusers' RMSNorm (normalises in fp32), as the released lite adapter was trained with
         self.norm_k_ip = RMSNorm(hidden_dim, eps=1e-5, elementwise_affine=False) if own_key_norm else None
 
@@ -199,7 +201,7 @@ class LynxIdentityAttnProcessor(_LynxProcessor):
             )
             batch_size = query.shape[0]
             identity_out = self._attend(query, _batched(ip_key, batch_size), _batched(ip_value, batch_size))
-            hidden_states = hidden_states + state.ip_scale * identity_out
+            hidden_states = torch.add(hidden_states, identity_out, alpha=state.ip_scale)
 
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
@@ -254,7 +256,7 @@ class LynxReferenceAttnProcessor(_LynxProcessor):
             reference_out = self._attend(
                 reference_query, _batched(ref_key, batch_size), _batched(ref_value, batch_size)
             )
-            hidden_states = hidden_states + state.ref_scale * reference_out
+            hidden_states = torch.add(hidden_states, reference_out, alpha=state.ref_scale)
 
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)

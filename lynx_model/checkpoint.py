@@ -83,7 +83,9 @@ def read_header(path: str | Path, *, role: str | None = None) -> SafetensorsHead
     try:
         raw = json.loads(header_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WeightsError(f"{path} is corrupt: unreadable safetensors header ({err})", path=path, role=role) from None
+        raise WeightsError(
+            f"{path} is corrupt: unreadable safetensors header ({err})", path=path, role=role
+        ) from None
     if not isinstance(raw, dict):
         raise WeightsError(f"{path} is corrupt: safetensors header is not a table", path=path, role=role)
 
@@ -95,7 +97,9 @@ def read_header(path: str | Path, *, role: str | None = None) -> SafetensorsHead
             tensors[key] = TensorInfo(dtype=entry["dtype"], shape=tuple(int(d) for d in entry["shape"]))
             data_end = max(data_end, int(entry["data_offsets"][1]))
     except (KeyError, TypeError, ValueError, IndexError):
-        raise WeightsError(f"{path} is corrupt: malformed entry in the safetensors header", path=path, role=role) from None
+        raise WeightsError(
+            f"{path} is corrupt: malformed entry in the safetensors header", path=path, role=role
+        ) from None
     expected = 8 + header_len + data_end
     if size < expected:
         raise WeightsError(
@@ -139,7 +143,9 @@ def check_keys(
             )
     for key, info in header.tensors.items():
         if info.dtype not in _SAFETENSORS_DTYPES:
-            raise WeightsError(f"{header.path}: unsupported dtype {info.dtype} for {key}", path=header.path, role=role)
+            raise WeightsError(
+                f"{header.path}: unsupported dtype {info.dtype} for {key}", path=header.path, role=role
+            )
 
 
 def load_into(

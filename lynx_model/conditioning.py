@@ -40,8 +40,10 @@ def _load(path: str | Path, kind: str, device, dtype) -> tuple[dict[str, torch.T
         raise ModelInputError(f"{path} is not a readable {kind} file: {err}") from err
     if metadata.get("lynx_kind") != kind:
         raise ModelInputError(f"{path} holds {metadata.get('lynx_kind') or 'unknown data'}, not {kind}")
-    tensors = {key: t.to(device=device, dtype=dtype if t.is_floating_point() and dtype else t.dtype)
-               for key, t in tensors.items()}
+    tensors = {
+        key: t.to(device=device, dtype=dtype if t.is_floating_point() and dtype else t.dtype)
+        for key, t in tensors.items()
+    }
     return tensors, json.loads(metadata.get("lynx_meta", "{}"))
 
 
@@ -81,8 +83,10 @@ class IdentityTokens:
 
     def to(self, device=None, dtype=None) -> IdentityTokens:
         return IdentityTokens(
-            self.cond.to(device=device, dtype=dtype), self.uncond.to(device=device, dtype=dtype),
-            self.variant, self.adapter_fingerprint,
+            self.cond.to(device=device, dtype=dtype),
+            self.uncond.to(device=device, dtype=dtype),
+            self.variant,
+            self.adapter_fingerprint,
         )
 
     def save(self, path: str | Path) -> Path:
@@ -140,6 +144,10 @@ class ReferenceFeatures:
         except KeyError as err:
             raise ModelInputError(f"{path} is incomplete: missing {err.args[0]}") from None
         return cls(
-            cond, uncond, int(meta.pop("seed")), meta.pop("base_fingerprint", None),
-            meta.pop("adapter_fingerprint", None), meta,
+            cond,
+            uncond,
+            int(meta.pop("seed")),
+            meta.pop("base_fingerprint", None),
+            meta.pop("adapter_fingerprint", None),
+            meta,
         )

@@ -29,4 +29,4 @@ class WeightsError(LynxModelError):
 
 
 class ModelInputError(LynxModelError, ValueError):
-    """Arguments to the pipeline are unusable (wrong shapes, a stage the variant lacks, a mismatched artifact)."""
+    """Pipeline arguments are unusable (wrong shapes, a stage the variant lacks, a mismatched artifact)."""

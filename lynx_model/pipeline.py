@@ -40,7 +40,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 from .adapters import AdapterSpec, LynxAdapters, load_adapters, read_transformer_size, save_adapters
 from .attention import AdapterState
 from .checkpoint import fingerprint, read_header
-from .conditioning import IdentityTokens, PromptEmbeddings, ReferenceFeatures
+from .conditioning import IdentityTokens, ReferenceFeatures
 from .errors import ModelInputError, WeightsError
 from .resampler import LynxResampler
 
@@ -84,8 +84,13 @@ def _dtypes(dtype: torch.dtype | dict[str, torch.dtype]) -> dict[str, torch.dtyp
     """Per-component dtypes. The VAE and the resampler stay fp32 unless named explicitly: both run
     once per video and are the most precision-sensitive parts."""
     if not isinstance(dtype, dict):
-        return {"transformer": dtype, "text_encoder": dtype, "adapters": dtype,
-                "vae": torch.float32, "resampler": torch.float32}
+        return {
+            "transformer": dtype,
+            "text_encoder": dtype,
+            "adapters": dtype,
+            "vae": torch.float32,
+            "resampler": torch.float32,
+        }
     default = dtype.get("default", torch.float32)
     dtypes = {name: dtype.get(name, default) for name in ("transformer", "text_encoder", "vae", "resampler")}
     dtypes["adapters"] = dtype.get("adapters", dtypes["transformer"])
@@ -108,7 +113,9 @@ def check_base_folder(base: Path) -> None:
             shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
             for shard in sorted(shards):
                 if not (folder / shard).is_file():
-                    raise WeightsError(f"missing weights shard {folder / shard}", path=folder / shard, role="base")
+                    raise WeightsError(
+                        f"missing weights shard {folder / shard}", path=folder / shard, role="base"
+                    )
         if not files:
             raise WeightsError(f"no *.safetensors weights in {folder}", path=folder, role="base")
         for path in files:
@@ -122,19 +129,25 @@ def _load_component(name: str, path: Path, load: Callable[[], Any]) -> Any:
         raise
     except Exception as err:  # diffusers / transformers raise many kinds; users need one line
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WeightsError(f"could not load the {name} from {path}: {first_line}", path=path, role="base") from err
+        raise WeightsError(
+            f"could not load the {name} from {path}: {first_line}", path=path, role="base"
+        ) from err
 
 
 def _face_embedding_tensor(face_embeds: Any, embedding_dim: int) -> torch.Tensor:
-    embeds = torch.as_tensor(np.asarray(face_embeds, dtype=np.float32) if not torch.is_tensor(face_embeds)
-                             else face_embeds.detach().float().cpu())
+    embeds = torch.as_tensor(
+        np.asarray(face_embeds, dtype=np.float32)
+        if not torch.is_tensor(face_embeds)
+        else face_embeds.detach().float().cpu()
+    )
     if embeds.ndim == 1:
         embeds = embeds[None]
     if embeds.ndim == 2:
         embeds = embeds[None]  # several embeddings of one face become several input tokens
     if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[-1] != embedding_dim:
         raise ModelInputError(
-            f"face_embeds must be one {embedding_dim}-d embedding (shape [{embedding_dim}]), got {list(embeds.shape)}"
+            f"face_embeds must be one {embedding_dim}-d embedding (shape [{embedding_dim}]), "
+            f"got {list(embeds.shape)}"
         )
     if not torch.isfinite(embeds).all():
         raise ModelInputError("face_embeds contains NaN or infinite values")
@@ -150,7 +163,9 @@ def _reference_pixels(ref_image: Any) -> torch.Tensor:
     if array.ndim != 3 or array.shape[2] != 3:
         raise ModelInputError(f"ref_image must be an RGB image [H, W, 3], got shape {list(array.shape)}")
     if array.shape[0] % 16 or array.shape[1] % 16:
-        raise ModelInputError(f"ref_image sides must be multiples of 16 (256x256 expected), got {array.shape[:2]}")
+        raise ModelInputError(
+            f"ref_image sides must be multiples of 16 (256x256 expected), got {array.shape[:2]}"
+        )
     if array.dtype != np.uint8:
         raise ModelInputError(f"ref_image must hold uint8 pixels, got {array.dtype}")
     pixels = torch.from_numpy(array.copy()).float() / 255.0 * 2 - 1
@@ -240,23 +255,52 @@ class LynxPipeline(DiffusionPipeline):
         # headers only: a wrong adapter folder fails before the base model is loaded
         spec = None
         if adapter_path is not None:
-            spec = AdapterSpec.from_folder(adapter_path, num_blocks=num_blocks, hidden_dim=hidden_dim, variant=variant)
+            spec = AdapterSpec.from_folder(
+                adapter_path, num_blocks=num_blocks, hidden_dim=hidden_dim, variant=variant
+            )
 
         def placed(module):
             return module.to(device) if device.type != "cpu" else module
 
-        tokenizer = _load_component("tokenizer", base / "tokenizer", lambda: AutoTokenizer.from_pretrained(
-            base, subfolder="tokenizer", local_files_only=True))
-        text_encoder = _load_component("text encoder", base / "text_encoder", lambda: placed(
-            UMT5EncoderModel.from_pretrained(base, subfolder="text_encoder", dtype=dtypes["text_encoder"],
-                                             local_files_only=True)))
-        vae = _load_component("VAE", base / "vae", lambda: placed(AutoencoderKLWan.from_pretrained(
-            base, subfolder="vae", dtype=dtypes["vae"], local_files_only=True)))
-        transformer = _load_component("transformer", base / "transformer", lambda: placed(
-            WanTransformer3DModel.from_pretrained(base, subfolder="transformer", dtype=dtypes["transformer"],
-                                                  local_files_only=True)))
-        scheduler = _load_component("scheduler", base / "scheduler", lambda: UniPCMultistepScheduler.from_pretrained(
-            base, subfolder="scheduler", local_files_only=True))
+        tokenizer = _load_component(
+            "tokenizer",
+            base / "tokenizer",
+            lambda: AutoTokenizer.from_pretrained(base, subfolder="tokenizer", local_files_only=True),
+        )
+        text_encoder = _load_component(
+            "text encoder",
+            base / "text_encoder",
+            lambda: placed(
+                UMT5EncoderModel.from_pretrained(
+                    base, subfolder="text_encoder", dtype=dtypes["text_encoder"], local_files_only=True
+                )
+            ),
+        )
+        vae = _load_component(
+            "VAE",
+            base / "vae",
+            lambda: placed(
+                AutoencoderKLWan.from_pretrained(
+                    base, subfolder="vae", dtype=dtypes["vae"], local_files_only=True
+                )
+            ),
+        )
+        transformer = _load_component(
+            "transformer",
+            base / "transformer",
+            lambda: placed(
+                WanTransformer3DModel.from_pretrained(
+                    base, subfolder="transformer", dtype=dtypes["transformer"], local_files_only=True
+                )
+            ),
+        )
+        scheduler = _load_component(
+            "scheduler",
+            base / "scheduler",
+            lambda: UniPCMultistepScheduler.from_pretrained(
+                base, subfolder="scheduler", local_files_only=True
+            ),
+        )
         for module in (text_encoder, vae, transformer):
             module.requires_grad_(False).eval()
 
@@ -265,11 +309,15 @@ class LynxPipeline(DiffusionPipeline):
             resampler, adapters = load_adapters(
                 spec, device=device, dtype=dtypes["adapters"], resampler_dtype=dtypes["resampler"]
             )
-        pipe = cls(tokenizer, text_encoder, vae, transformer, scheduler, resampler=resampler, adapters=adapters)
+        pipe = cls(
+            tokenizer, text_encoder, vae, transformer, scheduler, resampler=resampler, adapters=adapters
+        )
         pipe.base_model_path = base
         return pipe
 
-    def save_pretrained(self, save_directory: str | Path, adapter_directory: str | Path | None = None, **kwargs):
+    def save_pretrained(
+        self, save_directory: str | Path, adapter_directory: str | Path | None = None, **kwargs
+    ):
         """Write the base model as a plain Wan2.1 diffusers folder and, if given, the adapters in the
         released layout (``resampler/ip_layers/ref_layers.safetensors``)."""
         components = {name: getattr(self, name) for name in _BASE_COMPONENTS}
@@ -304,7 +352,9 @@ class LynxPipeline(DiffusionPipeline):
     def base_fingerprint(self) -> str | None:
         """Identifies the base weights (reference features depend on them); None if not loaded from disk."""
         if self._base_fingerprint is None and self.base_model_path is not None:
-            files = [p for name in _WEIGHT_COMPONENTS for p in (self.base_model_path / name).glob("*.safetensors")]
+            files = [
+                p for name in _WEIGHT_COMPONENTS for p in (self.base_model_path / name).glob("*.safetensors")
+            ]
             self._base_fingerprint = fingerprint(files)
         return self._base_fingerprint
 
@@ -329,7 +379,10 @@ class LynxPipeline(DiffusionPipeline):
             tokens.input_ids.to(encoder_device), tokens.attention_mask.to(encoder_device)
         ).last_hidden_state
         states = states.to(dtype=dtype, device=device)
-        padded = [torch.cat([s[:n], s.new_zeros(max_sequence_length - int(n), s.shape[1])]) for s, n in zip(states, lengths)]
+        padded = [
+            torch.cat([s[:n], s.new_zeros(max_sequence_length - int(n), s.shape[1])])
+            for s, n in zip(states, lengths, strict=True)
+        ]
         return torch.stack(padded)
 
     def encode_prompt(
@@ -370,7 +423,9 @@ class LynxPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------
     def _require_adapters(self, what: str) -> LynxAdapters:
         if self.adapters is None:
-            raise ModelInputError(f"{what} needs Lynx adapters; this pipeline was loaded without adapter_path")
+            raise ModelInputError(
+                f"{what} needs Lynx adapters; this pipeline was loaded without adapter_path"
+            )
         return self.adapters
 
     @torch.no_grad()
@@ -392,14 +447,22 @@ class LynxPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------
     def _normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
         config = self.vae.config
-        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        inv_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        mean = (
+            torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        )
+        inv_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(
+            latents.device, latents.dtype
+        )
         return (latents - mean) * inv_std
 
     def _denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
         config = self.vae.config
-        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        inv_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        mean = (
+            torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        )
+        inv_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(
+            latents.device, latents.dtype
+        )
         return latents / inv_std + mean
 
     def _capture_features(self, pixels: torch.Tensor, seed: int, text: torch.Tensor) -> list[torch.Tensor]:
@@ -428,7 +491,9 @@ class LynxPipeline(DiffusionPipeline):
         """
         adapters = self._require_adapters("encode_reference")
         if adapters.reference_layers is None:
-            raise ModelInputError("the lite adapter has no reference branch: pass ref_image/reference only to full")
+            raise ModelInputError(
+                "the lite adapter has no reference branch: pass ref_image/reference only to full"
+            )
         pixels = _reference_pixels(ref_image)
         text = self._text_embeddings([REFERENCE_PROMPT], 512, self._execution_device, self.transformer.dtype)
         cond = self._capture_features(pixels, seed, text)
@@ -461,7 +526,11 @@ class LynxPipeline(DiffusionPipeline):
                 f"identity tokens were made for a {identity.variant} adapter ({identity.token_dim}-d), "
                 f"this pipeline runs {adapters.variant} ({expected_dim}-d)"
             )
-        if identity.adapter_fingerprint and adapters.fingerprint and identity.adapter_fingerprint != adapters.fingerprint:
+        if (
+            identity.adapter_fingerprint
+            and adapters.fingerprint
+            and identity.adapter_fingerprint != adapters.fingerprint
+        ):
             raise ModelInputError(
                 f"identity tokens come from other adapter weights ({identity.adapter_fingerprint}, "
                 f"loaded: {adapters.fingerprint}); encode the face again with this pipeline"
@@ -478,7 +547,8 @@ class LynxPipeline(DiffusionPipeline):
         base = self.base_fingerprint
         if reference.base_fingerprint and base and reference.base_fingerprint != base:
             raise ModelInputError(
-                f"reference features come from other base weights ({reference.base_fingerprint}, loaded: {base}); "
+                f"reference features come from other base weights ({reference.base_fingerprint}, "
+                f"loaded: {base}); "
                 "encode the reference again with this pipeline"
             )
 
@@ -488,10 +558,14 @@ class LynxPipeline(DiffusionPipeline):
         if height % 16 or width % 16:
             raise ModelInputError(f"height and width must be multiples of 16, got {height}x{width}")
         if ref_given and self.variant != "full":
-            raise ModelInputError(f"ref_image/reference need the full adapter; this pipeline runs {self.variant or 'plain Wan'}")
+            raise ModelInputError(
+                f"ref_image/reference need the full adapter; this pipeline runs {self.variant or 'plain Wan'}"
+            )
         unknown = [k for k in callback_inputs if k not in self._callback_tensor_inputs]
         if unknown:
-            raise ModelInputError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, not {unknown}")
+            raise ModelInputError(
+                f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, not {unknown}"
+            )
 
     @contextmanager
     def _progress(self, enabled: bool, total: int):
@@ -572,7 +646,9 @@ class LynxPipeline(DiffusionPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         ref_given = ref_image is not None or reference is not None
-        self._check_inputs(prompt, prompt_embeds, height, width, ref_given, callback_on_step_end_tensor_inputs)
+        self._check_inputs(
+            prompt, prompt_embeds, height, width, ref_given, callback_on_step_end_tensor_inputs
+        )
         num_frames = num_frames or self.default_num_frames
         if num_frames % self.vae_scale_factor_temporal != 1:
             raise ModelInputError(f"num_frames must be 4k+1 (e.g. 81, 121), got {num_frames}")
@@ -615,7 +691,10 @@ class LynxPipeline(DiffusionPipeline):
                 identity.cond, reference.cond if reference else None, ip_scale=ip_scale, ref_scale=ref_scale
             )
             uncond_state = AdapterState(
-                identity.uncond, reference.uncond if reference else None, ip_scale=ip_scale, ref_scale=ref_scale
+                identity.uncond,
+                reference.uncond if reference else None,
+                ip_scale=ip_scale,
+                ref_scale=ref_scale,
             )
         three_pass = (
             do_guidance
@@ -661,9 +740,13 @@ class LynxPipeline(DiffusionPipeline):
                 if not do_guidance:
                     noise_pred = noise_cond
                 else:
-                    noise_uncond = self._predict(model_input, timestep, negative_prompt_embeds, uncond_state, "uncond")
+                    noise_uncond = self._predict(
+                        model_input, timestep, negative_prompt_embeds, uncond_state, "uncond"
+                    )
                     if three_pass:
-                        noise_id = self._predict(model_input, timestep, negative_prompt_embeds, cond_state, "identity")
+                        noise_id = self._predict(
+                            model_input, timestep, negative_prompt_embeds, cond_state, "identity"
+                        )
                         noise_pred = (
                             noise_uncond
                             + guidance_scale_id * (noise_id - noise_uncond)
@@ -674,8 +757,11 @@ class LynxPipeline(DiffusionPipeline):
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
-                    scope = {"latents": latents, "prompt_embeds": prompt_embeds,
-                             "negative_prompt_embeds": negative_prompt_embeds}
+                    scope = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                    }
                     outputs = callback_on_step_end(
                         self, i, t, {k: scope[k] for k in callback_on_step_end_tensor_inputs}
                     )

@@ -51,7 +51,7 @@ def _feed_forward(dim: int, mult: int) -> nn.Sequential:
 
 
 class LynxResampler(ModelMixin, ConfigMixin):
-    """Maps face embeddings ``[B, n, embedding_dim]`` to ``num_queries`` identity tokens ``[B, Q, output_dim]``.
+    """Maps face embeddings ``[B, n, embedding_dim]`` to identity tokens ``[B, num_queries, output_dim]``.
 
     Released sizes: embedding_dim 512 (ArcFace), dim 1280, depth 4, 20 heads of 64, 16 queries,
     output_dim 5120 (full) or 2048 (lite).

@@ -152,9 +152,14 @@ def _write_base(folder: Path, spec: TinyModelSpec) -> None:
         eps=1e-6,
     ).eval()
     scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=spec.flow_shift, num_train_timesteps=1000
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=spec.flow_shift,
+        num_train_timesteps=1000,
     )
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer)
+    pipe = WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+    )
     pipe.save_pretrained(folder, safe_serialization=True)
     _make_tokenizer_config_portable(folder / "tokenizer")
 
@@ -186,7 +191,9 @@ def _write_adapter(folder: Path, variant: str, spec: TinyModelSpec, generator: t
         num_registers=spec.num_registers if variant == "full" else 0,
         **variant_layout(variant, spec.num_layers),
     )
-    reference_layers = LynxReferenceAdapterLayers(spec.num_layers, spec.hidden_dim) if variant == "full" else None
+    reference_layers = (
+        LynxReferenceAdapterLayers(spec.num_layers, spec.hidden_dim) if variant == "full" else None
+    )
     for module in (resampler, identity_layers, reference_layers):
         if module is not None:
             _randomize(module, generator)
@@ -226,7 +233,12 @@ def write_tiny_models(
     root = Path(root)
     spec = spec or TinyModelSpec()
     variants = ["full", "lite"] if variant == "both" else [variant]
-    manifest = {"format": _FORMAT_VERSION, "seed": seed, "variants": variants, "spec": dataclasses.asdict(spec)}
+    manifest = {
+        "format": _FORMAT_VERSION,
+        "seed": seed,
+        "variants": variants,
+        "spec": dataclasses.asdict(spec),
+    }
     paths = TinyModelPaths(
         base=root / "base",
         full=root / "lynx_full" if "full" in variants else None,

@@ -26,7 +26,9 @@ def tiny_models(tmp_path_factory):
 
 
 def load(base, adapter=None, **kwargs) -> LynxPipeline:
-    pipe = LynxPipeline.from_pretrained(base, adapter_path=adapter, dtype=kwargs.pop("dtype", torch.float32), **kwargs)
+    pipe = LynxPipeline.from_pretrained(
+        base, adapter_path=adapter, dtype=kwargs.pop("dtype", torch.float32), **kwargs
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -55,8 +57,14 @@ def ref_image() -> np.ndarray:
 def generate(pipe, face=None, ref_image=None, **kwargs):
     """Latents of a short, small generation (override anything with kwargs)."""
     args = dict(
-        prompt=PROMPT, negative_prompt=NEGATIVE, face_embeds=face, ref_image=ref_image,
-        num_inference_steps=3, seed=7, output_type="latent", **SIZE,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        face_embeds=face,
+        ref_image=ref_image,
+        num_inference_steps=3,
+        seed=7,
+        output_type="latent",
+        **SIZE,
     )
     args.update(kwargs)
     return pipe(**args).frames

@@ -8,8 +8,13 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
 
-from lynx_model import AdapterRuntime, AdapterState, LynxIdentityAttnProcessor, LynxReferenceAttnProcessor
-from lynx_model import LynxResampler
+from lynx_model import (
+    AdapterRuntime,
+    AdapterState,
+    LynxIdentityAttnProcessor,
+    LynxReferenceAttnProcessor,
+    LynxResampler,
+)
 
 HEADS, HEAD_DIM = 2, 8
 DIM = HEADS * HEAD_DIM
@@ -19,13 +24,24 @@ def _randomize(module, seed):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(p.shape[-1]) + (1.0 if p.ndim == 1 else 0.0))
+            p.copy_(
+                torch.randn(p.shape, generator=generator) / math.sqrt(p.shape[-1])
+                + (1.0 if p.ndim == 1 else 0.0)
+            )
     return module
 
 
 def _attention(cross: bool):
-    return _randomize(WanAttention(DIM, heads=HEADS, dim_head=HEAD_DIM, eps=1e-6,
-                                   cross_attention_dim_head=HEAD_DIM if cross else None), seed=1).eval()
+    return _randomize(
+        WanAttention(
+            DIM,
+            heads=HEADS,
+            dim_head=HEAD_DIM,
+            eps=1e-6,
+            cross_attention_dim_head=HEAD_DIM if cross else None,
+        ),
+        seed=1,
+    ).eval()
 
 
 def _rotary(tokens):
@@ -52,8 +68,12 @@ def test_identity_processor(own_key_norm):
     attn = _attention(cross=True)
     x, text = torch.randn(2, 10, DIM), torch.randn(2, 7, DIM)
     stock = WanAttnProcessor()(attn, x, text)
-    processor = _randomize(LynxIdentityAttnProcessor(DIM, 12, bias=not own_key_norm, num_registers=0 if own_key_norm
-                                                     else 3, own_key_norm=own_key_norm), seed=3)
+    processor = _randomize(
+        LynxIdentityAttnProcessor(
+            DIM, 12, bias=not own_key_norm, num_registers=0 if own_key_norm else 3, own_key_norm=own_key_norm
+        ),
+        seed=3,
+    )
     runtime = AdapterRuntime()
     processor.runtime = runtime
     attn.set_processor(processor)
@@ -72,8 +92,9 @@ def test_identity_processor(own_key_norm):
     id_tokens = tokens if processor.registers is None else torch.cat([tokens, processor.registers], 1)
     keys = processor.to_k_ip(id_tokens)
     keys = _rms(keys, 1e-5) if own_key_norm else attn.norm_k(keys)
-    id_out = _explicit_attention(q, _heads(keys).expand(2, -1, -1, -1),
-                                 _heads(processor.to_v_ip(id_tokens)).expand(2, -1, -1, -1))
+    id_out = _explicit_attention(
+        q, _heads(keys).expand(2, -1, -1, -1), _heads(processor.to_v_ip(id_tokens)).expand(2, -1, -1, -1)
+    )
     expected = attn.to_out[0](text_out + 0.7 * id_out)
     torch.testing.assert_close(out, expected, rtol=0, atol=2e-6)
 
@@ -125,8 +146,12 @@ def test_batched_generation_matches_one_sample_at_a_time():
 
 
 def test_resampler_matches_the_perceiver_equations():
-    resampler = _randomize(LynxResampler(embedding_dim=20, dim=64, depth=2, heads=2, dim_head=64, num_queries=3,
-                                         output_dim=24, ff_mult=2), seed=6).eval()
+    resampler = _randomize(
+        LynxResampler(
+            embedding_dim=20, dim=64, depth=2, heads=2, dim_head=64, num_queries=3, output_dim=24, ff_mult=2
+        ),
+        seed=6,
+    ).eval()
     embeds = torch.randn(2, 1, 20)
 
     def layer_norm(t, norm):
@@ -139,8 +164,13 @@ def test_resampler_matches_the_perceiver_equations():
         q = attention.to_q(ls).unflatten(-1, (2, 64))
         k, v = attention.to_kv(torch.cat([xs, ls], 1)).chunk(2, -1)
         scale = 64**-0.25  # as the reference: both q and k scaled by d^-1/4, softmax in float32
-        w = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q * scale, k.unflatten(-1, (2, 64)) * scale).float(), -1)
-        latents = attention.to_out(torch.einsum("bhqk,bkhd->bqhd", w, v.unflatten(-1, (2, 64))).flatten(2)) + latents
+        w = torch.softmax(
+            torch.einsum("bqhd,bkhd->bhqk", q * scale, k.unflatten(-1, (2, 64)) * scale).float(), -1
+        )
+        latents = (
+            attention.to_out(torch.einsum("bhqk,bkhd->bqhd", w, v.unflatten(-1, (2, 64))).flatten(2))
+            + latents
+        )
         latents = ff[3](ff[2](ff[1](layer_norm(latents, ff[0])))) + latents
     expected = layer_norm(resampler.proj_out(latents), resampler.norm_out)
     torch.testing.assert_close(resampler(embeds), expected, rtol=0, atol=1e-5)

@@ -32,8 +32,12 @@ def wan_latents(tiny_models):
     wan = WanPipeline.from_pretrained(tiny_models.base, dtype=torch.float32)
     wan.set_progress_bar_config(disable=True)
     return wan(
-        prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=3, output_type="latent",
-        generator=torch.Generator().manual_seed(7), **SIZE,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=3,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(7),
+        **SIZE,
     ).frames
 
 
@@ -49,7 +53,9 @@ def test_zero_adapter_weights_reproduce_the_base_wan_pipeline_exactly(
 
 
 @pytest.mark.parametrize("variant", ["full", "lite"])
-def test_scales_zero_equal_the_base_model_exactly(variant, full_pipe, lite_pipe, face, ref_image, wan_latents):
+def test_scales_zero_equal_the_base_model_exactly(
+    variant, full_pipe, lite_pipe, face, ref_image, wan_latents
+):
     pipe = full_pipe if variant == "full" else lite_pipe
     with scheduler_timesteps(pipe):
         latents = generate(pipe, face, ref_image if variant == "full" else None, ip_scale=0.0, ref_scale=0.0)
@@ -92,8 +98,9 @@ def _one_step_by_hand(pipe, combine):
 
     def dit(text, identity=None, reference=None):
         with pipe.adapters.runtime.use(AdapterState(identity, reference)):
-            return pipe.transformer(hidden_states=x, timestep=t.expand(1), encoder_hidden_states=text,
-                                    return_dict=False)[0]
+            return pipe.transformer(
+                hidden_states=x, timestep=t.expand(1), encoder_hidden_states=text, return_dict=False
+            )[0]
 
     noise = combine(dit, prompt_embeds, negative_embeds)
     return scheduler.step(noise, t, x, return_dict=False)[0]
@@ -115,15 +122,23 @@ def test_full_three_pass_guidance_equals_the_formula(full_pipe, face, ref_image)
     assert (passes["c"] - passes["i"]).abs().max() > 1e-3
     assert (passes["i"] - passes["u"]).abs().max() > 1e-3
 
-    latents = generate(full_pipe, identity=identity, reference=reference, num_inference_steps=1,
-                       guidance_scale=5.0, guidance_scale_id=2.0)
+    latents = generate(
+        full_pipe,
+        identity=identity,
+        reference=reference,
+        num_inference_steps=1,
+        guidance_scale=5.0,
+        guidance_scale_id=2.0,
+    )
     torch.testing.assert_close(latents, expected, rtol=0, atol=1e-6)
 
     two_pass = _one_step_by_hand(
         full_pipe, lambda dit, text, negative: passes["u"] + 5.0 * (passes["c"] - passes["u"])
     )
     assert (two_pass - latents).abs().max() > 1e-3
-    classic = generate(full_pipe, identity=identity, reference=reference, num_inference_steps=1, guidance_scale_id=None)
+    classic = generate(
+        full_pipe, identity=identity, reference=reference, num_inference_steps=1, guidance_scale_id=None
+    )
     torch.testing.assert_close(classic, two_pass, rtol=0, atol=1e-6)
 
 
@@ -156,9 +171,12 @@ def test_reference_features_depend_on_the_seed_through_the_vae_sample(full_pipe)
     a = full_pipe.encode_reference(ref_image, seed=1)
     b = full_pipe.encode_reference(ref_image, seed=1)
     c = full_pipe.encode_reference(ref_image, seed=2)
-    assert all(torch.equal(x, y) for x, y in zip(a.cond + a.uncond, b.cond + b.uncond))
+    assert all(torch.equal(x, y) for x, y in zip(a.cond + a.uncond, b.cond + b.uncond, strict=True))
     assert (a.cond[0] - c.cond[0]).abs().max() > 0
     assert len(a.cond) == len(full_pipe.transformer.blocks)
     # 256x256 crop -> 32x32 latent -> 16x16 patches
-    assert a.cond[0].shape == (1, 256, full_pipe.transformer.config.num_attention_heads
-                               * full_pipe.transformer.config.attention_head_dim)
+    assert a.cond[0].shape == (
+        1,
+        256,
+        full_pipe.transformer.config.num_attention_heads * full_pipe.transformer.config.attention_head_dim,
+    )

@@ -28,8 +28,11 @@ REF_KEY = re.compile(r"\d+\.(to_k_ref|to_v_ref)\.(weight|bias)")
 
 def test_tiny_adapters_use_the_released_file_names_and_keys(tiny_models):
     full, lite = tiny_models.full, tiny_models.lite
-    assert sorted(p.name for p in full.iterdir()) == ["ip_layers.safetensors", "ref_layers.safetensors",
-                                                      "resampler.safetensors"]
+    assert sorted(p.name for p in full.iterdir()) == [
+        "ip_layers.safetensors",
+        "ref_layers.safetensors",
+        "resampler.safetensors",
+    ]
     assert sorted(p.name for p in lite.iterdir()) == ["ip_layers.safetensors", "resampler.safetensors"]
     for folder in (full, lite):
         assert all(RESAMPLER_KEY.fullmatch(k) for k in load_file(str(folder / "resampler.safetensors")))
@@ -57,7 +60,10 @@ def test_released_layout_loads_with_no_missing_or_unexpected_keys(variant, full_
     pipe = full_pipe if variant == "full" else lite_pipe
     folder = tiny_models.full if variant == "full" else tiny_models.lite
     assert pipe.variant == variant
-    pairs = [(pipe.resampler, "resampler.safetensors"), (pipe.adapters.identity_layers, "ip_layers.safetensors")]
+    pairs = [
+        (pipe.resampler, "resampler.safetensors"),
+        (pipe.adapters.identity_layers, "ip_layers.safetensors"),
+    ]
     if variant == "full":
         pairs.append((pipe.adapters.reference_layers, "ref_layers.safetensors"))
     for module, name in pairs:
@@ -84,9 +90,14 @@ def test_variant_and_sizes_are_inferred_from_the_files(tiny_models):
     lite = AdapterSpec.from_folder(tiny_models.lite, num_blocks=spec.num_layers, hidden_dim=spec.hidden_dim)
     assert full.variant == "full" and lite.variant == "lite"
     assert full.resampler_config == {
-        "embedding_dim": 512, "dim": spec.resampler_dim, "depth": spec.resampler_depth,
-        "heads": spec.resampler_heads, "dim_head": 64, "num_queries": spec.num_queries,
-        "output_dim": spec.full_identity_dim, "ff_mult": 4,
+        "embedding_dim": 512,
+        "dim": spec.resampler_dim,
+        "depth": spec.resampler_depth,
+        "heads": spec.resampler_heads,
+        "dim_head": 64,
+        "num_queries": spec.num_queries,
+        "output_dim": spec.full_identity_dim,
+        "ff_mult": 4,
     }
     assert full.identity_config["num_registers"] == spec.num_registers
     assert full.identity_config["block_stride"] == 1 and lite.identity_config["block_stride"] == 2
@@ -125,19 +136,34 @@ def _drop_layer(path):
 
 def _wrong_width(path):
     tensors = load_file(str(path))
-    save_file({k: t[:, :-1].contiguous() if k.endswith("to_kv.weight") else t for k, t in tensors.items()}, str(path))
+    save_file(
+        {k: t[:, :-1].contiguous() if k.endswith("to_kv.weight") else t for k, t in tensors.items()},
+        str(path),
+    )
 
 
 ADAPTER_DAMAGE = {
-    "missing file": (lambda d: (d / "ip_layers.safetensors").unlink(), r"not found: .*ip_layers\.safetensors"),
+    "missing file": (
+        lambda d: (d / "ip_layers.safetensors").unlink(),
+        r"not found: .*ip_layers\.safetensors",
+    ),
     "truncated": (lambda d: _truncate(d / "ref_layers.safetensors"), r"ref_layers\.safetensors is truncated"),
-    "not safetensors": (lambda d: (d / "resampler.safetensors").write_bytes(b"\x10\x00" * 64),
-                        r"resampler\.safetensors is (truncated|corrupt)"),
-    "renamed key": (lambda d: _rename_key(d / "ip_layers.safetensors"), r"ip_layers\.safetensors lacks the tensor"),
-    "missing layer": (lambda d: _drop_layer(d / "ref_layers.safetensors"),
-                      r"ref_layers\.safetensors does not match.*missing \d+ keys, e\.g\. 3\.to_k_ref"),
-    "wrong shape": (lambda d: _wrong_width(d / "resampler.safetensors"),
-                    r"resampler\.safetensors has the wrong shape for layers\.0\.0\.to_kv\.weight"),
+    "not safetensors": (
+        lambda d: (d / "resampler.safetensors").write_bytes(b"\x10\x00" * 64),
+        r"resampler\.safetensors is (truncated|corrupt)",
+    ),
+    "renamed key": (
+        lambda d: _rename_key(d / "ip_layers.safetensors"),
+        r"ip_layers\.safetensors lacks the tensor",
+    ),
+    "missing layer": (
+        lambda d: _drop_layer(d / "ref_layers.safetensors"),
+        r"ref_layers\.safetensors does not match.*missing \d+ keys, e\.g\. 3\.to_k_ref",
+    ),
+    "wrong shape": (
+        lambda d: _wrong_width(d / "resampler.safetensors"),
+        r"resampler\.safetensors has the wrong shape for layers\.0\.0\.to_kv\.weight",
+    ),
 }
 
 
@@ -165,12 +191,22 @@ def test_missing_adapter_folder(tiny_models, tmp_path):
 
 BASE_DAMAGE = {
     "missing folder": (lambda d: shutil.rmtree(d), r"base model folder not found"),
-    "missing component": (lambda d: shutil.rmtree(d / "vae"), r"not a Wan2\.1 diffusers folder: missing vae/"),
-    "truncated weights": (lambda d: _truncate(d / "transformer" / "diffusion_pytorch_model.safetensors"),
-                          r"transformer/diffusion_pytorch_model\.safetensors is truncated"),
-    "missing weights": (lambda d: (d / "text_encoder" / "model.safetensors").unlink(),
-                        r"no \*\.safetensors weights in .*text_encoder"),
-    "bad config": (lambda d: (d / "transformer" / "config.json").write_text("{"), r"not a Wan transformer config"),
+    "missing component": (
+        lambda d: shutil.rmtree(d / "vae"),
+        r"not a Wan2\.1 diffusers folder: missing vae/",
+    ),
+    "truncated weights": (
+        lambda d: _truncate(d / "transformer" / "diffusion_pytorch_model.safetensors"),
+        r"transformer/diffusion_pytorch_model\.safetensors is truncated",
+    ),
+    "missing weights": (
+        lambda d: (d / "text_encoder" / "model.safetensors").unlink(),
+        r"no \*\.safetensors weights in .*text_encoder",
+    ),
+    "bad config": (
+        lambda d: (d / "transformer" / "config.json").write_text("{"),
+        r"not a Wan transformer config",
+    ),
 }
 
 
@@ -199,8 +235,12 @@ def test_bfloat16_keeps_precision_sensitive_parts_in_float32(tiny_models, face):
     assert transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
     assert transformer.blocks[0].attn2.processor.to_k_ip.weight.dtype == torch.bfloat16
     assert transformer.blocks[0].attn1.processor.to_k_ref.weight.dtype == torch.bfloat16
-    for name in ("condition_embedder.time_embedder.linear_1.weight", "scale_shift_table",
-                 "blocks.0.scale_shift_table", "blocks.0.norm2.weight"):
+    for name in (
+        "condition_embedder.time_embedder.linear_1.weight",
+        "scale_shift_table",
+        "blocks.0.scale_shift_table",
+        "blocks.0.norm2.weight",
+    ):
         assert transformer.get_parameter(name).dtype == torch.float32, name
     assert pipe.vae.dtype == torch.float32
     assert pipe.resampler.dtype == torch.float32

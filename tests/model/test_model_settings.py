@@ -18,8 +18,9 @@ def settings(tmp_path, **values) -> LynxSettings:
 
 
 def test_loads_the_configured_pipeline(tiny_models, tmp_path):
-    pipe = load_lynx_pipeline(settings(tmp_path, base_model_path=tiny_models.base, adapter_path=tiny_models.lite,
-                                       vae_tiling=True))
+    pipe = load_lynx_pipeline(
+        settings(tmp_path, base_model_path=tiny_models.base, adapter_path=tiny_models.lite, vae_tiling=True)
+    )
     assert pipe.variant == "lite"
     assert pipe.transformer.dtype == torch.float32  # auto on CPU
     assert pipe.vae.use_tiling and pipe.vae.use_slicing
@@ -45,7 +46,9 @@ def test_default_paths_live_in_the_models_dir(tiny_models, tmp_path):
 )
 def test_weight_problems_name_the_setting(values, setting, tiny_models, tmp_path):
     values = dict(values)
-    adapter = {"lite": tiny_models.lite, "base": tiny_models.base}.get(values.pop("adapter", None), tiny_models.full)
+    adapter = {"lite": tiny_models.lite, "base": tiny_models.base}.get(
+        values.pop("adapter", None), tiny_models.full
+    )
     values = {"base_model_path": tiny_models.base, "adapter_path": adapter} | values
     with pytest.raises(ModelWeightsError) as info:
         load_lynx_pipeline(settings(tmp_path, **values))

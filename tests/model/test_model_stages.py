@@ -17,13 +17,29 @@ from .conftest import NEGATIVE, PROMPT, SIZE, generate, load
 
 
 def test_stages_compose_to_the_one_call_result(full_pipe, face, ref_image):
-    one_call = full_pipe(prompt=PROMPT, negative_prompt=NEGATIVE, face_embeds=face, ref_image=ref_image,
-                         num_inference_steps=2, seed=9, output_type="np", **SIZE)
+    one_call = full_pipe(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        face_embeds=face,
+        ref_image=ref_image,
+        num_inference_steps=2,
+        seed=9,
+        output_type="np",
+        **SIZE,
+    )
     prompt_embeds, negative_embeds = full_pipe.encode_prompt(PROMPT, NEGATIVE)
     identity = full_pipe.encode_identity(face)
     reference = full_pipe.encode_reference(ref_image, seed=9)
-    latents = full_pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, identity=identity,
-                        reference=reference, num_inference_steps=2, seed=9, output_type="latent", **SIZE).frames
+    latents = full_pipe(
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_embeds,
+        identity=identity,
+        reference=reference,
+        num_inference_steps=2,
+        seed=9,
+        output_type="latent",
+        **SIZE,
+    ).frames
     frames = full_pipe.decode_latents(latents)
     assert one_call.seed == 9
     assert np.array_equal(frames, one_call.frames)
@@ -40,18 +56,32 @@ def test_stored_conditioning_round_trips_bit_exactly(full_pipe, face, ref_image,
     loaded_identity = IdentityTokens.load(identity.save(tmp_path / "identity.safetensors"))
     loaded_reference = ReferenceFeatures.load(reference.save(tmp_path / "reference.safetensors"))
 
-    assert loaded_identity.variant == "full" and loaded_identity.adapter_fingerprint == full_pipe.adapter_fingerprint
+    assert (
+        loaded_identity.variant == "full"
+        and loaded_identity.adapter_fingerprint == full_pipe.adapter_fingerprint
+    )
     assert loaded_reference.seed == 4 and loaded_reference.base_fingerprint == full_pipe.base_fingerprint
     assert torch.equal(loaded_prompts.prompt_embeds, prompts.prompt_embeds)
-    assert torch.equal(loaded_identity.cond, identity.cond) and torch.equal(loaded_identity.uncond, identity.uncond)
-    assert all(torch.equal(a, b) for a, b in zip(loaded_reference.cond + loaded_reference.uncond,
-                                                 reference.cond + reference.uncond))
+    assert torch.equal(loaded_identity.cond, identity.cond) and torch.equal(
+        loaded_identity.uncond, identity.uncond
+    )
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            loaded_reference.cond + loaded_reference.uncond, reference.cond + reference.uncond, strict=True
+        )
+    )
 
     direct = generate(full_pipe, face, ref_image, seed=4)
     from_files = generate(
-        full_pipe, prompt=None, negative_prompt=None, prompt_embeds=loaded_prompts.prompt_embeds,
-        negative_prompt_embeds=loaded_prompts.negative_prompt_embeds, identity=loaded_identity,
-        reference=loaded_reference, seed=4,
+        full_pipe,
+        prompt=None,
+        negative_prompt=None,
+        prompt_embeds=loaded_prompts.prompt_embeds,
+        negative_prompt_embeds=loaded_prompts.negative_prompt_embeds,
+        identity=loaded_identity,
+        reference=loaded_reference,
+        seed=4,
     )
     assert torch.equal(direct, from_files)
 
@@ -91,8 +121,12 @@ def test_identity_and_reference_are_computed_once_per_generation(full_pipe, face
         full_pipe.resampler.register_forward_pre_hook(lambda m, a: resampler_calls.append(1)),
     ]
     for block in full_pipe.transformer.blocks:
-        hooks.append(block.attn1.processor.to_k_ref.register_forward_pre_hook(lambda m, a: projections.append("ref")))
-        hooks.append(block.attn2.processor.to_k_ip.register_forward_pre_hook(lambda m, a: projections.append("ip")))
+        hooks.append(
+            block.attn1.processor.to_k_ref.register_forward_pre_hook(lambda m, a: projections.append("ref"))
+        )
+        hooks.append(
+            block.attn2.processor.to_k_ip.register_forward_pre_hook(lambda m, a: projections.append("ip"))
+        )
     try:
         steps = 4
         generate(full_pipe, face, ref_image, num_inference_steps=steps)
@@ -125,10 +159,15 @@ def test_progress_callback_and_step_end_callback(full_pipe, face):
 def test_output_types(full_pipe, face):
     pil = full_pipe(prompt=PROMPT, face_embeds=face, num_inference_steps=1, seed=1, output_type="pil", **SIZE)
     assert len(pil.frames) == 1 and len(pil.frames[0]) == SIZE["num_frames"]
-    assert isinstance(pil.frames[0][0], PIL.Image.Image) and pil.frames[0][0].size == (SIZE["width"], SIZE["height"])
+    assert isinstance(pil.frames[0][0], PIL.Image.Image) and pil.frames[0][0].size == (
+        SIZE["width"],
+        SIZE["height"],
+    )
     latent = generate(full_pipe, face, num_inference_steps=1)
     assert latent.shape == (1, 16, 2, SIZE["height"] // 8, SIZE["width"] // 8)
-    random_seed = full_pipe(prompt=PROMPT, face_embeds=face, num_inference_steps=1, output_type="latent", **SIZE)
+    random_seed = full_pipe(
+        prompt=PROMPT, face_embeds=face, num_inference_steps=1, output_type="latent", **SIZE
+    )
     assert isinstance(random_seed.seed, int)
 
 
@@ -157,7 +196,10 @@ def test_save_pretrained_round_trip(full_pipe, face, ref_image, tmp_path):
     assert index["_class_name"] == "WanPipeline"
     WanPipeline.from_pretrained(tmp_path / "base")
     assert sorted(p.name for p in (tmp_path / "lynx_full").iterdir()) == [
-        "ip_layers.safetensors", "ref_layers.safetensors", "resampler.safetensors"]
+        "ip_layers.safetensors",
+        "ref_layers.safetensors",
+        "resampler.safetensors",
+    ]
     # the pipeline that saved still has its adapters installed
     assert full_pipe.variant == "full"
 
