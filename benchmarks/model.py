@@ -3,6 +3,7 @@ plain Wan transformer (same weights, same inputs, measured side by side in one r
 FLOPs per forward and per video for the released 14B configuration.
 
     PYTHONPATH=. python benchmarks/model.py                 # medium CPU config, 320 and 2304 tokens
+    PYTHONPATH=. python benchmarks/model.py --tiny          # ... and whole generations of the tiny models
     PYTHONPATH=. python benchmarks/model.py --device cuda --dtype bfloat16 --layers 40 --width 5120 \\
         --tokens 32760                                       # the real thing, on an 80 GB GPU
 
@@ -115,7 +116,7 @@ def print_flops() -> None:
         print(
             f"{variant}: forward {lynx / 1e12:,.0f} TFLOP "
             f"(+{100 * extra['per_step'] / plain:.2f} % over plain); "
-            f"per video ({steps} steps x {passes} passes + once-per-video work {once / 1e12:,.0f} TFLOP): "
+            f"per video ({steps} steps x {passes} passes + once-per-video work {once / 1e12:,.1f} TFLOP): "
             f"{video / 1e15:,.0f} PFLOP = {video / 989e12 / 60:.1f} min at an H100's 989 TFLOP/s bf16 peak"
         )
     wan = steps * 2 * plain
@@ -274,6 +275,49 @@ class SideBySide:
         return peak.peak
 
 
+def measure_tiny(repeats: int) -> None:
+    """Wall time of a whole tiny generation (the tiny models the tests and the demo use)."""
+    import tempfile
+
+    from lynx_model import LynxPipeline
+    from lynx_model.testing import tiny_face_embedding, tiny_reference_image, write_tiny_models
+
+    with tempfile.TemporaryDirectory() as root:
+        start = time.perf_counter()
+        paths = write_tiny_models(root, variant="full")
+        written = time.perf_counter() - start
+        start = time.perf_counter()
+        pipe = LynxPipeline.from_pretrained(paths.base, adapter_path=paths.full, dtype=torch.float32)
+        loaded = time.perf_counter() - start
+        pipe.set_progress_bar_config(disable=True)
+        face, crop = tiny_face_embedding(), tiny_reference_image()
+        size = {"height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 4, "seed": 42}
+        identity, reference = pipe.encode_identity(face), pipe.encode_reference(crop, seed=42)
+        runs = {
+            "to latents": lambda: pipe(
+                prompt="a woman", face_embeds=face, ref_image=crop, output_type="latent", **size
+            ),
+            "to decoded frames": lambda: pipe(prompt="a woman", face_embeds=face, ref_image=crop, **size),
+            "denoising only": lambda: pipe(
+                prompt="a woman", identity=identity, reference=reference, output_type="latent", **size
+            ),
+        }
+        print(
+            f"\n## Tiny full model, 9 frames 64x64, 4 steps x 3 passes, 256x256 reference, best of {repeats}"
+        )
+        print(f"write tiny folders {written:.2f} s, load {loaded:.2f} s")
+        for name, run in runs.items():
+            run()
+            best = min(_timed(run) for _ in range(repeats))
+            print(f"{name}: {best:.3f} s")
+
+
+def _timed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
 def _latent_shape(tokens: int) -> tuple[int, int]:
     """(latent frames, latent side) giving ``tokens`` after 1x2x2 patches, as square as possible."""
     for frames in range(1, 200):
@@ -297,6 +341,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--flops-only", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="also time whole generations of the tiny models")
     args = parser.parse_args()
     if args.device == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ and not args.flops_only:
         # serve large allocations with mmap so that freed tensors leave the RSS (see PeakMemory)
@@ -308,6 +353,8 @@ def main() -> None:
     print_flops()
     if not args.flops_only:
         measure(args)
+    if args.tiny:
+        measure_tiny(args.repeats)
 
 
 if __name__ == "__main__":

@@ -180,3 +180,38 @@ def test_reference_features_depend_on_the_seed_through_the_vae_sample(full_pipe)
         256,
         full_pipe.transformer.config.num_attention_heads * full_pipe.transformer.config.attention_head_dim,
     )
+
+
+# UniPC timesteps and first sigmas for 50 steps with the Wan2.1 480p scheduler config (flow_shift
+# 3.0), as produced by the Lynx reference's pinned diffusers 0.33.1. diffusers 0.42 on its own
+# starts the schedule at sigma 1.0 and yields different ones; the reference's are what the released
+# adapters were run with.
+REFERENCE_TIMESTEPS_50 = [
+    999, 992, 985, 978, 971, 963, 956, 948, 939, 931, 922, 913, 904, 894, 884, 874, 864, 853, 841, 829,
+    817, 805, 792, 778, 764, 749, 734, 718, 701, 684, 666, 647, 627, 606, 585, 562, 538, 512, 486, 458,
+    428, 396, 363, 327, 290, 249, 206, 160, 111, 57,
+]  # fmt: skip
+REFERENCE_FIRST_SIGMAS_50 = [0.9996665, 0.9929075, 0.9859633, 0.9788265, 0.9714886, 0.9639411]
+
+
+def test_timesteps_follow_the_reference_schedule(full_pipe):
+    scheduler = UniPCMultistepScheduler.from_config(full_pipe.scheduler.config)
+    scheduler.set_timesteps(50, sigmas=wan_flow_sigmas(50))
+    assert scheduler.timesteps.tolist() == REFERENCE_TIMESTEPS_50
+    torch.testing.assert_close(
+        scheduler.sigmas[:6], torch.tensor(REFERENCE_FIRST_SIGMAS_50), rtol=0, atol=1e-6
+    )
+    assert scheduler.sigmas[-1] == 0
+    # and the pipeline uses exactly these
+    seen = []
+    generate(
+        full_pipe,
+        face=torch.ones(512),
+        num_inference_steps=50,
+        guidance_scale=1.0,
+        progress_callback=lambda i, n, t: seen.append(round(t)),
+        height=16,
+        width=16,
+        num_frames=1,
+    )
+    assert seen == REFERENCE_TIMESTEPS_50
