@@ -70,28 +70,44 @@ def lite_init_image_proj_modules(pipe, model_dir, device, dtype):
     ip_layers.load_state_dict(state_dicts)
 
 
+def load_reference_pipeline(pipeline_cls, base: str, dtype):
+    """The reference's load_pipeline_and_models, up to the adapters (LynxWanInfer / LynxLiteWanInfer)."""
+    from diffusers import UniPCMultistepScheduler
+
+    pipe = pipeline_cls.from_pretrained(base, torch_dtype=dtype)
+    pipe.scheduler = UniPCMultistepScheduler.from_pretrained(base, subfolder="scheduler", torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def main() -> None:
     args = parse_args()
     sys.path.insert(0, args.reference)
-    from diffusers import UniPCMultistepScheduler
     from PIL import Image
 
     inputs = np.load(args.inputs)
     face = inputs["face_embeds"].astype(np.float32)
     dtype, device = torch.float32, "cpu"
     result: dict[str, np.ndarray] = {}
+    generation = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "height": args.height,
+        "width": args.width,
+        "num_inference_steps": args.steps,
+        "num_frames": args.num_frames,
+        "guidance_scale": args.guidance_scale,
+        "generator": torch.Generator().manual_seed(args.seed),
+        "output_type": "latent",
+    }
 
     if args.variant == "full":
         from modules.full.lynx_pipeline import LynxWanPipeline
 
-        pipe = LynxWanPipeline.from_pretrained(args.base, torch_dtype=dtype)
-        pipe.scheduler = UniPCMultistepScheduler.from_pretrained(
-            args.base, subfolder="scheduler", torch_dtype=dtype
-        )
+        pipe = load_reference_pipeline(LynxWanPipeline, args.base, dtype)
         pipe.init_image_proj_modules(args.adapter, device=device, dtype=dtype)
         pipe.init_ref_adapter_modules(args.adapter, dtype=dtype)
         pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
 
         # LynxWanInfer.generate_t2v
         arcface_embed = torch.from_numpy(face).to(device=pipe.device, dtype=pipe.dtype)[None, None, :]
@@ -103,18 +119,9 @@ def main() -> None:
             ref_buffer = pipe.encode_reference_images([aligned], generator=ref_generator)
             ref_generator = torch.Generator().manual_seed(args.seed + 1)
             ref_buffer_uncond = pipe.encode_reference_images([aligned], drop=True, generator=ref_generator)
-        generator = torch.Generator().manual_seed(args.seed)
         latents = pipe(
-            prompt=args.prompt,
-            negative_prompt=args.negative_prompt,
-            height=args.height,
-            width=args.width,
-            num_inference_steps=args.steps,
-            num_frames=args.num_frames,
-            guidance_scale=args.guidance_scale,
+            **generation,
             guidance_scale_i=args.guidance_scale_i,
-            generator=generator,
-            output_type="latent",
             attention_kwargs={
                 "ip_hidden_states": [ip_cond],
                 "ip_scale": 1.0,
@@ -137,30 +144,13 @@ def main() -> None:
     else:
         from modules.lite.lynx_lite_pipeline import LynxLiteWanPipeline
 
-        pipe = LynxLiteWanPipeline.from_pretrained(args.base, torch_dtype=dtype)
-        pipe.scheduler = UniPCMultistepScheduler.from_pretrained(
-            args.base, subfolder="scheduler", torch_dtype=dtype
-        )
+        pipe = load_reference_pipeline(LynxLiteWanPipeline, args.base, dtype)
         lite_init_image_proj_modules(pipe, args.adapter, device, dtype)
         pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
             tokens = pipe.encode_face_embedding(face, True, device=device, dtype=dtype)
         result["identity_uncond"], result["identity_cond"] = tokens[:1].numpy(), tokens[1:].numpy()
-        generator = torch.Generator().manual_seed(args.seed)
-        latents = pipe(
-            prompt=args.prompt,
-            negative_prompt=args.negative_prompt,
-            face_embeds=face,
-            ip_scale=1.0,
-            height=args.height,
-            width=args.width,
-            num_inference_steps=args.steps,
-            num_frames=args.num_frames,
-            guidance_scale=args.guidance_scale,
-            generator=generator,
-            output_type="latent",
-        ).frames
+        latents = pipe(**generation, face_embeds=face, ip_scale=1.0).frames
         # the reference samples a batch of [uncond, cond] copies that stay identical; keep one
         if not torch.equal(latents[0], latents[1]):
             raise SystemExit("reference lite: the two latent copies diverged")

@@ -94,36 +94,24 @@ def run_ours(variant: str, paths, inputs: dict, args) -> dict[str, np.ndarray]:
         result["reference_cond_first"] = reference.cond[0].numpy()
         result["reference_cond_last"] = reference.cond[-1].numpy()
         result["reference_uncond_last"] = reference.uncond[-1].numpy()
-    out = pipe(
-        prompt="a woman walking in the park at sunset",
-        negative_prompt=DEFAULT_NEGATIVE_PROMPT,
-        identity=identity,
-        reference=reference,
-        height=args.height,
-        width=args.width,
-        num_frames=args.num_frames,
-        num_inference_steps=args.steps,
-        guidance_scale=5.0,
-        guidance_scale_id=2.0,
-        seed=args.seed,
-        output_type="latent",
-    )
+    generation = {
+        "prompt": "a woman walking in the park at sunset",
+        "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
+        "identity": identity,
+        "reference": reference,
+        "height": args.height,
+        "width": args.width,
+        "num_frames": args.num_frames,
+        "num_inference_steps": args.steps,
+        "guidance_scale": 5.0,
+        "guidance_scale_id": 2.0,
+        "seed": args.seed,
+        "output_type": "latent",
+    }
+    out = pipe(**generation)
     result["latents"] = out.frames.numpy()
     # the same generation with both branches off, to show the size of what parity is measured against
-    plain = pipe(
-        prompt="a woman walking in the park at sunset",
-        negative_prompt=DEFAULT_NEGATIVE_PROMPT,
-        identity=identity,
-        reference=reference,
-        height=args.height,
-        width=args.width,
-        num_frames=args.num_frames,
-        num_inference_steps=args.steps,
-        ip_scale=0.0,
-        ref_scale=0.0,
-        seed=args.seed,
-        output_type="latent",
-    )
+    plain = pipe(**generation, ip_scale=0.0, ref_scale=0.0)
     result["adapter_effect"] = float(np.abs(out.frames.numpy() - plain.frames.numpy()).max())
     return result
 

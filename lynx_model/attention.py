@@ -131,6 +131,19 @@ class _LynxProcessor(nn.Module):
     def state(self) -> AdapterState:
         return self.runtime.current if self.runtime is not None else _INACTIVE
 
+    @staticmethod
+    def _heads(attn: nn.Module, hidden_states: torch.Tensor, context: torch.Tensor | None) -> tuple:
+        """attn's normalised query and key and its value, split into heads ``[B, S, H, D]``."""
+        query, key, value = _project_qkv(attn, hidden_states, context)
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        return tuple(t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+
+    def _attend_branch(self, query: torch.Tensor, key_value: KeyValue) -> torch.Tensor:
+        """Attention of the block's query over a branch's (batch-1 or per-sample) keys and values."""
+        batch_size = query.shape[0]
+        return self._attend(query, *(_batched(t, batch_size) for t in key_value))
+
     def _attend(self, query, key, value, attention_mask=None) -> torch.Tensor:
         out = dispatch_attention_fn(
             query,
@@ -185,23 +198,17 @@ class LynxIdentityAttnProcessor(_LynxProcessor):
         return key.unflatten(2, (attn.heads, -1)), value.unflatten(2, (attn.heads, -1))
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        query, key, value = _project_qkv(attn, hidden_states, encoder_hidden_states)
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-        query = query.unflatten(2, (attn.heads, -1))
-        key = key.unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-
+        query, key, value = self._heads(attn, hidden_states, encoder_hidden_states)
         hidden_states = self._attend(query, key, value, attention_mask)
 
         state = self.state
         if state.identity_on:
-            ip_key, ip_value = state.identity_kv(
+            key_value = state.identity_kv(
                 self.block_index, lambda: self.identity_keys_values(attn, state.identity)
             )
-            batch_size = query.shape[0]
-            identity_out = self._attend(query, _batched(ip_key, batch_size), _batched(ip_value, batch_size))
-            hidden_states = torch.add(hidden_states, identity_out, alpha=state.ip_scale)
+            hidden_states = torch.add(
+                hidden_states, self._attend_branch(query, key_value), alpha=state.ip_scale
+            )
 
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
@@ -233,13 +240,7 @@ class LynxReferenceAttnProcessor(_LynxProcessor):
         if state.captured is not None:
             state.captured[self.block_index] = hidden_states
 
-        query, key, value = _project_qkv(attn, hidden_states, encoder_hidden_states)
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-        query = query.unflatten(2, (attn.heads, -1))
-        key = key.unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-
+        query, key, value = self._heads(attn, hidden_states, encoder_hidden_states)
         reference_query = query  # the branch sees no rotary embedding
         if rotary_emb is not None:
             query = _rotate(query, *rotary_emb)
@@ -249,13 +250,10 @@ class LynxReferenceAttnProcessor(_LynxProcessor):
 
         if state.reference_on:
             features = state.reference[self.block_index]
-            ref_key, ref_value = state.reference_kv(
+            key_value = state.reference_kv(
                 self.block_index, lambda: self.reference_keys_values(attn, features)
             )
-            batch_size = query.shape[0]
-            reference_out = self._attend(
-                reference_query, _batched(ref_key, batch_size), _batched(ref_value, batch_size)
-            )
+            reference_out = self._attend_branch(reference_query, key_value)
             hidden_states = torch.add(hidden_states, reference_out, alpha=state.ref_scale)
 
         hidden_states = attn.to_out[0](hidden_states)

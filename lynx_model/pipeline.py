@@ -122,16 +122,14 @@ def check_base_folder(base: Path) -> None:
             read_header(path, role="base")
 
 
-def _load_component(name: str, path: Path, load: Callable[[], Any]) -> Any:
+def _load_component(path: Path, load: Callable[[], Any]) -> Any:
     try:
         return load()
     except WeightsError:
         raise
     except Exception as err:  # diffusers / transformers raise many kinds; users need one line
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WeightsError(
-            f"could not load the {name} from {path}: {first_line}", path=path, role="base"
-        ) from err
+        raise WeightsError(f"could not load {path}: {first_line}", path=path, role="base") from err
 
 
 def _face_embedding_tensor(face_embeds: Any, embedding_dim: int) -> torch.Tensor:
@@ -259,43 +257,23 @@ class LynxPipeline(DiffusionPipeline):
                 adapter_path, num_blocks=num_blocks, hidden_dim=hidden_dim, variant=variant
             )
 
-        def placed(module):
-            return module.to(device) if device.type != "cpu" else module
+        def load_model(cls, name: str):
+            model = cls.from_pretrained(base, subfolder=name, dtype=dtypes[name], local_files_only=True)
+            return model.to(device) if device.type != "cpu" else model
 
+        # one component after the other, each moved to the device before the next is read
         tokenizer = _load_component(
-            "tokenizer",
             base / "tokenizer",
             lambda: AutoTokenizer.from_pretrained(base, subfolder="tokenizer", local_files_only=True),
         )
         text_encoder = _load_component(
-            "text encoder",
-            base / "text_encoder",
-            lambda: placed(
-                UMT5EncoderModel.from_pretrained(
-                    base, subfolder="text_encoder", dtype=dtypes["text_encoder"], local_files_only=True
-                )
-            ),
+            base / "text_encoder", lambda: load_model(UMT5EncoderModel, "text_encoder")
         )
-        vae = _load_component(
-            "VAE",
-            base / "vae",
-            lambda: placed(
-                AutoencoderKLWan.from_pretrained(
-                    base, subfolder="vae", dtype=dtypes["vae"], local_files_only=True
-                )
-            ),
-        )
+        vae = _load_component(base / "vae", lambda: load_model(AutoencoderKLWan, "vae"))
         transformer = _load_component(
-            "transformer",
-            base / "transformer",
-            lambda: placed(
-                WanTransformer3DModel.from_pretrained(
-                    base, subfolder="transformer", dtype=dtypes["transformer"], local_files_only=True
-                )
-            ),
+            base / "transformer", lambda: load_model(WanTransformer3DModel, "transformer")
         )
         scheduler = _load_component(
-            "scheduler",
             base / "scheduler",
             lambda: UniPCMultistepScheduler.from_pretrained(
                 base, subfolder="scheduler", local_files_only=True
@@ -445,24 +423,21 @@ class LynxPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------
     # stage 3: reference
     # ------------------------------------------------------------------------------------------
-    def _normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+    def _latent_statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's per-channel latent mean and 1/std, shaped and placed like ``like``."""
         config = self.vae.config
-        mean = (
-            torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        )
-        inv_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(
-            latents.device, latents.dtype
-        )
+        shape = (1, config.z_dim, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean).view(shape).to(like.device, like.dtype)
+        inv_std = 1.0 / torch.tensor(config.latents_std).view(shape).to(like.device, like.dtype)
+        return mean, inv_std
+
+    def _normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, inv_std = self._latent_statistics(latents)
         return (latents - mean) * inv_std
 
     def _denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        config = self.vae.config
-        mean = (
-            torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        )
-        inv_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(
-            latents.device, latents.dtype
-        )
+        # written as diffusers' WanPipeline writes it, so decoded frames match it bit for bit
+        mean, inv_std = self._latent_statistics(latents)
         return latents / inv_std + mean
 
     def _capture_features(self, pixels: torch.Tensor, seed: int, text: torch.Tensor) -> list[torch.Tensor]:

@@ -17,32 +17,21 @@ from .conftest import NEGATIVE, PROMPT, SIZE, generate, load
 
 
 def test_stages_compose_to_the_one_call_result(full_pipe, face, ref_image):
-    one_call = full_pipe(
-        prompt=PROMPT,
-        negative_prompt=NEGATIVE,
-        face_embeds=face,
-        ref_image=ref_image,
-        num_inference_steps=2,
-        seed=9,
-        output_type="np",
-        **SIZE,
-    )
+    one_call = generate(full_pipe, face, ref_image, num_inference_steps=2, seed=9, output_type="np")
     prompt_embeds, negative_embeds = full_pipe.encode_prompt(PROMPT, NEGATIVE)
-    identity = full_pipe.encode_identity(face)
-    reference = full_pipe.encode_reference(ref_image, seed=9)
-    latents = full_pipe(
+    latents = generate(
+        full_pipe,
+        prompt=None,
+        negative_prompt=None,
         prompt_embeds=prompt_embeds,
         negative_prompt_embeds=negative_embeds,
-        identity=identity,
-        reference=reference,
+        identity=full_pipe.encode_identity(face),
+        reference=full_pipe.encode_reference(ref_image, seed=9),
         num_inference_steps=2,
         seed=9,
-        output_type="latent",
-        **SIZE,
-    ).frames
+    )
     frames = full_pipe.decode_latents(latents)
-    assert one_call.seed == 9
-    assert np.array_equal(frames, one_call.frames)
+    assert np.array_equal(frames, one_call)
     # one video of 5 frames, float32 in [0, 1]
     assert frames.shape == (1, SIZE["num_frames"], SIZE["height"], SIZE["width"], 3)
     assert frames.dtype == np.float32 and frames.min() >= 0.0 and frames.max() <= 1.0
