@@ -64,9 +64,9 @@ ProgressCallback = Callable[[int, int, float], None]
 def wan_flow_sigmas(num_inference_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
     """Unshifted flow sigmas of original Wan2.1 and of the Lynx reference (diffusers 0.33).
 
-    They run from 1 - 1/N down towards 0; diffusers >= 0.35 starts UniPC's flow schedule at 1.0
-    instead, which moves every timestep (by up to 0.2 % here) and the sampled latents with it.
-    The scheduler applies its ``flow_shift`` to these.
+    They run from 1 - 1/N down towards 0; diffusers 0.42's UniPC starts its flow schedule at 1.0
+    instead, which moves the timesteps slightly and the sampled latents with them (by 6e-2 in the
+    parity run). The scheduler applies its ``flow_shift`` to these.
     """
     return np.linspace(1.0 - 1.0 / num_train_timesteps, 0.0, num_inference_steps + 1)[:-1].copy()
 
@@ -110,7 +110,10 @@ def check_base_folder(base: Path) -> None:
         folder = base / name
         files = sorted(folder.glob("*.safetensors"))
         for index in folder.glob("*.safetensors.index.json"):
-            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+            try:
+                shards = set(json.loads(index.read_text())["weight_map"].values())
+            except (ValueError, KeyError, AttributeError):
+                raise WeightsError(f"{index} is not a safetensors index", path=index, role="base") from None
             for shard in sorted(shards):
                 if not (folder / shard).is_file():
                     raise WeightsError(
@@ -133,11 +136,10 @@ def _load_component(path: Path, load: Callable[[], Any]) -> Any:
 
 
 def _face_embedding_tensor(face_embeds: Any, embedding_dim: int) -> torch.Tensor:
-    embeds = torch.as_tensor(
-        np.asarray(face_embeds, dtype=np.float32)
-        if not torch.is_tensor(face_embeds)
-        else face_embeds.detach().float().cpu()
-    )
+    if torch.is_tensor(face_embeds):
+        embeds = face_embeds.detach().float().cpu()
+    else:
+        embeds = torch.from_numpy(np.asarray(face_embeds, dtype=np.float32))
     if embeds.ndim == 1:
         embeds = embeds[None]
     if embeds.ndim == 2:
