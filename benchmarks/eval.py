@@ -1,0 +1,169 @@
+"""Evaluation throughput on this machine: video frames scored per second, per recogniser and combined.
+
+    PYTHONPATH=. python benchmarks/eval.py [--models-dir DIR] [--frames 81] [--repeats 3]
+
+A clip of the full model's shape (81 frames, 832x480, 16 fps; scikit-image's astronaut panned
+and zoomed by ffmpeg, so every frame shows a face) is scored against a mirrored reference photo
+by each recogniser alone and by all of them together (one detection pass), at stride 1 and 4,
+all in one run. Recognisers: the demo pack's SFace (ONNX), IR-SE50 in torch (random weights: the
+speed does not depend on them; the real file is not available here), and the same IR-SE50
+exported to ONNX as a stand-in for insightface's ResNet-50 recognisers (w600k_r50 is an IResNet-50
+of the same size class). Prints a Markdown table for docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import cv2
+import imageio_ffmpeg
+import skimage.data
+import torch
+from faces import Timing  # benchmarks/faces.py: median (fastest) of several runs
+
+from lynx.evaluation import evaluate_video, load_evaluation_models, reference_embeddings
+from lynx.faces import ensure_demo_pack
+from lynx.faces.irse50 import IRSE50
+from lynx.faces.similarity import iter_video_frames
+from lynx.settings import LynxSettings
+
+
+def make_clip(folder: Path, frames: int) -> tuple[Path, Path]:
+    photo, reference, video = folder / "astronaut.png", folder / "reference.jpg", folder / "clip.mp4"
+    astronaut = skimage.data.astronaut()[..., ::-1]
+    cv2.imwrite(str(photo), astronaut)
+    cv2.imwrite(str(reference), cv2.flip(astronaut, 1), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    # Crop to the output's aspect ratio first: zoompan stretches whatever it is given.
+    zoom = (
+        "scale=1664:-2,crop=1664:960:0:0,"
+        "zoompan=z='1+0.003*on':x='iw/2-(iw/zoom/2)+on*2':y='ih/2-(ih/zoom/2)':d=1:s=832x480:fps=16"
+    )
+    subprocess.run(
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-y",
+            "-loglevel",
+            "error",
+            "-loop",
+            "1",
+            "-i",
+            str(photo),
+            "-vf",
+            zoom,
+            "-frames:v",
+            str(frames),
+            "-c:v",
+            "libx264",
+            "-crf",
+            "18",
+            "-pix_fmt",
+            "yuv420p",
+            str(video),
+        ],
+        check=True,
+    )
+    return video, reference
+
+
+def write_irse50(folder: Path) -> tuple[Path, Path]:
+    torch.manual_seed(0)
+    module = IRSE50().eval()
+    weights, onnx_file = folder / "irse50.pth", folder / "irse50_r50.onnx"
+    torch.save(module.state_dict(), weights)
+    torch.onnx.export(
+        module,
+        torch.zeros(1, 3, 112, 112),
+        str(onnx_file),
+        input_names=["input"],
+        output_names=["embedding"],
+        dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
+        dynamo=False,
+        opset_version=17,
+    )
+    return weights, onnx_file
+
+
+def seconds(action, repeats: int) -> Timing:
+    """Median (fastest) of ``repeats`` timed runs after one warm-up run (one is enough here: a run
+    is thousands of model calls)."""
+    action()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - start)
+    return Timing(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models-dir", type=Path, default=None, help="LYNX_MODELS_DIR holding the demo pack")
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    folder = Path(tempfile.mkdtemp(prefix="lynx-eval-bench-"))
+    base = LynxSettings(
+        _env_file=None,
+        home=folder / "home",
+        face_device="cpu",
+        **({"models_dir": args.models_dir} if args.models_dir else {}),
+    )
+    ensure_demo_pack(base)
+    video, reference = make_clip(folder, args.frames)
+    weights, onnx_file = write_irse50(folder)
+    onnx_spec = {
+        "path": str(onnx_file),
+        "name": "irse50-onnx (r50 stand-in)",
+        "preprocessing": {"mean": 127.5, "std": 127.5},
+    }
+    configurations = {
+        "SFace (demo pack, ONNX)": ["pack"],
+        "IR-SE50 (torch)": ["arcface_ir_se50"],
+        "IR-SE50 exported to ONNX": [onnx_spec],
+        "all three together": ["pack", "arcface_ir_se50", onnx_spec],
+    }
+
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads; clip {args.frames} frames 832x480; "
+        f"median (fastest) of {args.repeats} runs"
+    )
+    print("\n| recognisers | stride | frames scored | seconds | scored frames/s | video frames/s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for stride in (1, 4):
+        took = seconds(lambda s=stride: sum(1 for _ in iter_video_frames(video, s)), args.repeats)
+        print(row("decode only (PyAV, RGB)", stride, -(-args.frames // stride), "", took, args.frames))
+    for label, specs in configurations.items():
+        settings = base.model_copy(update={"eval_recognizers": specs, "arcface_weights_path": weights})
+        models = load_evaluation_models(settings)
+        references = reference_embeddings(reference, models, settings)
+        for stride in (1, 4):
+            results: list = []
+            score = partial(evaluate_video, video, references, models, stride=stride)
+            took = seconds(lambda score=score, results=results: results.append(score()), args.repeats)
+            result = results[-1]
+            means = ", ".join(f"{r.mean:.2f}" for r in result.by_recognizer.values() if r.mean is not None)
+            note = f" ({result.frames_with_face} with a face; mean {means})"
+            print(row(label, stride, result.frames_sampled, note, took, args.frames))
+
+
+def row(label: str, stride: int, scored: int, note: str, took: Timing, frames: int) -> str:
+    """Seconds and rates as median (best): the best run is the one least disturbed by other load."""
+    rates = [(count / took.median, count / took.fastest) for count in (scored, frames)]
+    return (
+        f"| {label} | {stride} | {scored}{note} | {took:.2f} | "
+        + " | ".join(f"{median:.1f} ({best:.1f})" for median, best in rates)
+        + " |"
+    )
+
+
+if __name__ == "__main__":
+    main()
