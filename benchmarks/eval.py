@@ -5,10 +5,12 @@
 A clip of the full model's shape (81 frames, 832x480, 16 fps; scikit-image's astronaut panned
 and zoomed by ffmpeg, so every frame shows a face) is scored against a mirrored reference photo
 by each recogniser alone and by all of them together (one detection pass), at stride 1 and 4,
-all in one run. Recognisers: the demo pack's SFace (ONNX), IR-SE50 in torch (random weights: the
-speed does not depend on them; the real file is not available here), and the same IR-SE50
-exported to ONNX as a stand-in for insightface's ResNet-50 recognisers (w600k_r50 is an IResNet-50
-of the same size class). Prints a Markdown table for docs/PERFORMANCE.md.
+all in one run, taking turns. SFace and all three run again with onnxruntime's threads spinning
+(its default, turned off in lynx) for comparison. Recognisers: the demo pack's SFace (ONNX),
+IR-SE50 in torch (random weights: the speed does not depend on them; the real file is not
+available here), and the same IR-SE50 exported to ONNX as a stand-in for insightface's ResNet-50
+recognisers (w600k_r50 is an IResNet-50 of the same size class). Prints a Markdown table for
+docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
@@ -19,17 +21,20 @@ import platform
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 
 import cv2
 import imageio_ffmpeg
+import onnxruntime
 import skimage.data
 import torch
 from faces import Timing  # benchmarks/faces.py: median (fastest) of several runs
 
 from lynx.evaluation import evaluate_video, load_evaluation_models, reference_embeddings
-from lynx.faces import ensure_demo_pack
+from lynx.faces import ensure_demo_pack, runtime
 from lynx.faces.irse50 import IRSE50
 from lynx.faces.similarity import iter_video_frames
 from lynx.settings import LynxSettings
@@ -90,16 +95,42 @@ def write_irse50(folder: Path) -> tuple[Path, Path]:
     return weights, onnx_file
 
 
-def seconds(action, repeats: int) -> Timing:
-    """Median (fastest) of ``repeats`` timed runs after one warm-up run (one is enough here: a run
-    is thousands of model calls)."""
-    action()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+@contextmanager
+def onnxruntime_spinning() -> Iterator[None]:
+    """Models loaded inside get onnxruntime's default busy-waiting threads (what lynx turned off),
+    so the benchmark can show what that choice is worth on this machine."""
+    import lynx.faces.analyzer
+    import lynx.faces.embedders
+    import lynx.faces.yunet
+
+    modules = [lynx.faces.analyzer, lynx.faces.embedders, lynx.faces.yunet]
+
+    def spinning():
+        options = onnxruntime.SessionOptions()  # defaults: threads spin
+        options.log_severity_level = 3
+        return options
+
+    for module in modules:
+        module.session_options = spinning
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.session_options = runtime.session_options
+
+
+def round_robin(actions: dict[str, Callable[[], object]], repeats: int) -> dict[str, Timing]:
+    """Time every action ``repeats`` times, taking turns (after one warm-up each), so that load from
+    other processes falls on all of them alike; median (fastest) per action."""
+    for action in actions.values():
         action()
-        times.append(time.perf_counter() - start)
-    return Timing(times)
+    times: dict[str, list[float]] = {name: [] for name in actions}
+    for _ in range(repeats):
+        for name, action in actions.items():
+            start = time.perf_counter()
+            action()
+            times[name].append(time.perf_counter() - start)
+    return {name: Timing(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -136,23 +167,36 @@ def main() -> None:
         f"{torch.get_num_threads()} torch threads; clip {args.frames} frames 832x480; "
         f"median (fastest) of {args.repeats} runs"
     )
-    print("\n| recognisers | stride | frames scored | seconds | scored frames/s | video frames/s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    actions: dict[tuple[str, int], Callable[[], object]] = {}
     for stride in (1, 4):
-        took = seconds(lambda s=stride: sum(1 for _ in iter_video_frames(video, s)), args.repeats)
-        print(row("decode only (PyAV, RGB)", stride, -(-args.frames // stride), "", took, args.frames))
-    for label, specs in configurations.items():
+        actions["decode only (PyAV, RGB)", stride] = partial(
+            lambda s: sum(1 for _ in iter_video_frames(video, s)), stride
+        )
+    spinning = {
+        f"{label}, onnxruntime threads spinning": specs
+        for label, specs in configurations.items()
+        if label.startswith(("SFace", "all"))
+    }
+    for label, specs in {**configurations, **spinning}.items():
         settings = base.model_copy(update={"eval_recognizers": specs, "arcface_weights_path": weights})
-        models = load_evaluation_models(settings)
+        with onnxruntime_spinning() if label in spinning else nullcontext():
+            models = load_evaluation_models(settings)
         references = reference_embeddings(reference, models, settings)
         for stride in (1, 4):
-            results: list = []
-            score = partial(evaluate_video, video, references, models, stride=stride)
-            took = seconds(lambda score=score, results=results: results.append(score()), args.repeats)
-            result = results[-1]
-            means = ", ".join(f"{r.mean:.2f}" for r in result.by_recognizer.values() if r.mean is not None)
-            note = f" ({result.frames_with_face} with a face; mean {means})"
-            print(row(label, stride, result.frames_sampled, note, took, args.frames))
+            actions[label, stride] = partial(evaluate_video, video, references, models, stride=stride)
+    timings = round_robin(actions, args.repeats)
+
+    print("\n| recognisers | stride | frames scored | seconds | scored frames/s | video frames/s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for (label, stride), action in actions.items():
+        result = action()
+        if isinstance(result, int):  # decoding only
+            print(row(label, stride, result, "", timings[label, stride], args.frames))
+            continue
+        means = ", ".join(f"{r.mean:.2f}" for r in result.by_recognizer.values() if r.mean is not None)
+        note = f" ({result.frames_with_face} with a face; mean {means})"
+        print(row(label, stride, result.frames_sampled, note, timings[label, stride], args.frames))
+    print(f"\nload average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 def row(label: str, stride: int, scored: int, note: str, took: Timing, frames: int) -> str:
