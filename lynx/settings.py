@@ -282,10 +282,62 @@ class LynxSettings(BaseSettings):
             raise ValueError("must be a folder name inside LYNX_MODELS_DIR/faces, not a path")
         return value
 
+    # --- model ---------------------------------------------------------------------------------
+    base_model_path: Path | None = Field(
+        default=None,
+        description="Wan2.1 text-to-video diffusers folder (model_index.json, transformer/, vae/, "
+        "text_encoder/, tokenizer/, scheduler/). Default: LYNX_MODELS_DIR/Wan2.1-T2V-14B-Diffusers.",
+    )
+    adapter_path: Path | None = Field(
+        default=None,
+        description="Lynx adapter folder as released (lynx_full or lynx_lite: resampler.safetensors, "
+        "ip_layers.safetensors, ref_layers.safetensors). Default: LYNX_MODELS_DIR/lynx_full "
+        "(lynx_lite when LYNX_MODEL_VARIANT=lite).",
+    )
+    model_variant: Literal["auto", "full", "lite"] = Field(
+        default="auto",
+        description="'auto' infers full or lite from the adapter files; naming one makes a mismatch an "
+        "error.",
+    )
+    model_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto",
+        description="Compute dtype of the DiT, text encoder and adapters ('auto': bfloat16 on CUDA, float32 "
+        "on CPU). The VAE, resampler and fp32-sensitive layers stay float32.",
+    )
+    device: str = Field(
+        default="auto",
+        description="Where the model runs: 'auto' (cuda if available, else cpu), 'cpu', 'cuda' or "
+        "'cuda:N'.",
+    )
+    cpu_offload: bool = Field(
+        default=False,
+        description="Keep components in host RAM and move each to the GPU only while it runs (diffusers "
+        "model CPU offload): for the 14B model the GPU then holds the DiT with adapters (~35 GiB of bf16 "
+        "weights) instead of every component (~46 GiB); costs host-to-GPU copies per video.",
+    )
+    vae_tiling: bool = Field(
+        default=False,
+        description="Decode (and encode) video in overlapping tiles and one video at a time, to bound VAE "
+        "memory at 480p/720p.",
+    )
+    attention_backend: str = Field(
+        default="native",
+        description="diffusers attention backend for the DiT: 'native' (PyTorch SDPA), 'flash' "
+        "(flash-attn 2, CUDA, install the 'flash' extra), '_native_cudnn', 'sage', ...",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
     @field_validator(
         "home", "artifacts_dir", "models_dir", "ffmpeg_binary", "deliver_realesrgan_weights",
         "deliver_audio", "deliver_watermark", "deliver_safety_model", "arcface_weights_path",
-        "face_demo_wheel", "workdir", "demo_model_dir", mode="after",
+        "face_demo_wheel", "base_model_path", "adapter_path", "workdir", "demo_model_dir", mode="after",
     )
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
@@ -321,6 +373,15 @@ class LynxSettings(BaseSettings):
         return self.arcface_weights_path or (
             self.resolved_face_packs_dir / "arcface" / "recognition_arcface_ir_se50.pth"
         )
+
+    @property
+    def resolved_base_model_path(self) -> Path:
+        return self.base_model_path or self.resolved_models_dir / "Wan2.1-T2V-14B-Diffusers"
+
+    @property
+    def resolved_adapter_path(self) -> Path:
+        default = "lynx_lite" if self.model_variant == "lite" else "lynx_full"
+        return self.adapter_path or self.resolved_models_dir / default
 
     @property
     def resolved_workdir(self) -> Path:

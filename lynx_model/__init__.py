@@ -1,1 +1,85 @@
-"""Lynx on the diffusers Wan2.1 DiT: pure PyTorch + diffusers (no Prefect, database or S3 here)."""
+"""Lynx on the diffusers Wan2.1 DiT: pure PyTorch + diffusers (no Prefect, database or S3 here).
+
+Public API (imported lazily, so ``import lynx_model.errors`` stays cheap)::
+
+    from lynx_model import LynxPipeline
+    pipe = LynxPipeline.from_pretrained(base_model_path, adapter_path=..., dtype=torch.bfloat16)
+    out = pipe(prompt=..., face_embeds=..., ref_image=..., seed=42)
+    out.frames
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "LynxPipeline": "pipeline",
+    "LynxPipelineOutput": "pipeline",
+    "DEFAULT_NEGATIVE_PROMPT": "pipeline",
+    "REFERENCE_PROMPT": "pipeline",
+    "IdentityTokens": "conditioning",
+    "ReferenceFeatures": "conditioning",
+    "PromptEmbeddings": "conditioning",
+    "LynxResampler": "resampler",
+    "LynxIdentityAdapterLayers": "adapters",
+    "LynxReferenceAdapterLayers": "adapters",
+    "LynxAdapters": "adapters",
+    "AdapterSpec": "adapters",
+    "load_adapters": "adapters",
+    "save_adapters": "adapters",
+    "AdapterState": "attention",
+    "AdapterRuntime": "attention",
+    "LynxIdentityAttnProcessor": "attention",
+    "LynxReferenceAttnProcessor": "attention",
+    "LynxModelError": "errors",
+    "WeightsError": "errors",
+    "ModelInputError": "errors",
+}
+
+__all__ = [
+    "AdapterRuntime",
+    "AdapterSpec",
+    "AdapterState",
+    "DEFAULT_NEGATIVE_PROMPT",
+    "IdentityTokens",
+    "LynxAdapters",
+    "LynxIdentityAdapterLayers",
+    "LynxIdentityAttnProcessor",
+    "LynxModelError",
+    "LynxPipeline",
+    "LynxPipelineOutput",
+    "LynxReferenceAdapterLayers",
+    "LynxReferenceAttnProcessor",
+    "LynxResampler",
+    "ModelInputError",
+    "PromptEmbeddings",
+    "REFERENCE_PROMPT",
+    "ReferenceFeatures",
+    "WeightsError",
+    "load_adapters",
+    "save_adapters",
+]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .adapters import (
+        AdapterSpec,
+        LynxAdapters,
+        LynxIdentityAdapterLayers,
+        LynxReferenceAdapterLayers,
+        load_adapters,
+        save_adapters,
+    )
+    from .attention import AdapterRuntime, AdapterState, LynxIdentityAttnProcessor, LynxReferenceAttnProcessor
+    from .conditioning import IdentityTokens, PromptEmbeddings, ReferenceFeatures
+    from .errors import LynxModelError, ModelInputError, WeightsError
+    from .pipeline import DEFAULT_NEGATIVE_PROMPT, REFERENCE_PROMPT, LynxPipeline, LynxPipelineOutput
+    from .resampler import LynxResampler

@@ -4,43 +4,24 @@ Everything runs through the real tools: frames are encoded by the real ffmpeg, a
 by ffmpeg's own generators, the safety classifier is a real ONNX graph run by onnxruntime, and the
 Real-ESRGAN weights are random tensors saved in the official file layout.
 
-``LocalFolderStore`` implements the artifact-store interface of ``lynx.store`` on a folder. It
-exists only because ``lynx.store`` is built in parallel; on merge these tests switch to the real
-store (``lynx.store.local.LocalArtifactStore``).
+Publishing runs against the real artifact stores of the root conftest (a local folder and a moto S3
+server), wrapped by ``RecordingStore`` to observe upload order and to inject failures.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from lynx.errors import NotFoundError
 from lynx.media.ffmpeg import ffmpeg_exe
 from lynx.media.provenance import InputArtifact, ModelInfo, Provenance
-from lynx.settings import get_settings
-
-
-@pytest.fixture(autouse=True)
-def _no_outer_lynx_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """Settings in these tests come from the test, never from the developer's environment."""
-    for name in list(os.environ):
-        if name.startswith("LYNX_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("LYNX_HOME", str(tmp_path / "lynx-home"))
-    get_settings.cache_clear()  # the CLI reads the cached settings object
-    yield
-    get_settings.cache_clear()
+from lynx.store import ArtifactStore, StoredObject
 
 
 def synthetic_frames(count: int, height: int, width: int, *, brightness: float = 1.0) -> Iterator[np.ndarray]:
@@ -120,73 +101,47 @@ def provenance() -> Provenance:
     )
 
 
-# --- artifact store stand-in ------------------------------------------------------------------
-@dataclass(frozen=True)
-class StoredObject:
-    key: str
-    sha256: str
-    size: int
-    content_type: str = "application/octet-stream"
+# --- artifact store ------------------------------------------------------------------------------
+class RecordingStore:
+    """A real artifact store that remembers the order of its uploads and can be told to fail.
 
+    Wraps ``lynx.store`` (the root conftest's ``store``: local folder and moto S3), so publishing is
+    tested against the real backends; ``fail_at`` makes the n-th upload raise as a dropped connection
+    would, ``corrupt`` makes ``stat`` report other bytes than were sent for keys ending with it.
+    """
 
-class LocalFolderStore:
-    """The ``lynx.store`` interface on a folder; records the order of uploads for the tests."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, inner: ArtifactStore, *, fail_at: int | None = None, corrupt: str | None = None):
+        self.inner = inner
+        self.fail_at = fail_at
+        self.corrupt = corrupt
         self.uploads: list[str] = []
-        self._meta: dict[str, StoredObject] = {}
-
-    def _path(self, key: str) -> Path:
-        return self.root / key
 
     def put_file(
         self, path: Path, *, key: str | None = None, content_type: str | None = None
     ) -> StoredObject:
-        data = Path(path).read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        key = key or f"sha256/{digest[:2]}/{digest}"
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
-        obj = StoredObject(
-            key,
-            hashlib.sha256(target.read_bytes()).hexdigest(),
-            target.stat().st_size,
-            content_type or "application/octet-stream",
-        )
-        self._meta[key] = obj
-        self.uploads.append(key)
-        return obj
+        if self.fail_at is not None and len(self.uploads) + 1 == self.fail_at:
+            raise ConnectionError("connection reset by peer")
+        stored = self.inner.put_file(path, key=key, content_type=content_type)
+        self.uploads.append(stored.key)
+        return stored
 
     def stat(self, key: str) -> StoredObject:
-        if key not in self._meta:
-            raise NotFoundError(f"no artifact {key}")
-        return self._meta[key]
-
-    def exists(self, key: str) -> bool:
-        return key in self._meta
-
-    def get_file(self, key: str, dest: Path) -> StoredObject:
-        shutil.copyfile(self._path(self.stat(key).key), dest)
-        return self._meta[key]
-
-    def delete(self, key: str) -> None:
-        self._meta.pop(key, None)
-        self._path(key).unlink(missing_ok=True)
-
-    @contextmanager
-    def open_read(self, key: str) -> Iterator[BinaryIO]:
-        with open(self._path(self.stat(key).key), "rb") as handle:
-            yield handle
+        stored = self.inner.stat(key)
+        if self.corrupt and key.endswith(self.corrupt):
+            return replace(stored, sha256="f" * 64)
+        return stored
 
     def keys(self) -> list[str]:
-        return sorted(self._meta)
+        return sorted(self.inner.list())
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> LocalFolderStore:
-    return LocalFolderStore(tmp_path / "store")
+def store(store: ArtifactStore) -> RecordingStore:
+    """The root conftest's real store (local and S3), recording its uploads."""
+    return RecordingStore(store)
 
 
 # --- a tiny real ONNX classifier ----------------------------------------------------------------

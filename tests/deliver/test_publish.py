@@ -17,7 +17,7 @@ from lynx.media.publish import deliverable_prefix, publish_deliverables
 from lynx.media.spec import DeliverySpec
 from tasks.deliver import deliver_video
 
-from .conftest import LocalFolderStore, StoredObject, synthetic_frames
+from .conftest import RecordingStore, synthetic_frames
 
 PREFIX = "deliverables/spring/job-0001"
 
@@ -31,7 +31,7 @@ def result(tmp_path: Path, provenance: Provenance, make_audio) -> DeliveryResult
 
 
 def test_publish_uploads_every_file_manifest_last_with_matching_checksums(
-    tmp_path: Path, result: DeliveryResult, store: LocalFolderStore
+    tmp_path: Path, result: DeliveryResult, store: RecordingStore
 ) -> None:
     stored = publish_deliverables(result, store, prefix=PREFIX + "/")
 
@@ -55,46 +55,25 @@ def test_publish_uploads_every_file_manifest_last_with_matching_checksums(
         assert container.metadata["seed"] == "1234"
 
 
-class FailingStore(LocalFolderStore):
-    """Refuses the n-th upload, as a full disk or dropped connection would."""
-
-    def __init__(self, root: Path, fail_at: int) -> None:
-        super().__init__(root)
-        self.fail_at = fail_at
-
-    def put_file(self, path, *, key=None, content_type=None):
-        if len(self.uploads) + 1 == self.fail_at:
-            raise ConnectionError("connection reset by peer")
-        return super().put_file(path, key=key, content_type=content_type)
-
-
-class CorruptingStore(LocalFolderStore):
-    """Reports other bytes than were sent for the manifest."""
-
-    def stat(self, key: str) -> StoredObject:
-        obj = super().stat(key)
-        return StoredObject(obj.key, "f" * 64, obj.size) if key.endswith("manifest.json") else obj
-
-
 @pytest.mark.parametrize("fail_at", [1, 3, 6])
 def test_failed_upload_removes_everything_it_uploaded(
-    tmp_path: Path, result: DeliveryResult, fail_at: int
+    result: DeliveryResult, store: RecordingStore, fail_at: int
 ) -> None:
-    store = FailingStore(tmp_path / "store", fail_at)
+    store = RecordingStore(store.inner, fail_at=fail_at)
     with pytest.raises(ConnectionError):
         publish_deliverables(result, store, prefix=PREFIX)
     assert store.keys() == []
 
 
-def test_checksum_mismatch_in_the_store_rolls_back(tmp_path: Path, result: DeliveryResult) -> None:
-    store = CorruptingStore(tmp_path / "store")
+def test_checksum_mismatch_in_the_store_rolls_back(result: DeliveryResult, store: RecordingStore) -> None:
+    store = RecordingStore(store.inner, corrupt="manifest.json")
     with pytest.raises(PublishError, match="manifest.json has sha256 f{64}"):
         publish_deliverables(result, store, prefix=PREFIX)
     assert store.keys() == []
 
 
 def test_file_changed_after_verification_is_not_published(
-    result: DeliveryResult, store: LocalFolderStore
+    result: DeliveryResult, store: RecordingStore
 ) -> None:
     poster = result.file("poster.jpg").path
     poster.write_bytes(poster.read_bytes() + b"tampered")
@@ -104,7 +83,7 @@ def test_file_changed_after_verification_is_not_published(
 
 
 def test_task_delivers_an_intermediate_and_cleans_up(
-    tmp_path: Path, provenance: Provenance, store: LocalFolderStore, make_audio
+    tmp_path: Path, provenance: Provenance, store: RecordingStore, make_audio
 ) -> None:
     intermediate = write_lossless(synthetic_frames(13, 32, 48), tmp_path / "decoded.mkv", fps=24)
     spec = DeliverySpec(audio=make_audio(0.3), preset="veryfast")  # source_fps 16: the file says 24
@@ -129,7 +108,7 @@ def test_task_delivers_an_intermediate_and_cleans_up(
 
 
 def test_task_with_corrupt_audio_uploads_nothing(
-    tmp_path: Path, provenance: Provenance, store: LocalFolderStore
+    tmp_path: Path, provenance: Provenance, store: RecordingStore
 ) -> None:
     intermediate = write_lossless(synthetic_frames(5, 32, 48), tmp_path / "decoded.mkv", fps=16)
     audio = tmp_path / "jingle.wav"

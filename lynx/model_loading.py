@@ -1,0 +1,120 @@
+"""Turns the model settings into a loaded ``LynxPipeline`` and ``lynx_model`` errors into ``LynxError``s.
+
+``lynx_model`` knows nothing about settings; this is the one place that reads LYNX_BASE_MODEL_PATH,
+LYNX_ADAPTER_PATH and friends, checks them, and names the setting to fix when weights are missing
+or do not fit.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lynx.errors import ConfigurationError, InputError, LynxError, ModelWeightsError
+from lynx.settings import LynxSettings, get_settings
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from lynx_model import LynxPipeline
+
+# which setting points at the files a lynx_model.WeightsError is about
+_SETTING_FOR_ROLE = {
+    "base": "LYNX_BASE_MODEL_PATH",
+    "adapter": "LYNX_ADAPTER_PATH",
+    "variant": "LYNX_MODEL_VARIANT",
+}
+
+
+def as_lynx_error(err: Exception) -> Exception:
+    """The ``LynxError`` to show for an error raised by ``lynx_model`` (other errors are returned as is)."""
+    from lynx_model.errors import ModelInputError, WeightsError
+
+    if isinstance(err, WeightsError):
+        return ModelWeightsError(str(err), setting=_SETTING_FOR_ROLE.get(err.role or ""))
+    if isinstance(err, ModelInputError):
+        return InputError(str(err))
+    return err
+
+
+def resolve_device(value: str) -> torch.device:
+    import torch
+
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(value)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigurationError(
+                f"LYNX_DEVICE={value} but no CUDA device is available", setting="LYNX_DEVICE"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigurationError(
+                f"LYNX_DEVICE={value} but only {torch.cuda.device_count()} CUDA device(s) exist",
+                setting="LYNX_DEVICE",
+            )
+    return device
+
+
+def resolve_dtype(value: str, device: torch.device) -> torch.dtype:
+    import torch
+
+    if value == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, value)
+
+
+def load_lynx_pipeline(settings: LynxSettings | None = None) -> LynxPipeline:
+    """Load the pipeline the settings describe, placed and configured for the device.
+
+    Raises ``ModelWeightsError`` / ``ConfigurationError`` naming the LYNX_* setting to fix.
+    """
+    settings = settings or get_settings()
+    base = settings.resolved_base_model_path
+    adapter = settings.resolved_adapter_path
+    if not base.is_dir():
+        raise ModelWeightsError(
+            f"Wan2.1 base model folder not found: {base} (download Wan-AI/Wan2.1-T2V-14B-Diffusers there)",
+            setting="LYNX_BASE_MODEL_PATH",
+        )
+    if not adapter.is_dir():
+        raise ModelWeightsError(
+            f"Lynx adapter folder not found: {adapter} (lynx_full or lynx_lite from ByteDance/lynx)",
+            setting="LYNX_ADAPTER_PATH",
+        )
+    device = resolve_device(settings.device)
+    if settings.cpu_offload and device.type != "cuda":
+        raise ConfigurationError(
+            "LYNX_CPU_OFFLOAD needs a CUDA device (LYNX_DEVICE)", setting="LYNX_CPU_OFFLOAD"
+        )
+    dtype = resolve_dtype(settings.model_dtype, device)
+
+    from lynx_model import LynxModelError, LynxPipeline
+
+    try:
+        pipe = LynxPipeline.from_pretrained(
+            base,
+            adapter_path=adapter,
+            variant=settings.model_variant,
+            dtype=dtype,
+            device=None if settings.cpu_offload else device,
+        )
+    except LynxModelError as err:
+        raise as_lynx_error(err) from err
+
+    if settings.cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    if settings.vae_tiling:
+        pipe.vae.enable_tiling()
+        pipe.vae.enable_slicing()
+    if settings.attention_backend != "native":
+        try:
+            pipe.transformer.set_attention_backend(settings.attention_backend)
+        except (ValueError, RuntimeError, ImportError) as err:
+            raise ConfigurationError(
+                f"attention backend {settings.attention_backend!r} unusable here: {str(err).splitlines()[0]}",
+                setting="LYNX_ATTENTION_BACKEND",
+            ) from err
+    return pipe
+
+
+__all__ = ["LynxError", "as_lynx_error", "load_lynx_pipeline", "resolve_device", "resolve_dtype"]

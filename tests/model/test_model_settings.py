@@ -1,0 +1,79 @@
+"""``lynx.model_loading``: settings -> pipeline, lynx_model errors -> LynxError naming the setting."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from lynx.errors import ConfigurationError, InputError, ModelWeightsError
+from lynx.model_loading import as_lynx_error, load_lynx_pipeline, resolve_dtype
+from lynx.settings import LynxSettings
+from lynx_model import ModelInputError, WeightsError
+
+
+def settings(tmp_path, **values) -> LynxSettings:
+    return LynxSettings(home=tmp_path / "home", device="cpu", _env_file=None, **values)
+
+
+def test_loads_the_configured_pipeline(tiny_models, tmp_path):
+    pipe = load_lynx_pipeline(
+        settings(tmp_path, base_model_path=tiny_models.base, adapter_path=tiny_models.lite, vae_tiling=True)
+    )
+    assert pipe.variant == "lite"
+    assert pipe.transformer.dtype == torch.float32  # auto on CPU
+    assert pipe.vae.use_tiling and pipe.vae.use_slicing
+
+
+def test_default_paths_live_in_the_models_dir(tiny_models, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models.base, models / "Wan2.1-T2V-14B-Diffusers")
+    shutil.copytree(tiny_models.lite, models / "lynx_lite")
+    config = settings(tmp_path, models_dir=models, model_variant="lite")
+    assert config.resolved_adapter_path == models / "lynx_lite"
+    assert load_lynx_pipeline(config).variant == "lite"
+
+
+@pytest.mark.parametrize(
+    ("values", "setting"),
+    [
+        ({"base_model_path": "/nonexistent/wan"}, "LYNX_BASE_MODEL_PATH"),
+        ({"adapter_path": "/nonexistent/lynx_full"}, "LYNX_ADAPTER_PATH"),
+        ({"model_variant": "full", "adapter": "lite"}, "LYNX_MODEL_VARIANT"),
+        ({"adapter": "base"}, "LYNX_ADAPTER_PATH"),
+    ],
+)
+def test_weight_problems_name_the_setting(values, setting, tiny_models, tmp_path):
+    values = dict(values)
+    adapter = {"lite": tiny_models.lite, "base": tiny_models.base}.get(
+        values.pop("adapter", None), tiny_models.full
+    )
+    values = {"base_model_path": tiny_models.base, "adapter_path": adapter} | values
+    with pytest.raises(ModelWeightsError) as info:
+        load_lynx_pipeline(settings(tmp_path, **values))
+    assert info.value.setting == setting
+    assert setting in str(info.value)
+
+
+def test_device_and_backend_problems_name_the_setting(tiny_models, tmp_path):
+    paths = {"base_model_path": tiny_models.base, "adapter_path": tiny_models.full}
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigurationError, match="no CUDA device") as info:
+            load_lynx_pipeline(settings(tmp_path, **paths).model_copy(update={"device": "cuda"}))
+        assert info.value.setting == "LYNX_DEVICE"
+        with pytest.raises(ConfigurationError) as info:
+            load_lynx_pipeline(settings(tmp_path, cpu_offload=True, **paths))
+        assert info.value.setting == "LYNX_CPU_OFFLOAD"
+    with pytest.raises(ConfigurationError) as info:
+        load_lynx_pipeline(settings(tmp_path, attention_backend="no-such-backend", **paths))
+    assert info.value.setting == "LYNX_ATTENTION_BACKEND"
+
+
+def test_error_mapping_and_dtypes():
+    mapped = as_lynx_error(WeightsError("x is truncated", role="adapter"))
+    assert isinstance(mapped, ModelWeightsError) and mapped.setting == "LYNX_ADAPTER_PATH"
+    assert isinstance(as_lynx_error(ModelInputError("bad face")), InputError)
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
