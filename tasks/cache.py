@@ -118,17 +118,3 @@ def get_or_compute(kind: CachedKind[T], key: str, compute: Callable[[], T], *, j
     )
     svc.tracker.record_artifact(result.stored, kind=kind.artifact_kind, job_id=job_id)
     return result
-
-
-def remembered(name: str, key: str, compute: Callable[[], T], *, job_id: int, limit: int = 4) -> T:
-    """A result kept in this process's memory only (computed once per worker process)."""
-    started = time.monotonic()
-    value = memory.get(name, key)
-    reused = value is not None
-    if not reused:
-        value = compute()
-        memory.put(name, key, value, limit)
-    services().tracker.record_compute_event(
-        name, key, reused=reused, job_id=job_id, duration_s=time.monotonic() - started
-    )
-    return value
