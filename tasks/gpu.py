@@ -13,6 +13,8 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prefect import Flow, task
@@ -42,6 +44,33 @@ def gpu_batches(tickets: list[JobTicket], size: int | None = None) -> list[list[
         members = sorted(group, key=lambda ticket: (ticket.subject_id, ticket.job_id))
         batches += [members[i : i + size] for i in range(0, len(members), size)]
     return batches
+
+
+def _limit_exists(name: str) -> bool:
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        return False
+    return True
+
+
+@contextmanager
+def gpu_slot(pool: str) -> Iterator[None]:
+    """Hold one slot of the global concurrency limit named after the GPU pool, if it exists.
+
+    Without the limit (the embedded default) batches are not bounded; asking Prefect for a slot
+    of a missing limit (``strict=False``) costs seconds per batch, so we look it up first.
+    """
+    if not _limit_exists(pool):
+        log.info("no global concurrency limit %r: GPU batches are not bounded", pool)
+        yield
+        return
+    with concurrency(pool, occupy=1, strict=True):
+        yield
 
 
 def _api_url() -> str | None:
@@ -134,7 +163,7 @@ def run_batch(tickets: list[JobTicket], gpu_flow: Flow) -> list[JobTicket]:
             "LYNX_GPU_DEPLOYMENT is set but no Prefect server is configured (PREFECT_API_URL)",
             setting="LYNX_GPU_DEPLOYMENT",
         )
-    with concurrency(settings.gpu_pool, occupy=1, strict=False):
+    with gpu_slot(settings.gpu_pool):
         if settings.gpu_deployment:
             problem = run_on_gpu_pool(batch, settings)
         else:
