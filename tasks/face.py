@@ -10,7 +10,6 @@ every job of a subject: results are cached by the photo's sha256 and the face se
 from __future__ import annotations
 
 import functools
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +87,9 @@ def face_cache_key(photo_sha256: str, settings: LynxSettings) -> str:
 
 
 def analyze_stored_photo(photo_key: str, settings: LynxSettings) -> ReferenceFace:
-    """Fetch the photo into a private scratch folder, analyse it, and leave no copy behind."""
-    svc = services()
-    with tempfile.TemporaryDirectory(dir=svc.workdir("faces")) as scratch:
-        local = Path(scratch) / "photo"
-        svc.store.get_file(photo_key, local)
-        return analyze_reference_photo(local, settings)
+    """Analyse the photo from memory: no copy of it is written anywhere on this worker."""
+    photo = services().store.get_bytes(photo_key)
+    return analyze_reference_photo(photo, settings)
 
 
 def extract_face(ticket: JobTicket) -> FaceOutputs:
