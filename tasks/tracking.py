@@ -161,11 +161,36 @@ def latest_stage(job_id: int, stage: str, *, attempt: int, status: StageStatus |
     return rows[-1] if rows else None
 
 
+def cancel_child_runs(flow_run_id: Any) -> list[str]:
+    """Ask Prefect to cancel the unfinished subflow runs (the GPU runs) of a flow run."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.states import Cancelling
+
+    cancelled = []
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+        )
+        for child in children:
+            if child.state is not None and not child.state.is_final():
+                client.set_flow_run_state(child.id, Cancelling(message="its parent flow run was cancelled"))
+                cancelled.append(child.name)
+    return cancelled
+
+
 def cancel_flow_run_jobs(flow: Any, flow_run: Any, state: Any) -> None:
-    """Prefect ``on_cancellation`` hook: the jobs the cancelled run was working on end cancelled."""
+    """Prefect ``on_cancellation`` hook: the run's jobs end cancelled, and so do its GPU runs."""
     moved = mark_cancelled(jobs_of_flow_run(str(flow_run.id)))
     if moved:
         log.info("flow run %s cancelled: jobs %s marked cancelled", flow_run.name, moved)
+    try:
+        children = cancel_child_runs(flow_run.id)
+    except Exception:  # the jobs are cancelled already; a GPU run left over finds them so
+        log.warning("could not cancel the subflow runs of %s", flow_run.name, exc_info=True)
+        return
+    if children:
+        log.info("flow run %s cancelled: GPU runs %s cancelled too", flow_run.name, children)
 
 
 def job_row(job_id: int) -> Job:
