@@ -24,9 +24,13 @@ class GenerationSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    seed: int = Field(default=42, ge=0, lt=2**31, description="Initial-noise seed; the reference uses seed+1.")
+    seed: int = Field(
+        default=42, ge=0, lt=2**31, description="Initial-noise seed; the reference uses seed+1."
+    )
     frames: int | None = Field(
-        default=None, ge=1, le=1025,
+        default=None,
+        ge=1,
+        le=1025,
         description="Frames (4k+1). Unset: the variant's default (81 full, 121 lite).",
     )
     height: int = Field(default=480, ge=16, le=2048, description="Height in pixels (multiple of 16).")
@@ -78,7 +82,8 @@ class SubjectSpec(BaseModel):
     name: str | None = Field(default=None, description="Display name. Default: the id or 'subject'.")
     consent_reference: str | None = Field(default=None, description="Where the consent is recorded.")
     retention_until: datetime | None = Field(
-        default=None, description="When the biometric data must be gone. Default: LYNX_SUBJECT_RETENTION_DAYS."
+        default=None,
+        description="When the biometric data must be gone. Default: LYNX_SUBJECT_RETENTION_DAYS.",
     )
 
     @field_validator("id")

@@ -33,7 +33,9 @@ def decode_job(job: GpuJob, recorder: Any) -> GpuJob:
     frames = job.model.pipe.decode_latents(job.latents, output_type="np")[0]
     fps = job.model.pipe.default_fps
     with tempfile.TemporaryDirectory(dir=svc.workdir("decode")) as scratch:
-        video = write_lossless(frames, Path(scratch) / "intermediate.mkv", fps, ffmpeg_binary=svc.settings.ffmpeg_binary)
+        video = write_lossless(
+            frames, Path(scratch) / "intermediate.mkv", fps, ffmpeg_binary=svc.settings.ffmpeg_binary
+        )
         stored = svc.store.put_file(video.path, key=intermediate_key(job), content_type="video/x-matroska")
     svc.tracker.record_artifact(stored, kind=ArtifactKind.FRAMES, job_id=job.job_id)
     job.intermediate_key = stored.key

@@ -151,7 +151,9 @@ def register_job(
     return run_stage(ticket, "submit", check_photo, inputs=[ticket.photo_key] if ticket.photo_key else [])
 
 
-def submit_requests(requests: list[GenerationRequest], campaign_spec: dict[str, Any] | None = None) -> list[JobTicket]:
+def submit_requests(
+    requests: list[GenerationRequest], campaign_spec: dict[str, Any] | None = None
+) -> list[JobTicket]:
     """Register every request's subject (once per subject) and job; returns one ticket per request."""
     tracker = services().tracker
     names = {request.campaign for request in requests}
@@ -167,6 +169,8 @@ def submit_requests(requests: list[GenerationRequest], campaign_spec: dict[str, 
 
 
 @task(name="submit", cache_policy=NONE, retry_condition_fn=retry_on_transient)
-def submit_jobs(requests: list[GenerationRequest], campaign_spec: dict[str, Any] | None = None) -> list[JobTicket]:
+def submit_jobs(
+    requests: list[GenerationRequest], campaign_spec: dict[str, Any] | None = None
+) -> list[JobTicket]:
     """Prefect task over ``submit_requests``."""
     return submit_requests(requests, campaign_spec)

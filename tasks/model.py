@@ -142,8 +142,9 @@ def check_embedding(model: LoadedModel, spec: GpuJobSpec) -> None:
         )
     if model.embedding_dim == OFFICIAL_EMBEDDING_DIM and face.embedding_model != OFFICIAL_EMBEDDING_MODEL:
         raise ConfigurationError(
-            f"512-d identity adapters (the released Lynx weights) were trained on {OFFICIAL_EMBEDDING_MODEL} "
-            f"embeddings, not {face.embedding_model!r}; set LYNX_EMBEDDING_BACKEND={OFFICIAL_EMBEDDING_MODEL}",
+            f"512-d identity adapters (the released Lynx weights) were trained on "
+            f"{OFFICIAL_EMBEDDING_MODEL} embeddings, not {face.embedding_model!r}; "
+            f"set LYNX_EMBEDDING_BACKEND={OFFICIAL_EMBEDDING_MODEL}",
             setting="LYNX_EMBEDDING_BACKEND",
         )
 

@@ -46,7 +46,12 @@ IDENTITY_TOKENS = CachedKind(
     "identity_tokens", ArtifactKind.IDENTITY_TOKENS, ".safetensors", _save, _load_identity, memory_items=64
 )
 REFERENCE_FEATURES = CachedKind(
-    "reference_features", ArtifactKind.REFERENCE_FEATURES, ".safetensors", _save, _load_reference, memory_items=4
+    "reference_features",
+    ArtifactKind.REFERENCE_FEATURES,
+    ".safetensors",
+    _save,
+    _load_reference,
+    memory_items=4,
 )
 # Not stored: the grey-image features are the same for every subject and cheap next to a video.
 UNCOND_REFERENCE = "uncond_reference"

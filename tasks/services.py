@@ -40,8 +40,7 @@ _services: dict[str, Services] = {}
 
 def _identity(settings: LynxSettings) -> str:
     values = {
-        name: value.get_secret_value() if isinstance(value, SecretStr) else value
-        for name, value in settings
+        name: value.get_secret_value() if isinstance(value, SecretStr) else value for name, value in settings
     }
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
 

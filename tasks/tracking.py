@@ -73,14 +73,17 @@ def run_stage(
 
     Inactive tickets pass through untouched. A failure that is final (not transient, or no retries
     left) marks the job failed with ``error_stage``/``error_text`` and returns
-    ``ticket.as_failed(stage, text)``; a stage that runs past its timeout fails the same way, naming the setting.
+    ``ticket.as_failed(stage, text)``; a stage that runs past its timeout fails the same way,
+    naming the setting.
     """
     if not ticket.active:
         return ticket
     tracker = services().tracker
     started = time.monotonic()
     try:
-        with tracker.stage(ticket.job_id, stage, inputs=inputs, flow_run_id=current_flow_run_id()) as recorder:
+        with tracker.stage(
+            ticket.job_id, stage, inputs=inputs, flow_run_id=current_flow_run_id()
+        ) as recorder:
             return work(recorder)
     except BaseException as err:  # noqa: B036 - timeouts arrive as CancelledError (a BaseException)
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
@@ -135,7 +138,10 @@ def jobs_of_flow_run(flow_run_id: str) -> list[int]:
     with services().tracker.transaction() as session:
         return list(
             session.scalars(
-                select(StageRun.job_id).where(StageRun.flow_run_id == flow_run_id).distinct().order_by(StageRun.job_id)
+                select(StageRun.job_id)
+                .where(StageRun.flow_run_id == flow_run_id)
+                .distinct()
+                .order_by(StageRun.job_id)
             )
         )
 
@@ -151,7 +157,9 @@ def close_open_stages(job_id: int, text: str) -> None:
                 continue
 
 
-def latest_stage(job_id: int, stage: str, *, attempt: int, status: StageStatus | None = None) -> StageRun | None:
+def latest_stage(
+    job_id: int, stage: str, *, attempt: int, status: StageStatus | None = None
+) -> StageRun | None:
     """The newest row of ``stage`` for the job's ``attempt`` (optionally only with ``status``)."""
     rows = [
         run

@@ -111,8 +111,13 @@ def generate(
     use_embedded_prefect(settings, verbose=verbose)
     try:
         generation = GenerationSettings(
-            seed=seed, frames=frames, height=height, width=width, steps=steps,
-            variant=variant, negative_prompt=negative_prompt,
+            seed=seed,
+            frames=frames,
+            height=height,
+            width=width,
+            steps=steps,
+            variant=variant,
+            negative_prompt=negative_prompt,
         )
     except ValidationError as err:
         first = err.errors()[0]

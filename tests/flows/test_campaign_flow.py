@@ -20,7 +20,9 @@ def write_campaign(folder: Path, name: str, subjects: dict[str, str], prompts: l
     spec = {
         "name": name,
         "settings": TINY_SETTINGS.model_dump(exclude_none=True),
-        "subjects": [{"id": sid, "photo": photo, "consent_reference": "test"} for sid, photo in subjects.items()],
+        "subjects": [
+            {"id": sid, "photo": photo, "consent_reference": "test"} for sid, photo in subjects.items()
+        ],
         "prompts": prompts,
     }
     path.write_text(yaml.safe_dump(spec))

@@ -14,12 +14,18 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 
-def run_lynx(*args: str, env: dict[str, str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def run_lynx(
+    *args: str, env: dict[str, str], cwd: Path, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
     child = {k: v for k, v in os.environ.items() if not k.startswith(("LYNX_", "PREFECT_"))}
     child["PYTHONPATH"] = str(REPO_ROOT)
     child.update(env)
     return subprocess.run(
-        [sys.executable, "-m", "lynx.cli", *args], env=child, cwd=cwd, capture_output=True, text=True,
+        [sys.executable, "-m", "lynx.cli", *args],
+        env=child,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 
@@ -39,9 +45,25 @@ def configured_env(tmp_path, face_models_dir, tiny_model_dir) -> dict[str, str]:
 def test_generate_runs_the_flow_in_process_and_prints_the_deliverable(configured_env, photos, tmp_path):
     out = tmp_path / "out"
     result = run_lynx(
-        "generate", "--image", str(photos["astronaut"]), "--prompt", "a woman smiling",
-        "--frames", "5", "--height", "64", "--width", "64", "--steps", "2", "--seed", "7", "--out", str(out),
-        env=configured_env, cwd=tmp_path,
+        "generate",
+        "--image",
+        str(photos["astronaut"]),
+        "--prompt",
+        "a woman smiling",
+        "--frames",
+        "5",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--steps",
+        "2",
+        "--seed",
+        "7",
+        "--out",
+        str(out),
+        env=configured_env,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     master = out / "master.mp4"
@@ -56,9 +78,23 @@ def test_generate_runs_the_flow_in_process_and_prints_the_deliverable(configured
 
 def test_generate_fails_with_one_line_when_the_photo_has_no_face(configured_env, photos, tmp_path):
     result = run_lynx(
-        "generate", "--image", str(photos["noface"]), "--prompt", "a woman smiling",
-        "--frames", "5", "--height", "64", "--width", "64", "--steps", "2", "--out", str(tmp_path / "out"),
-        env=configured_env, cwd=tmp_path,
+        "generate",
+        "--image",
+        str(photos["noface"]),
+        "--prompt",
+        "a woman smiling",
+        "--frames",
+        "5",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        env=configured_env,
+        cwd=tmp_path,
     )
     assert result.returncode == 8
     lines = result.stderr.strip().splitlines()
@@ -69,8 +105,18 @@ def test_generate_fails_with_one_line_when_the_photo_has_no_face(configured_env,
 
 def test_generate_refuses_bad_options_before_running(configured_env, photos, tmp_path):
     result = run_lynx(
-        "generate", "--image", str(photos["astronaut"]), "--prompt", "x", "--frames", "8",
-        "--out", str(tmp_path / "out"), env=configured_env, cwd=tmp_path, timeout=60,
+        "generate",
+        "--image",
+        str(photos["astronaut"]),
+        "--prompt",
+        "x",
+        "--frames",
+        "8",
+        "--out",
+        str(tmp_path / "out"),
+        env=configured_env,
+        cwd=tmp_path,
+        timeout=60,
     )
     assert result.returncode == 4
     assert result.stderr.strip() == "lynx: error: --frames: frames must be 4k+1 (e.g. 9, 17, 81, 121), got 8"

@@ -17,7 +17,11 @@ DEPLOYMENTS = REPO_ROOT / "deployments"
 
 
 def defaults(template: dict) -> dict:
-    return {name: spec["default"] for name, spec in template["variables"]["properties"].items() if "default" in spec}
+    return {
+        name: spec["default"]
+        for name, spec in template["variables"]["properties"].items()
+        if "default" in spec
+    }
 
 
 def rendered(name: str) -> dict:
@@ -62,8 +66,13 @@ def test_docker_template_requests_one_nvidia_gpu():
 
 
 @pytest.mark.parametrize(
-    "name,pool_type", [("kubernetes-gpu.json", "kubernetes"), ("docker-gpu.json", "docker"),
-                       ("process-gpu.json", "process"), ("process-cpu.json", "process")]
+    "name,pool_type",
+    [
+        ("kubernetes-gpu.json", "kubernetes"),
+        ("docker-gpu.json", "docker"),
+        ("process-gpu.json", "process"),
+        ("process-cpu.json", "process"),
+    ],
 )
 def test_a_prefect_server_accepts_each_template_for_a_work_pool(prefect_harness, name, pool_type):
     from prefect import get_client
@@ -85,8 +94,11 @@ def test_prefect_yaml_deploys_the_three_flows_with_an_explicit_pull_step():
     [pull] = config["pull"]
     assert "prefect.deployments.steps.set_working_directory" in pull
     deployments = {d["name"]: d for d in config["deployments"]}
-    expected = {"generate": ("lynx", "lynx-cpu"), "gpu-stages": ("lynx-gpu", "lynx-gpu"),
-                "campaign": ("lynx-campaign", "lynx-cpu")}
+    expected = {
+        "generate": ("lynx", "lynx-cpu"),
+        "gpu-stages": ("lynx-gpu", "lynx-gpu"),
+        "campaign": ("lynx-campaign", "lynx-cpu"),
+    }
     for name, (flow_name, pool) in expected.items():
         deployment = deployments[name]
         assert load_flow_from_entrypoint(str(REPO_ROOT / deployment["entrypoint"])).name == flow_name
@@ -94,7 +106,10 @@ def test_prefect_yaml_deploys_the_three_flows_with_an_explicit_pull_step():
     [schedule] = deployments["campaign"]["schedules"]
     assert schedule["cron"] and schedule["active"] is False
     for name in ("generate", "campaign"):  # the CPU flows hand their GPU stages to the GPU pool
-        assert deployments[name]["work_pool"]["job_variables"]["env"]["LYNX_GPU_DEPLOYMENT"] == "lynx-gpu/gpu-stages"
+        assert (
+            deployments[name]["work_pool"]["job_variables"]["env"]["LYNX_GPU_DEPLOYMENT"]
+            == "lynx-gpu/gpu-stages"
+        )
     assert (REPO_ROOT / deployments["campaign"]["parameters"]["campaign_file"]).is_file()
 
 

@@ -81,9 +81,17 @@ def test_a_permanent_error_fails_the_job_at_once_without_retries(flow_env, photo
     [ticket] = submit_requests([request(photos["astronaut"])])
     result = run(ticket)
     assert len(calls) == 1
-    assert (result.status, result.error_stage, result.error_text) == ("failed", "face", "the photo shows a cat")
+    assert (result.status, result.error_stage, result.error_text) == (
+        "failed",
+        "face",
+        "the photo shows a cat",
+    )
     job = services().tracker.get_job(ticket.job_id)
-    assert (job.status, job.error_stage, job.error_text) == (JobStatus.FAILED, "face", "the photo shows a cat")
+    assert (job.status, job.error_stage, job.error_text) == (
+        JobStatus.FAILED,
+        "face",
+        "the photo shows a cat",
+    )
 
 
 def test_a_stage_past_its_timeout_fails_the_job_naming_the_setting(flow_env, photos):
@@ -143,11 +151,21 @@ def test_a_job_cancelled_while_delivering_keeps_no_published_files(flow_env, pho
     ticket = ticket.model_copy(
         update={
             "face": FaceOutputs(
-                embedding_key=face.output_keys[0], id_crop_key=face.output_keys[1],
-                ref_crop_key=face.output_keys[2], embedding_model="sface", embedding_dim=128, det_score=0.9,
+                embedding_key=face.output_keys[0],
+                id_crop_key=face.output_keys[1],
+                ref_crop_key=face.output_keys[2],
+                embedding_model="sface",
+                embedding_dim=128,
+                det_score=0.9,
             ),
-            "video": GpuJobResult(job_id=ticket.job_id, status="completed", intermediate_key=decode.output_keys[0],
-                                  frames=5, fps=16.0, variant="full"),
+            "video": GpuJobResult(
+                job_id=ticket.job_id,
+                status="completed",
+                intermediate_key=decode.output_keys[0],
+                frames=5,
+                fps=16.0,
+                variant="full",
+            ),
         }
     )
     tracker.transition_job(ticket.job_id, JobStatus.CANCELLED)

@@ -10,7 +10,14 @@ from tasks.services import services
 from tests.flows.conftest import TINY_SETTINGS
 
 STAGES = ["submit", "face", "model", "reference", "text", "sample", "decode", "deliver"]
-BIOMETRIC = {"reference_photo", "face_embedding", "id_crop", "ref_crop", "identity_tokens", "reference_features"}
+BIOMETRIC = {
+    "reference_photo",
+    "face_embedding",
+    "id_crop",
+    "ref_crop",
+    "identity_tokens",
+    "reference_features",
+}
 
 
 def test_one_job_completes_with_deliverable_stage_rows_and_artifacts(flow_env, photos):

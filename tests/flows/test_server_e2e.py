@@ -112,14 +112,21 @@ def stack(tmp_path, make_pg_database, s3_server, face_models_dir, tiny_model_dir
         processes.start(
             "server",
             [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            {**prefect_env, "PREFECT_HOME": str(tmp_path / "prefect-server"),
-             "PREFECT_SERVER_DATABASE_CONNECTION_URL": server_db},
+            {
+                **prefect_env,
+                "PREFECT_HOME": str(tmp_path / "prefect-server"),
+                "PREFECT_SERVER_DATABASE_CONNECTION_URL": server_db,
+            },
         )
         wait_until("the Prefect server", lambda: healthy(f"{api}/health"), timeout=90, interval=0.5)
 
         def cli(*args: str, timeout: float = 120, **extra: str) -> subprocess.CompletedProcess[str]:
             result = subprocess.run(
-                args, env={**prefect_env, **extra}, cwd=REPO_ROOT, capture_output=True, text=True,
+                args,
+                env={**prefect_env, **extra},
+                cwd=REPO_ROOT,
+                capture_output=True,
+                text=True,
                 timeout=timeout,
             )
             assert result.returncode == 0, f"{args}: {result.stdout[-2000:]}\n{result.stderr[-2000:]}"
@@ -128,18 +135,37 @@ def stack(tmp_path, make_pg_database, s3_server, face_models_dir, tiny_model_dir
         cli("bash", "deployments/start-workers.sh", "setup", PREFECT=PREFECT, LYNX_GPU_WORKERS="1")
         cli(PREFECT, "--no-prompt", "deploy", "--all", LYNX_CODE_DIR=str(REPO_ROOT))
         worker_env = {
-            **prefect_env, **lynx_env,
-            "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2",
+            **prefect_env,
+            **lynx_env,
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
+            "PREFECT_WORKER_PREFETCH_SECONDS": "2",
         }
         for pool in ("lynx-cpu", "lynx-gpu"):
             processes.start(
                 pool,
-                [PREFECT, "worker", "start", "--pool", pool, "--name", f"{pool}-test", "--limit", "2",
-                 "--install-policy", "never"],
+                [
+                    PREFECT,
+                    "worker",
+                    "start",
+                    "--pool",
+                    pool,
+                    "--name",
+                    f"{pool}-test",
+                    "--limit",
+                    "2",
+                    "--install-policy",
+                    "never",
+                ],
                 worker_env,
             )
-        yield {"cli": cli, "api": api, "env": prefect_env, "lynx_env": lynx_env, "processes": processes,
-               "tracking_url": tracking_url}
+        yield {
+            "cli": cli,
+            "api": api,
+            "env": prefect_env,
+            "lynx_env": lynx_env,
+            "processes": processes,
+            "tracking_url": tracking_url,
+        }
     finally:
         processes.stop_all()
 
@@ -160,7 +186,9 @@ def job_status(tracking_url: str, job_id: int) -> str:
     engine = create_engine(tracking_url)
     try:
         with engine.connect() as connection:
-            return connection.execute(text("SELECT status FROM jobs WHERE id = :id"), {"id": job_id}).scalar_one()
+            return connection.execute(
+                text("SELECT status FROM jobs WHERE id = :id"), {"id": job_id}
+            ).scalar_one()
     finally:
         engine.dispose()
 
@@ -168,11 +196,21 @@ def job_status(tracking_url: str, job_id: int) -> str:
 def test_deployed_generate_runs_on_both_pools_and_publishes_to_s3(stack, photos, monkeypatch):
     settings = TINY_SETTINGS.model_dump_json(exclude_none=True)
     run = stack["cli"](
-        PREFECT, "deployment", "run", "lynx/generate",
-        "--param", f"image={photos['astronaut']}",
-        "--param", "prompt=a woman smiling at the camera",
-        "--param", f"settings={settings}",
-        "--watch", "--watch-interval", "2", "--watch-timeout", "240",
+        PREFECT,
+        "deployment",
+        "run",
+        "lynx/generate",
+        "--param",
+        f"image={photos['astronaut']}",
+        "--param",
+        "prompt=a woman smiling at the camera",
+        "--param",
+        f"settings={settings}",
+        "--watch",
+        "--watch-interval",
+        "2",
+        "--watch-timeout",
+        "240",
         timeout=300,
     )
     assert "Completed" in run.stdout, run.stdout[-2000:] + stack["processes"].tail("lynx-cpu")
@@ -201,19 +239,36 @@ def test_deployed_generate_runs_on_both_pools_and_publishes_to_s3(stack, photos,
     # cancelling a run while it samples leaves its job cancelled
     slow = TINY_SETTINGS.model_copy(update={"steps": 1000, "frames": 17}).model_dump_json(exclude_none=True)
     stack["cli"](
-        PREFECT, "deployment", "run", "lynx/generate",
-        "--param", f"image={photos['hanks']}", "--param", "prompt=a man waiting", "--param", f"settings={slow}",
+        PREFECT,
+        "deployment",
+        "run",
+        "lynx/generate",
+        "--param",
+        f"image={photos['hanks']}",
+        "--param",
+        "prompt=a man waiting",
+        "--param",
+        f"settings={slow}",
     )
     [second] = [run for run in flow_runs_of(stack["api"], "generate") if run.id != generate.id]
     new_job = wait_until(
         "the second job to start sampling",
-        lambda: next((j for j in svc.tracker.list_jobs() if j.id != job.id
-                      and any(r.stage == "sample" for r in svc.tracker.stage_runs(j.id))), None),
+        lambda: next(
+            (
+                j
+                for j in svc.tracker.list_jobs()
+                if j.id != job.id and any(r.stage == "sample" for r in svc.tracker.stage_runs(j.id))
+            ),
+            None,
+        ),
         timeout=120,
     )
     stack["cli"](PREFECT, "flow-run", "cancel", str(second.id))
-    wait_until("the job to be cancelled", lambda: job_status(stack["tracking_url"], new_job.id) == "cancelled",
-               timeout=90)
+    wait_until(
+        "the job to be cancelled",
+        lambda: job_status(stack["tracking_url"], new_job.id) == "cancelled",
+        timeout=90,
+    )
     assert not svc.store.exists(f"deliverables/adhoc/{new_job.id}/master.mp4")
 
     def gpu_run_cancelled() -> bool:  # the cancelled run's GPU run is stopped too, not left sampling
