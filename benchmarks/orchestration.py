@@ -82,6 +82,7 @@ def run_once(campaign: Path, batch_size: int, workdir: Path, postgres: str | Non
     from flows.campaign import lynx_campaign
     from lynx.settings import get_settings
     from tasks.cache import memory
+    from tasks.model import _loaded
     from tasks.services import reset_services, services
 
     home = workdir / f"batch-{batch_size}"
@@ -91,6 +92,7 @@ def run_once(campaign: Path, batch_size: int, workdir: Path, postgres: str | Non
         os.environ["LYNX_DATABASE_URL"] = postgres
     reset_services()
     memory.clear()
+    _loaded.clear()  # every run loads the model, as a fresh worker process would
     get_settings.cache_clear()
 
     started = time.perf_counter()

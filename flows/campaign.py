@@ -33,9 +33,9 @@ def lynx_campaign(campaign_file: str | None = None, name: str | None = None) -> 
     tickets = [configured(face_stage, "face")(ticket) for ticket in tickets]
     # Step 4: GPU batches of LYNX_GPU_BATCH_SIZE, as many at once as the GPU pool's limit allows
     gpu_runs = run_gpu_batch.map(gpu_batches(tickets), gpu_flow=unmapped(lynx_gpu))
-    # Step 5: deliver each batch's jobs as soon as its GPU run is done
-    deliveries = [
-        configured(deliver_stage, "deliver").submit(job) for run in gpu_runs for job in run.result()
-    ]
+    # Step 5: deliver each batch's jobs as soon as its GPU run is done (later batches keep running)
+    for run in gpu_runs:
+        for job in run.result():
+            configured(deliver_stage, "deliver")(job)
     # Step 6: summary table of every job (this run's and earlier runs')
-    return report_campaign(spec.name, [ticket.job_id for ticket in tickets], wait_for=deliveries)
+    return report_campaign(spec.name, [ticket.job_id for ticket in tickets])
