@@ -125,8 +125,9 @@ class FaceOutputs(BaseModel):
 class JobTicket(BaseModel):
     """A job as it moves through the CPU-side stages; the flows pass it from task to task.
 
-    A ticket whose ``status`` is set has left the pipeline (failed, cancelled, or completed; with
-    ``earlier`` set it was completed by an earlier run): later stages hand it on untouched.
+    A ticket whose ``status`` is set has left the pipeline (failed, cancelled, completed, or left
+    to another run): later stages hand it on untouched. What it produced is read back from the
+    tracking database (``JobOutcome``), so the ticket carries only what the next stage needs.
     """
 
     job_id: int
@@ -143,10 +144,6 @@ class JobTicket(BaseModel):
     status: JobState | None = None
     error_stage: str | None = None
     error_text: str | None = None
-    master_key: str | None = None
-    manifest_key: str | None = None
-    similarity: float | None = None
-    earlier: bool = False
 
     @property
     def active(self) -> bool:

@@ -247,7 +247,9 @@ class LynxSettings(BaseSettings):
         default=2.0, ge=0,
         description="First retry delay in seconds; it doubles with every further retry.",
     )
-    face_timeout: float = Field(default=300, gt=0, description="Seconds allowed for the face stage of one job.")
+    face_timeout: float = Field(
+        default=300, gt=0, description="Seconds allowed for the submit and face stages of one job."
+    )
     reference_timeout: float = Field(
         default=900, gt=0, description="Seconds allowed for the reference stage (identity tokens, reference "
         "features, text embeddings) of one job."

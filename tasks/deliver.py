@@ -191,14 +191,7 @@ def deliver_job(ticket: JobTicket, recorder: StageRecorder) -> JobTicket:
         safety=summary.safety.status,
         timings=summary.timings,
     )
-    return ticket.model_copy(
-        update={
-            "status": "completed",
-            "master_key": summary.master_key,
-            "manifest_key": summary.manifest_key,
-            "similarity": similarity,
-        }
-    )
+    return ticket.model_copy(update={"status": "completed"})
 
 
 @task(name="deliver", cache_policy=NONE, persist_result=False, retry_condition_fn=retry_on_transient)

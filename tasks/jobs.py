@@ -17,13 +17,13 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
-from lynx.db.models import JobStatus, StageStatus, Subject
+from lynx.db.models import JobStatus, Subject
 from lynx.errors import InputError, InvalidKeyError, LynxError, NotFoundError
 from lynx.jobs import GenerationRequest, JobTicket, SubjectSpec
 from lynx.store import StoredObject, validate_key
 from tasks.policy import retry_on_transient
 from tasks.services import services
-from tasks.tracking import close_open_stages, latest_stage, run_stage
+from tasks.tracking import close_open_stages, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -98,20 +98,6 @@ def _ready_to_run(job_id: int) -> tuple[JobStatus, int]:
     return job.status, job.attempt
 
 
-def _earlier_result(ticket: JobTicket, status: JobStatus) -> JobTicket:
-    deliver = latest_stage(ticket.job_id, "deliver", attempt=ticket.attempt, status=StageStatus.COMPLETED)
-    metrics: dict[str, Any] = deliver.metrics if deliver else {}
-    return ticket.model_copy(
-        update={
-            "status": "completed" if status is JobStatus.COMPLETED else status.value,
-            "earlier": True,
-            "master_key": metrics.get("master_key"),
-            "manifest_key": metrics.get("manifest_key"),
-            "similarity": metrics.get("similarity"),
-        }
-    )
-
-
 def register_job(
     request: GenerationRequest, subject: Subject, problem: LynxError | None, campaign_id: int | None
 ) -> JobTicket:
@@ -137,10 +123,8 @@ def register_job(
         settings=settings,
         photo_key=subject.reference_key or "",
     )
-    if status is not JobStatus.PENDING:
-        if status is JobStatus.RUNNING:
-            return ticket.model_copy(update={"status": "running", "earlier": True})
-        return _earlier_result(ticket, status)
+    if status is not JobStatus.PENDING:  # completed (or in review) earlier, or running elsewhere
+        return ticket.model_copy(update={"status": status.value})
     tracker.transition_job(job.id, JobStatus.RUNNING)
 
     def check_photo(recorder: Any) -> JobTicket:

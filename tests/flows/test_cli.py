@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
+TINY_ARGS = ("--frames", "5", "--height", "64", "--width", "64", "--steps", "2")
+
 
 def run_lynx(
     *args: str, env: dict[str, str], cwd: Path, timeout: float = 240
@@ -50,14 +52,7 @@ def test_generate_runs_the_flow_in_process_and_prints_the_deliverable(configured
         str(photos["astronaut"]),
         "--prompt",
         "a woman smiling",
-        "--frames",
-        "5",
-        "--height",
-        "64",
-        "--width",
-        "64",
-        "--steps",
-        "2",
+        *TINY_ARGS,
         "--seed",
         "7",
         "--out",
@@ -83,14 +78,7 @@ def test_generate_fails_with_one_line_when_the_photo_has_no_face(configured_env,
         str(photos["noface"]),
         "--prompt",
         "a woman smiling",
-        "--frames",
-        "5",
-        "--height",
-        "64",
-        "--width",
-        "64",
-        "--steps",
-        "2",
+        *TINY_ARGS,
         "--out",
         str(tmp_path / "out"),
         env=configured_env,

@@ -34,8 +34,23 @@ def test_only_transient_errors_count_as_transient():
     assert not is_transient(RuntimeError("bug"))
 
 
+def run_in_a_flow(ticket: JobTicket, work) -> JobTicket:
+    """Run ``work`` as stage 'face' of the ticket's job, in a task with the configured policy."""
+
+    @task(name="test-stage")
+    def stage(ticket: JobTicket) -> JobTicket:
+        return run_stage(ticket, "face", work)
+
+    @flow
+    def run(ticket: JobTicket) -> JobTicket:
+        return configured(stage, "face")(ticket)
+
+    return run(ticket)
+
+
 def test_a_transient_error_is_retried_and_recorded_then_the_stage_completes(flow_env, photos):
     flow_env(task_retries=2)
+    [ticket] = submit_requests([request(photos["astronaut"])])
     calls = []
 
     def flaky(recorder):
@@ -44,16 +59,7 @@ def test_a_transient_error_is_retried_and_recorded_then_the_stage_completes(flow
             raise ServiceUnavailableError("cannot reach S3 at minio:9000", setting="LYNX_S3_ENDPOINT")
         return ticket
 
-    @task(name="flaky-stage")
-    def flaky_stage(ticket: JobTicket) -> JobTicket:
-        return run_stage(ticket, "face", flaky)
-
-    @flow
-    def run(ticket: JobTicket) -> JobTicket:
-        return configured(flaky_stage, "face")(ticket)
-
-    [ticket] = submit_requests([request(photos["astronaut"])])
-    result = run(ticket)
+    result = run_in_a_flow(ticket, flaky)
     assert result.active and len(calls) == 2
     tracker = services().tracker
     rows = [r for r in tracker.stage_runs(ticket.job_id) if r.stage == "face"]
@@ -64,22 +70,14 @@ def test_a_transient_error_is_retried_and_recorded_then_the_stage_completes(flow
 
 def test_a_permanent_error_fails_the_job_at_once_without_retries(flow_env, photos):
     flow_env(task_retries=3)
+    [ticket] = submit_requests([request(photos["astronaut"])])
     calls = []
 
-    @task(name="bad-stage")
-    def bad_stage(ticket: JobTicket) -> JobTicket:
-        def work(recorder):
-            calls.append(1)
-            raise InputError("the photo shows a cat")
+    def bad(recorder):
+        calls.append(1)
+        raise InputError("the photo shows a cat")
 
-        return run_stage(ticket, "face", work)
-
-    @flow
-    def run(ticket: JobTicket) -> JobTicket:
-        return configured(bad_stage, "face")(ticket)
-
-    [ticket] = submit_requests([request(photos["astronaut"])])
-    result = run(ticket)
+    result = run_in_a_flow(ticket, bad)
     assert len(calls) == 1
     assert (result.status, result.error_stage, result.error_text) == (
         "failed",
@@ -96,23 +94,15 @@ def test_a_permanent_error_fails_the_job_at_once_without_retries(flow_env, photo
 
 def test_a_stage_past_its_timeout_fails_the_job_naming_the_setting(flow_env, photos):
     flow_env(face_timeout=1)
-
-    @task(name="slow-stage")
-    def slow_stage(ticket: JobTicket) -> JobTicket:
-        def work(recorder):
-            for _ in range(50):
-                time.sleep(0.1)
-            return ticket
-
-        return run_stage(ticket, "face", work)
-
-    @flow
-    def run(ticket: JobTicket) -> JobTicket:
-        return configured(slow_stage, "face")(ticket)
-
     [ticket] = submit_requests([request(photos["astronaut"])])
+
+    def slow(recorder):
+        for _ in range(50):
+            time.sleep(0.1)
+        return ticket
+
     started = time.monotonic()
-    result = run(ticket)
+    result = run_in_a_flow(ticket, slow)
     assert time.monotonic() - started < 4
     assert result.status == "failed" and "LYNX_FACE_TIMEOUT" in result.error_text
     assert services().tracker.get_job(ticket.job_id).error_stage == "face"
