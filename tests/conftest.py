@@ -256,8 +256,8 @@ def settings_env(settings: LynxSettings) -> dict[str, str]:
 def lynx_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run ``python -m lynx.cli ARGS`` in a subprocess: ``lynx_cli(*args, settings=None, env=None)``.
 
-    The child gets this checkout on PYTHONPATH, no LYNX_* variables but those of ``settings`` and
-    ``env``, and a working directory without a ``.env`` file.
+    The child gets this checkout on PYTHONPATH, no LYNX_* or PREFECT_* variables but those of
+    ``settings`` and ``env``, and a working directory without a ``.env`` file.
     """
     workdir = tmp_path / "cli-cwd"
     workdir.mkdir(exist_ok=True)
@@ -266,9 +266,9 @@ def lynx_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
         *args: str,
         settings: LynxSettings | None = None,
         env: dict[str, str] | None = None,
-        timeout: float = 120,
+        timeout: float = 240,
     ) -> subprocess.CompletedProcess[str]:
-        child_env = {k: v for k, v in os.environ.items() if not k.startswith("LYNX_")}
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith(("LYNX_", "PREFECT_"))}
         child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), child_env.get("PYTHONPATH")]))
         child_env.update(settings_env(settings) if settings is not None else {})
         child_env.update(env or {})

