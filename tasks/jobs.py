@@ -12,18 +12,18 @@ from __future__ import annotations
 import itertools
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import task
 from prefect.cache_policies import NONE
 
 from lynx.db.models import JobStatus, Subject
-from lynx.errors import InputError, InvalidKeyError, LynxError, NotFoundError
+from lynx.errors import IllegalTransitionError, InputError, InvalidKeyError, LynxError, NotFoundError
 from lynx.jobs import GenerationRequest, JobTicket, SubjectSpec
 from lynx.store import StoredObject, validate_key
 from tasks.policy import retry_on_transient
 from tasks.services import services
-from tasks.tracking import close_open_stages, run_stage
+from tasks.tracking import close_open_stages, current_flow_run_id, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -69,33 +69,51 @@ def register_subject(spec: SubjectSpec) -> tuple[Subject, LynxError | None]:
     return subject, problem
 
 
-def _owner_gone(job_id: int, attempt: int) -> bool:
-    """Whether the flow run that last worked on a 'running' job has ended (crashed, killed, ...)."""
+def _owner(job_id: int, attempt: int) -> Literal["this run", "alive", "gone"]:
+    """Who is working on a 'running' job: this flow run (a retried submit), another live run, or
+    nobody (the run that last recorded a stage for it has ended: crashed, killed, ...)."""
     rows = [run for run in services().tracker.stage_runs(job_id) if run.attempt == attempt]
     flow_run_id = rows[-1].flow_run_id if rows else None
     if flow_run_id is None:
-        return True
+        return "gone"
+    if flow_run_id == current_flow_run_id():
+        return "this run"
     from prefect import get_client
 
     try:
         with get_client(sync_client=True) as client:
             state = client.read_flow_run(flow_run_id).state
     except Exception:  # unknown to this Prefect server: nobody is working on it here
-        return True
-    return state is None or state.is_final()
+        return "gone"
+    return "gone" if state is None or state.is_final() else "alive"
 
 
-def _ready_to_run(job_id: int) -> tuple[JobStatus, int]:
-    """Bring a found job to 'pending' when it should run again; returns its status and attempt."""
+def _claim(job_id: int) -> tuple[bool, JobStatus, int]:
+    """Take the job for this run if it should run (again): returns (claimed, status, attempt).
+
+    Failed and cancelled jobs are retried (attempt + 1), a job whose run died is failed and
+    retried, a job this very run already claimed (the submit task is being retried) stays ours;
+    completed jobs and jobs another live run works on are left alone.
+    """
     tracker = services().tracker
     job = tracker.get_job(job_id)
-    if job.status is JobStatus.RUNNING and _owner_gone(job.id, job.attempt):
-        text = "the run working on this job ended without finishing it (worker lost)"
-        close_open_stages(job.id, text)
-        job = tracker.transition_job(job.id, JobStatus.FAILED, error_stage="submit", error_text=text)
+    if job.status is JobStatus.RUNNING:
+        owner = _owner(job.id, job.attempt)
+        if owner == "this run":
+            return True, job.status, job.attempt
+        if owner == "gone":
+            text = "the run working on this job ended without finishing it (worker lost)"
+            close_open_stages(job.id, text)
+            job = tracker.transition_job(job.id, JobStatus.FAILED, error_stage="submit", error_text=text)
     if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
         job = tracker.transition_job(job.id, JobStatus.PENDING)
-    return job.status, job.attempt
+    if job.status is JobStatus.PENDING:
+        try:
+            job = tracker.transition_job(job.id, JobStatus.RUNNING)
+            return True, job.status, job.attempt
+        except IllegalTransitionError:  # another run claimed it a moment ago
+            job = tracker.get_job(job.id)
+    return False, job.status, job.attempt
 
 
 def register_job(
@@ -111,7 +129,7 @@ def register_job(
         negative_prompt=settings.negative_prompt,
         campaign_id=campaign_id,
     )
-    status, attempt = _ready_to_run(job.id)
+    claimed, status, attempt = _claim(job.id)
     ticket = JobTicket(
         job_id=job.id,
         attempt=attempt,
@@ -123,9 +141,8 @@ def register_job(
         settings=settings,
         photo_key=subject.reference_key or "",
     )
-    if status is not JobStatus.PENDING:  # completed (or in review) earlier, or running elsewhere
+    if not claimed:  # completed (or in review) earlier, or running in another live run
         return ticket.model_copy(update={"status": status.value})
-    tracker.transition_job(job.id, JobStatus.RUNNING)
 
     def check_photo(recorder: Any) -> JobTicket:
         if problem is not None:

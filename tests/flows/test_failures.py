@@ -184,6 +184,20 @@ def test_a_job_left_running_by_a_dead_run_is_retried_by_the_next_run(flow_env, p
     assert [r.stage for r in first_attempt] == ["submit"]
 
 
+def test_a_retried_submit_keeps_the_jobs_it_already_claimed(flow_env, photos):
+    flow_env()
+
+    @flow
+    def submits_twice() -> tuple[JobTicket, JobTicket]:  # as a submit task retried by Prefect would
+        requests = [request(photos["astronaut"], "a person waving", "ann")]
+        return submit_requests(requests)[0], submit_requests(requests)[0]
+
+    first, second = submits_twice()
+    assert first.active and second.active
+    assert (second.job_id, second.attempt) == (first.job_id, 1)
+    assert services().tracker.get_job(first.job_id).status is JobStatus.RUNNING
+
+
 def test_the_cancellation_hook_marks_the_runs_jobs_cancelled(flow_env, photos):
     flow_env()
 
