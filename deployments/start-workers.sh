@@ -66,7 +66,7 @@ gpu_workers() {
 }
 
 stop_all() {
-  # SIGINT: a worker stops in ~3 s, letting the flow run it is executing finish its bookkeeping.
+  # SIGINT: a worker stops in ~3 s (it ignores a single SIGTERM).
   kill -INT $(jobs -p) 2>/dev/null || true
   wait
 }
