@@ -62,7 +62,7 @@ def test_two_subjects_three_prompts_compute_each_thing_once_and_rerun_samples_no
         table = next(a for a in client.read_latest_artifacts(limit=100) if a.key == "campaign-reuse")
     assert table.type == "table" and "a man reading in a park" in table.data
 
-    again = lynx_campaign(str(path))
+    again = lynx_campaign(name="reuse")  # by name: the spec stored by the first run
     assert [o.status for o in again] == ["completed"] * 6
     assert all(o.earlier for o in again)
     assert [o.master_key for o in again] == [o.master_key for o in outcomes]
@@ -103,14 +103,20 @@ def test_a_photo_without_a_face_fails_its_jobs_alone_and_a_rerun_retries_them(fl
     assert summary.jobs_by_status[JobStatus.FAILED] == 4
 
 
-def test_a_campaign_file_error_names_line_and_field(flow_env, tmp_path):
+def test_a_campaign_file_error_names_line_and_field_in_a_local_or_stored_file(flow_env, tmp_path):
     import pytest
 
     from lynx.errors import InputError
     from tasks.campaign import read_campaign_spec
 
     flow_env()
+    text = "name: broken\nsubjects:\n  - id: a\n    photo: a.jpg\n  - id: b\nprompts: [hello]\n"
     path = tmp_path / "broken.yaml"
-    path.write_text("name: broken\nsubjects:\n  - id: a\n    photo: a.jpg\n  - id: b\nprompts: [hello]\n")
+    path.write_text(text)
     with pytest.raises(InputError, match=r"broken.yaml:5: subjects\[1\].photo: Field required"):
         read_campaign_spec(str(path))
+    key = services().store.put_bytes(text.encode(), key="campaigns/broken.yaml").key
+    with pytest.raises(InputError, match=r"^campaigns/broken.yaml:5: subjects\[1\].photo"):
+        read_campaign_spec(key)
+    with pytest.raises(InputError, match="neither a file on this machine nor an object"):
+        read_campaign_spec("campaigns/missing.yaml")

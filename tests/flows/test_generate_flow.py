@@ -64,10 +64,12 @@ def test_sampling_progress_artifact_reaches_100_percent(flow_env, photos):
     assert float(progress[0].data) == 100.0
 
 
-def test_a_subject_id_makes_a_rerun_return_the_completed_job(flow_env, photos):
+def test_a_subject_id_makes_a_rerun_return_the_completed_job_whether_photo_is_path_or_key(flow_env, photos):
     flow_env()
     first = lynx(str(photos["hanks"]), "a man smiling", settings=TINY_SETTINGS, subject_id="tom")
-    again = lynx(str(photos["hanks"]), "a man smiling", settings=TINY_SETTINGS, subject_id="tom")
+    # the photo may also be given by its artifact-store key (what a remote caller does)
+    photo_key = services().store.put_file(photos["hanks"]).key
+    again = lynx(photo_key, "a man smiling", settings=TINY_SETTINGS, subject_id="tom")
     assert first.status == again.status == "completed"
     assert again.job_id == first.job_id and again.earlier and not first.earlier
     counts = services().tracker.compute_counts(job_id=first.job_id)
