@@ -26,7 +26,7 @@ from lynx.errors import ConfigurationError
 from lynx.jobs import GpuBatchRequest, GpuJobResult, JobTicket
 from lynx.settings import LynxSettings
 from tasks.services import services
-from tasks.tracking import close_open_stages, fail_job, latest_stage
+from tasks.tracking import close_open_stages, fail_job, latest_stage, request_cancellation
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +85,6 @@ def _state_text(run_name: str, state: Any) -> str:
     return f"GPU flow run {run_name} ended {name}" + (f": {message[0]}" if message else "")
 
 
-def _cancel_flow_run(flow_run_id: Any) -> None:
-    from prefect import get_client
-    from prefect.states import Cancelling
-
-    try:
-        with get_client(sync_client=True) as client:
-            client.set_flow_run_state(flow_run_id, Cancelling(message="the calling flow gave up waiting"))
-    except Exception:  # best effort: the jobs are failed either way
-        log.warning("could not cancel GPU flow run %s", flow_run_id, exc_info=True)
-
-
 def run_on_gpu_pool(batch: GpuBatchRequest, settings: LynxSettings) -> str | None:
     """Run the batch as a run of LYNX_GPU_DEPLOYMENT; returns why it did not complete, if it did not."""
     from prefect.deployments import run_deployment
@@ -109,7 +98,10 @@ def run_on_gpu_pool(batch: GpuBatchRequest, settings: LynxSettings) -> str | Non
     if run.state is not None and run.state.is_completed():
         return None
     if run.state is None or not run.state.is_final():
-        _cancel_flow_run(run.id)
+        try:
+            request_cancellation(run.id, "the calling flow gave up waiting")
+        except Exception:  # best effort: its jobs are failed either way
+            log.warning("could not cancel GPU flow run %s", run.name, exc_info=True)
         return (
             f"GPU flow run {run.name} did not finish within {settings.gpu_deployment_timeout:.0f} s "
             "(setting: LYNX_GPU_DEPLOYMENT_TIMEOUT)"

@@ -21,6 +21,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from lynx.errors import ConfigurationError
+from lynx.faces.embedders import ARCFACE_IR_SE50_NAME
 from lynx.jobs import GpuBatchRequest, GpuJobSpec, Variant
 from lynx.settings import LynxSettings
 from tasks.services import services
@@ -31,8 +32,8 @@ if TYPE_CHECKING:
 
     from lynx_model import IdentityTokens, LynxPipeline, ReferenceFeatures
 
-# The face recogniser the official adapters were trained on (LYNX_SPEC section 2).
-OFFICIAL_EMBEDDING_MODEL = "arcface_ir_se50"
+# The released adapters take 512-d embeddings of this recogniser (LYNX_SPEC section 2).
+OFFICIAL_EMBEDDING_MODEL = ARCFACE_IR_SE50_NAME
 OFFICIAL_EMBEDDING_DIM = 512
 
 

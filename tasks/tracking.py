@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeVar
 from prefect.context import TaskRunContext
 from sqlalchemy import select
 
-from lynx.db.models import Job, JobStatus, StageRun, StageStatus
+from lynx.db.models import JobStatus, StageRun, StageStatus
 from lynx.db.tracking import StageRecorder
 from lynx.errors import IllegalTransitionError, LynxError
 from tasks.policy import is_transient, stage_timeout, timeout_setting
@@ -169,22 +169,28 @@ def latest_stage(
     return rows[-1] if rows else None
 
 
+def request_cancellation(flow_run_id: Any, message: str) -> None:
+    """Ask Prefect to cancel a flow run (its worker stops it and runs its cancellation hooks)."""
+    from prefect import get_client
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Cancelling(message=message))
+
+
 def cancel_child_runs(flow_run_id: Any) -> list[str]:
     """Ask Prefect to cancel the unfinished subflow runs (the GPU runs) of a flow run."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
-    from prefect.states import Cancelling
 
-    cancelled = []
     with get_client(sync_client=True) as client:
         children = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
         )
-        for child in children:
-            if child.state is not None and not child.state.is_final():
-                client.set_flow_run_state(child.id, Cancelling(message="its parent flow run was cancelled"))
-                cancelled.append(child.name)
-    return cancelled
+    unfinished = [child for child in children if child.state is not None and not child.state.is_final()]
+    for child in unfinished:
+        request_cancellation(child.id, "its parent flow run was cancelled")
+    return [child.name for child in unfinished]
 
 
 def cancel_flow_run_jobs(flow: Any, flow_run: Any, state: Any) -> None:
@@ -199,7 +205,3 @@ def cancel_flow_run_jobs(flow: Any, flow_run: Any, state: Any) -> None:
         return
     if children:
         log.info("flow run %s cancelled: GPU runs %s cancelled too", flow_run.name, children)
-
-
-def job_row(job_id: int) -> Job:
-    return services().tracker.get_job(job_id)
