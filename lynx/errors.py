@@ -74,3 +74,12 @@ class ChecksumMismatchError(LynxError):
     """Bytes read back from the store do not hash to the sha256 recorded when they were written."""
 
     exit_code = 7
+
+
+# --- pipeline ------------------------------------------------------------------------------------
+
+
+class JobFailedError(LynxError):
+    """A generation job ran and failed; the message names the stage and the reason."""
+
+    exit_code = 8

@@ -216,6 +216,67 @@ class LynxSettings(BaseSettings):
         "access to the package index. Default: fetch it with pip.",
     )
 
+    # --- pipeline ------------------------------------------------------------------------------
+    gpu_deployment: str | None = Field(
+        default=None,
+        description="Deployment of the GPU-stage flow, e.g. 'lynx-gpu/gpu-stages'. With a Prefect server "
+        "(PREFECT_API_URL) the lynx and lynx-campaign flows start it with run_deployment on the GPU pool; "
+        "unset: the GPU stages run in-process as a subflow.",
+    )
+    gpu_deployment_timeout: float | None = Field(
+        default=None, gt=0,
+        description="Seconds to wait for one GPU flow run (queueing included) before giving its jobs up "
+        "as failed. Unset: wait as long as it takes.",
+    )
+    gpu_pool: str = Field(
+        default="lynx-gpu",
+        description="Name of the GPU work pool; also the name of the Prefect global concurrency limit that "
+        "bounds how many GPU batches run at once (create it with as many slots as GPU workers).",
+    )
+    gpu_batch_size: int = Field(
+        default=4, ge=1, le=256,
+        description="Jobs per GPU flow run: the model is loaded once per run, so larger batches spend "
+        "more GPU time sampling and less loading.",
+    )
+    task_retries: int = Field(
+        default=3, ge=0, le=20,
+        description="Retries of a stage after a transient storage or database error (other errors fail "
+        "the job at once).",
+    )
+    retry_delay_seconds: float = Field(
+        default=2.0, ge=0,
+        description="First retry delay in seconds; it doubles with every further retry.",
+    )
+    face_timeout: float = Field(
+        default=300, gt=0, description="Seconds allowed for the submit and face stages of one job."
+    )
+    reference_timeout: float = Field(
+        default=900, gt=0, description="Seconds allowed for the reference stage (identity tokens, reference "
+        "features, text embeddings) of one job."
+    )
+    sample_timeout: float = Field(
+        default=4 * 3600, gt=0, description="Seconds allowed for sampling one video."
+    )
+    decode_timeout: float = Field(
+        default=1800, gt=0, description="Seconds allowed for decoding one video and storing its frames."
+    )
+    deliver_timeout: float = Field(
+        default=3600, gt=0, description="Seconds allowed for building and publishing one job's deliverables."
+    )
+    model_load_timeout: float = Field(
+        default=3600, gt=0, description="Seconds allowed for loading the model at the start of a GPU run."
+    )
+    workdir: Path | None = Field(
+        default=None,
+        description="Scratch folder for downloads, intermediates and delivery staging. "
+        "Default: LYNX_HOME/work.",
+    )
+    demo_model_dir: Path | None = Field(
+        default=None,
+        description="Where `lynx demo` (and `lynx generate --demo-model`) keep the tiny random demo "
+        "model. Default: LYNX_MODELS_DIR/demo.",
+    )
+
     # --- evaluation ----------------------------------------------------------------------
     eval_recognizers: list[str | dict[str, Any]] = Field(
         default_factory=lambda: ["pack"],
@@ -328,7 +389,8 @@ class LynxSettings(BaseSettings):
     @field_validator(
         "home", "artifacts_dir", "models_dir", "ffmpeg_binary", "deliver_realesrgan_weights",
         "deliver_audio", "deliver_watermark", "deliver_safety_model", "arcface_weights_path",
-        "face_demo_wheel", "base_model_path", "adapter_path", "eval_reports_dir", mode="after",
+        "face_demo_wheel", "base_model_path", "adapter_path", "workdir", "demo_model_dir",
+        "eval_reports_dir", mode="after",
     )
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
@@ -373,6 +435,14 @@ class LynxSettings(BaseSettings):
     def resolved_adapter_path(self) -> Path:
         default = "lynx_lite" if self.model_variant == "lite" else "lynx_full"
         return self.adapter_path or self.resolved_models_dir / default
+
+    @property
+    def resolved_workdir(self) -> Path:
+        return self.workdir or self.home / "work"
+
+    @property
+    def resolved_demo_model_dir(self) -> Path:
+        return self.demo_model_dir or self.resolved_models_dir / "demo"
 
     @property
     def resolved_eval_reports_dir(self) -> Path:

@@ -459,12 +459,16 @@ class LynxPipeline(DiffusionPipeline):
         return [state.captured[i] for i in range(len(self.transformer.blocks))]
 
     @torch.no_grad()
-    def encode_reference(self, ref_image: Any, seed: int) -> ReferenceFeatures:
+    def encode_reference(
+        self, ref_image: Any, seed: int, *, uncond: list[torch.Tensor] | None = None
+    ) -> ReferenceFeatures:
         """Reference features of a 256x256 face crop (PIL image or uint8 array), full variant only.
 
         The crop is VAE-encoded as one frame (sampled with a CPU generator seeded ``seed + 1``), run
         through the frozen DiT at timestep 0 with the text "image of a face", and every block's
-        attn1 input is kept. ``uncond`` repeats this on a mid-grey image (zeros in [-1, 1]).
+        attn1 input is kept. ``uncond`` repeats this on a mid-grey image (zeros in [-1, 1]); it is
+        the same for every face of a size and seed, so a batch may pass the ``uncond`` of an
+        earlier result instead of computing it again.
         """
         adapters = self._require_adapters("encode_reference")
         if adapters.reference_layers is None:
@@ -474,7 +478,8 @@ class LynxPipeline(DiffusionPipeline):
         pixels = _reference_pixels(ref_image)
         text = self._text_embeddings([REFERENCE_PROMPT], 512, self._execution_device, self.transformer.dtype)
         cond = self._capture_features(pixels, seed, text)
-        uncond = self._capture_features(torch.zeros_like(pixels), seed, text)
+        if uncond is None:
+            uncond = self._capture_features(torch.zeros_like(pixels), seed, text)
         return ReferenceFeatures(cond, uncond, seed, self.base_fingerprint, adapters.fingerprint)
 
     # ------------------------------------------------------------------------------------------

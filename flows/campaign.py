@@ -1,0 +1,41 @@
+"""Flow ``lynx-campaign``: subjects x prompts from a campaign file, fanned out in GPU batches.
+
+Re-runnable: jobs completed by an earlier run are skipped, failed and cancelled ones are retried
+(attempt + 1). Faces, identity tokens and reference features are computed once per subject, text
+embeddings once per prompt; the table artifact ``campaign-<name>`` summarises every job.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, unmapped
+
+from flows.gpu import lynx_gpu
+from lynx.jobs import JobOutcome
+from tasks.campaign import read_campaign
+from tasks.deliver import deliver_stage
+from tasks.face import face_stage
+from tasks.gpu import gpu_batches, run_gpu_batch
+from tasks.jobs import submit_jobs
+from tasks.policy import configured
+from tasks.report import report_campaign
+from tasks.tracking import cancel_flow_run_jobs
+
+
+@flow(name="lynx-campaign", on_cancellation=[cancel_flow_run_jobs], log_prints=True)
+def lynx_campaign(campaign_file: str | None = None, name: str | None = None) -> list[JobOutcome]:
+    """Run (or re-run) a campaign: ``campaign_file`` is a YAML/JSON file on the worker or an
+    artifact-store key; with only ``name``, the spec stored by its last run is used."""
+    # Step 1: read and validate the campaign
+    spec = read_campaign(campaign_file, name)
+    # Step 2: upload photos, register subjects and jobs (completed skipped, failed retried)
+    tickets = configured(submit_jobs, "submit")(spec.requests(), spec.model_dump(mode="json"))
+    # Step 3: face stage for every job (computed once per subject, reused by its other jobs)
+    tickets = [configured(face_stage, "face")(ticket) for ticket in tickets]
+    # Step 4: GPU batches of LYNX_GPU_BATCH_SIZE, as many at once as the GPU pool's limit allows
+    gpu_runs = run_gpu_batch.map(gpu_batches(tickets), gpu_flow=unmapped(lynx_gpu))
+    # Step 5: deliver each batch's jobs as soon as its GPU run is done (later batches keep running)
+    for run in gpu_runs:
+        for job in run.result():
+            configured(deliver_stage, "deliver")(job)
+    # Step 6: summary table of every job (this run's and earlier runs')
+    return report_campaign(spec.name, [ticket.job_id for ticket in tickets])

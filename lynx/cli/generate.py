@@ -1,0 +1,160 @@
+"""`lynx generate` and `lynx demo`: run the `lynx` flow in this process, no server needed.
+
+Without PREFECT_API_URL the flow runs on Prefect's embedded temporary server, whose database lives
+under LYNX_HOME/prefect (not the user's ~/.prefect). With PREFECT_API_URL set, the run is recorded
+on that server but still executes here. The deliverables are copied from the artifact store into
+``--out`` and the master video's path is printed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
+
+import typer
+
+from lynx.errors import InputError, JobFailedError
+from lynx.settings import LynxSettings, get_settings
+
+if TYPE_CHECKING:
+    from lynx.jobs import GenerationSettings, JobOutcome
+
+app = typer.Typer()
+
+
+def use_embedded_prefect(settings: LynxSettings, *, verbose: bool) -> None:
+    """Environment for an in-process flow run; set before Prefect is imported."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded while a job runs
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str(settings.home / "prefect"))
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)  # Prefect won't
+        # the first start creates the server's database: slow machines need more than the default 20 s
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def run_job(image: Path, prompt: str, generation: GenerationSettings, subject: str | None) -> JobOutcome:
+    """Run the `lynx` flow here and turn a failed job into a one-line error."""
+    if not image.is_file():
+        raise InputError(f"image {image} does not exist or is not a file")
+    from flows.generate import lynx
+
+    outcome = lynx(image=str(image.resolve()), prompt=prompt, settings=generation, subject_id=subject)
+    if outcome.status != "completed":
+        raise JobFailedError(
+            f"job {outcome.job_id} {outcome.status} at stage {outcome.error_stage}: {outcome.error_text}"
+        )
+    return outcome
+
+
+def fetch_deliverables(outcome: JobOutcome, out: Path) -> list[Path]:
+    """Copy every published file of the job into ``out`` (verified against its sha256)."""
+    from lynx.store import open_store
+
+    store = open_store(get_settings())
+    prefix = outcome.master_key.rsplit("/", 1)[0] + "/"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for key in store.list(prefix):
+        destination = out / key[len(prefix) :]
+        store.get_file(key, destination)
+        paths.append(destination)
+    return paths
+
+
+def report(outcome: JobOutcome, files: list[Path], seconds: float) -> None:
+    master = next(path for path in files if path.name == "master.mp4")
+    typer.echo(f"job {outcome.job_id} completed in {seconds:.1f} s")
+    typer.echo(f"deliverable: {master}")
+    for path in files:
+        if path != master:
+            typer.echo(f"  also: {path}")
+    if outcome.similarity is not None:
+        typer.echo(f"face resemblance to the photo (cosine, sampled frames): {outcome.similarity:.3f}")
+
+
+@app.command()
+def generate(
+    image: Annotated[Path, typer.Option("--image", help="Photo of the person (one clearly visible face).")],
+    prompt: Annotated[str, typer.Option("--prompt", help="What the video should show.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder the deliverables are copied into.")],
+    seed: Annotated[int, typer.Option(help="Seed of the initial noise (same seed, same video).")] = 42,
+    frames: Annotated[int | None, typer.Option(help="Frames, 4k+1 (default: 81 full, 121 lite).")] = None,
+    height: Annotated[int, typer.Option(help="Height in pixels (multiple of 16).")] = 480,
+    width: Annotated[int, typer.Option(help="Width in pixels (multiple of 16).")] = 832,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
+    variant: Annotated[
+        Literal["full", "lite"] | None, typer.Option(help="Model variant (default: LYNX_MODEL_VARIANT).")
+    ] = None,
+    negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt (default: Wan's).")] = None,
+    subject: Annotated[
+        str | None, typer.Option(help="Stable subject id: the face is analysed once across runs.")
+    ] = None,
+    demo_model: Annotated[
+        bool, typer.Option("--demo-model", help="Use the tiny RANDOM demo model (built if missing).")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's run logs.")] = False,
+) -> None:
+    """Generate one video of the person in --image doing what --prompt says, on this machine."""
+    from pydantic import ValidationError
+
+    from lynx.jobs import GenerationSettings
+
+    settings = get_settings()
+    use_embedded_prefect(settings, verbose=verbose)
+    try:
+        generation = GenerationSettings(
+            seed=seed,
+            frames=frames,
+            height=height,
+            width=width,
+            steps=steps,
+            variant=variant,
+            negative_prompt=negative_prompt,
+        )
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise InputError(f"--{first['loc'][0]}: {first['msg'].removeprefix('Value error, ')}") from None
+    started = time.monotonic()
+    if demo_model:
+        from lynx.demo import DEMO_WARNING, demo_model_environment, ensure_demo_setup
+
+        typer.echo(f"warning: {DEMO_WARNING}", err=True)
+        ensure_demo_setup(settings)
+        with demo_model_environment(settings, variant or "full"):
+            outcome = run_job(image, prompt, generation, subject)
+    else:
+        outcome = run_job(image, prompt, generation, subject)
+    report(outcome, fetch_deliverables(outcome, out), time.monotonic() - started)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder the deliverables are copied into.")] = Path(
+        "lynx-demo"
+    ),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's run logs.")] = False,
+) -> None:
+    """Run the whole pipeline once on a bundled photo with a tiny random model (first run: ~1 min)."""
+    from lynx.assets import demo_face_path
+    from lynx.demo import DEMO_PROMPT, DEMO_SETTINGS, DEMO_WARNING, demo_model_environment, ensure_demo_setup
+
+    settings = get_settings()
+    use_embedded_prefect(settings, verbose=verbose)
+    started = time.monotonic()
+    typer.echo("lynx demo: checking the demo face pack and the tiny demo model (built on first use)...")
+    model_dir = ensure_demo_setup(settings)
+    typer.echo(f"demo model: {model_dir}")
+    typer.echo(f"photo: {demo_face_path()} (public domain, NASA)  prompt: {DEMO_PROMPT!r}")
+    typer.echo("running face -> reference -> text -> sample -> decode -> deliver ...")
+    with demo_model_environment(settings, "full"):
+        outcome = run_job(demo_face_path(), DEMO_PROMPT, DEMO_SETTINGS, None)
+    report(outcome, fetch_deliverables(outcome, out), time.monotonic() - started)
+    typer.echo(f"warning: {DEMO_WARNING}")

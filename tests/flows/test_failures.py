@@ -1,0 +1,247 @@
+"""Failure semantics: transient errors retried, others fail the job at once with stage and reason,
+timeouts name their setting, failures leave no deliverable, dead runs and cancellations are handled."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from prefect import flow, get_client, task
+
+from flows.generate import lynx
+from lynx.db.models import JobStatus, StageStatus
+from lynx.errors import InputError, ServiceUnavailableError
+from lynx.jobs import GenerationRequest, JobTicket, SubjectSpec
+from tasks.deliver import deliver_stage
+from tasks.gpu import run_batch
+from tasks.jobs import submit_requests
+from tasks.policy import configured, is_transient
+from tasks.services import services
+from tasks.tracking import cancel_flow_run_jobs, run_stage
+from tests.flows.conftest import TINY_SETTINGS
+
+
+def request(photo, prompt="a person smiling", subject_id=None) -> GenerationRequest:
+    return GenerationRequest(
+        subject=SubjectSpec(id=subject_id, photo=str(photo)), prompt=prompt, settings=TINY_SETTINGS
+    )
+
+
+def test_only_transient_errors_count_as_transient():
+    assert is_transient(ServiceUnavailableError("S3 down"))
+    assert is_transient(ConnectionResetError())
+    assert not is_transient(InputError("no face"))
+    assert not is_transient(RuntimeError("bug"))
+
+
+def run_in_a_flow(ticket: JobTicket, work) -> JobTicket:
+    """Run ``work`` as stage 'face' of the ticket's job, in a task with the configured policy."""
+
+    @task(name="test-stage")
+    def stage(ticket: JobTicket) -> JobTicket:
+        return run_stage(ticket, "face", work)
+
+    @flow
+    def run(ticket: JobTicket) -> JobTicket:
+        return configured(stage, "face")(ticket)
+
+    return run(ticket)
+
+
+def test_a_transient_error_is_retried_and_recorded_then_the_stage_completes(flow_env, photos):
+    flow_env(task_retries=2)
+    [ticket] = submit_requests([request(photos["astronaut"])])
+    calls = []
+
+    def flaky(recorder):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ServiceUnavailableError("cannot reach S3 at minio:9000", setting="LYNX_S3_ENDPOINT")
+        return ticket
+
+    result = run_in_a_flow(ticket, flaky)
+    assert result.active and len(calls) == 2
+    tracker = services().tracker
+    rows = [r for r in tracker.stage_runs(ticket.job_id) if r.stage == "face"]
+    assert [r.status for r in rows] == [StageStatus.FAILED, StageStatus.COMPLETED]
+    assert "cannot reach S3" in rows[0].error_text
+    assert tracker.get_job(ticket.job_id).status is JobStatus.RUNNING
+
+
+def test_a_permanent_error_fails_the_job_at_once_without_retries(flow_env, photos):
+    flow_env(task_retries=3)
+    [ticket] = submit_requests([request(photos["astronaut"])])
+    calls = []
+
+    def bad(recorder):
+        calls.append(1)
+        raise InputError("the photo shows a cat")
+
+    result = run_in_a_flow(ticket, bad)
+    assert len(calls) == 1
+    assert (result.status, result.error_stage, result.error_text) == (
+        "failed",
+        "face",
+        "the photo shows a cat",
+    )
+    job = services().tracker.get_job(ticket.job_id)
+    assert (job.status, job.error_stage, job.error_text) == (
+        JobStatus.FAILED,
+        "face",
+        "the photo shows a cat",
+    )
+
+
+def test_a_stage_past_its_timeout_fails_the_job_naming_the_setting(flow_env, photos):
+    flow_env(face_timeout=1)
+    [ticket] = submit_requests([request(photos["astronaut"])])
+
+    def slow(recorder):
+        for _ in range(50):
+            time.sleep(0.1)
+        return ticket
+
+    started = time.monotonic()
+    result = run_in_a_flow(ticket, slow)
+    assert time.monotonic() - started < 4
+    assert result.status == "failed" and "LYNX_FACE_TIMEOUT" in result.error_text
+    assert services().tracker.get_job(ticket.job_id).error_stage == "face"
+
+
+def test_missing_model_weights_fail_the_job_at_stage_model_naming_the_setting(flow_env, photos, tmp_path):
+    flow_env(base_model_path=tmp_path / "no-weights-here")
+    outcome = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
+    assert outcome.status == "failed" and outcome.error_stage == "model"
+    assert "LYNX_BASE_MODEL_PATH" in outcome.error_text
+    assert "sample" not in {r.stage for r in services().tracker.stage_runs(outcome.job_id)}
+
+
+def test_a_delivery_failure_publishes_nothing(flow_env, photos, tmp_path):
+    logo = tmp_path / "logo.png"
+    logo.write_text("not an image")
+    flow_env(deliver_watermark=logo)
+    outcome = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
+    assert outcome.status == "failed" and outcome.error_stage == "deliver"
+    assert "LYNX_DELIVER_WATERMARK" in outcome.error_text
+    assert outcome.master_key is None
+    assert not list(services().store.list("deliverables/"))
+
+
+def test_a_job_cancelled_while_delivering_keeps_no_published_files(flow_env, photos):
+    flow_env()
+    done = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS, subject_id="ann")
+    tracker = services().tracker
+    # a second job of the same subject, cancelled while its (borrowed) video is being delivered
+    [ticket] = submit_requests([request(photos["astronaut"], "a person waving", "ann")])
+    first = tracker.stage_runs(done.job_id)
+    face = next(r for r in first if r.stage == "face")
+    decode = next(r for r in first if r.stage == "decode")
+    from lynx.jobs import FaceOutputs, GpuJobResult
+
+    ticket = ticket.model_copy(
+        update={
+            "face": FaceOutputs(
+                embedding_key=face.output_keys[0],
+                id_crop_key=face.output_keys[1],
+                ref_crop_key=face.output_keys[2],
+                embedding_model="sface",
+                embedding_dim=128,
+                det_score=0.9,
+            ),
+            "video": GpuJobResult(
+                job_id=ticket.job_id,
+                status="completed",
+                intermediate_key=decode.output_keys[0],
+                frames=5,
+                fps=16.0,
+                variant="full",
+            ),
+        }
+    )
+    tracker.transition_job(ticket.job_id, JobStatus.CANCELLED)
+
+    result = deliver_stage.fn(ticket)
+    assert result.status == "failed" and result.error_stage == "deliver"
+    assert not list(services().store.list(f"deliverables/adhoc/{ticket.job_id}/"))
+    assert tracker.get_job(ticket.job_id).status is JobStatus.CANCELLED
+    assert list(services().store.list(f"deliverables/adhoc/{done.job_id}/"))  # the other job's stay
+
+
+def test_a_job_left_running_by_a_dead_run_is_retried_by_the_next_run(flow_env, photos):
+    flow_env()
+
+    @flow
+    def dies_after_submitting() -> int:  # as if the worker died right after registering the job
+        return submit_requests([request(photos["hanks"], "a man smiling", "tom")])[0].job_id
+
+    job_id = dies_after_submitting()
+    tracker = services().tracker
+    assert tracker.get_job(job_id).status is JobStatus.RUNNING
+
+    outcome = lynx(str(photos["hanks"]), "a man smiling", settings=TINY_SETTINGS, subject_id="tom")
+    assert outcome.job_id == job_id and outcome.status == "completed" and outcome.attempt == 2
+    first_attempt = [r for r in tracker.stage_runs(job_id) if r.attempt == 1]
+    assert [r.stage for r in first_attempt] == ["submit"]
+
+
+def test_a_retried_submit_keeps_the_jobs_it_already_claimed(flow_env, photos):
+    flow_env()
+
+    @flow
+    def submits_twice() -> tuple[JobTicket, JobTicket]:  # as a submit task retried by Prefect would
+        requests = [request(photos["astronaut"], "a person waving", "ann")]
+        return submit_requests(requests)[0], submit_requests(requests)[0]
+
+    first, second = submits_twice()
+    assert first.active and second.active
+    assert (second.job_id, second.attempt) == (first.job_id, 1)
+    assert services().tracker.get_job(first.job_id).status is JobStatus.RUNNING
+
+
+def test_the_cancellation_hook_marks_the_runs_jobs_cancelled(flow_env, photos):
+    flow_env()
+
+    @flow
+    def registers_two() -> list[int]:
+        tickets = submit_requests([request(photos["astronaut"], "one"), request(photos["astronaut"], "two")])
+        return [t.job_id for t in tickets]
+
+    state = registers_two(return_state=True)
+    job_ids = state.result()
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(state.state_details.flow_run_id)
+    cancel_flow_run_jobs(None, flow_run, state)
+    tracker = services().tracker
+    assert [tracker.get_job(j).status for j in job_ids] == [JobStatus.CANCELLED] * 2
+    assert tracker.get_job(job_ids[0]).attempt == 1
+
+
+def test_a_gpu_run_that_crashes_fails_its_jobs_with_the_reason(flow_env, photos):
+    flow_env()
+
+    @flow(name="broken-gpu")
+    def broken_gpu(batch) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    @flow
+    def run() -> list[JobTicket]:
+        from tasks.face import face_stage
+
+        tickets = [face_stage(t) for t in submit_requests([request(photos["astronaut"])])]
+        return run_batch(tickets, broken_gpu)
+
+    [ticket] = run()
+    assert ticket.status == "failed" and ticket.error_stage == "gpu"
+    assert "illegal memory access" in ticket.error_text
+    job = services().tracker.get_job(ticket.job_id)
+    assert job.status is JobStatus.FAILED and "illegal memory access" in job.error_text
+
+
+@pytest.mark.parametrize("field,value", [("frames", 8), ("height", 100)])
+def test_impossible_generation_settings_are_refused_before_anything_runs(field, value):
+    from pydantic import ValidationError
+
+    from lynx.jobs import GenerationSettings
+
+    with pytest.raises(ValidationError, match="4k\\+1|multiple of 16"):
+        GenerationSettings(**{field: value})
