@@ -38,6 +38,7 @@ _COMMAND_GROUPS: list[tuple[str, str | None]] = [
     ("models", None),
     ("generate", None),
     ("eval", "eval"),
+    ("bench", None),
 ]
 
 
