@@ -157,3 +157,18 @@ def test_eval_command_errors_are_one_line(lynx_cli, eval_settings, tmp_path):
     ]
     done = lynx_cli("eval", "campaign", "absent", settings=settings)
     assert done.returncode == 5 and done.stderr.strip() == "lynx: error: no campaign named 'absent'"
+
+
+def test_prefect_yaml_deploys_lynx_eval_on_the_cpu_pool():
+    import yaml
+    from prefect.flows import load_flow_from_entrypoint
+
+    from tests.conftest import REPO_ROOT
+
+    deployments = {
+        d["name"]: d for d in yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
+    }
+    evaluate = deployments["evaluate"]
+    assert load_flow_from_entrypoint(str(REPO_ROOT / evaluate["entrypoint"])).name == "lynx-eval"
+    assert evaluate["work_pool"]["name"] == "lynx-cpu"
+    assert evaluate["parameters"] == {"campaign": "example-spring"}
