@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,6 @@ from functools import partial
 from pathlib import Path
 
 import cv2
-import imageio_ffmpeg
 import onnxruntime
 import skimage.data
 import torch
@@ -38,41 +36,22 @@ from lynx.faces import ensure_demo_pack, runtime
 from lynx.faces.irse50 import IRSE50
 from lynx.faces.similarity import iter_video_frames
 from lynx.settings import LynxSettings
+from tests.eval.clips import pan_and_zoom
 
 
 def make_clip(folder: Path, frames: int) -> tuple[Path, Path]:
-    photo, reference, video = folder / "astronaut.png", folder / "reference.jpg", folder / "clip.mp4"
+    photo, reference = folder / "astronaut.png", folder / "reference.jpg"
     astronaut = skimage.data.astronaut()[..., ::-1]
     cv2.imwrite(str(photo), astronaut)
     cv2.imwrite(str(reference), cv2.flip(astronaut, 1), [cv2.IMWRITE_JPEG_QUALITY, 80])
-    # Crop to the output's aspect ratio first: zoompan stretches whatever it is given.
-    zoom = (
-        "scale=1664:-2,crop=1664:960:0:0,"
-        "zoompan=z='1+0.003*on':x='iw/2-(iw/zoom/2)+on*2':y='ih/2-(ih/zoom/2)':d=1:s=832x480:fps=16"
-    )
-    subprocess.run(
-        [
-            imageio_ffmpeg.get_ffmpeg_exe(),
-            "-y",
-            "-loglevel",
-            "error",
-            "-loop",
-            "1",
-            "-i",
-            str(photo),
-            "-vf",
-            zoom,
-            "-frames:v",
-            str(frames),
-            "-c:v",
-            "libx264",
-            "-crf",
-            "18",
-            "-pix_fmt",
-            "yuv420p",
-            str(video),
-        ],
-        check=True,
+    video = pan_and_zoom(
+        photo,
+        folder / "clip.mp4",
+        frames=frames,
+        fps=16,
+        size=(832, 480),
+        zoom_per_frame=0.003,
+        pan_per_frame=2,
     )
     return video, reference
 

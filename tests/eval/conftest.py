@@ -11,21 +11,18 @@ static build) into short H.264 videos:
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
-import imageio_ffmpeg
 import pytest
 import skimage.data
 
 from lynx.settings import LynxSettings
+from tests.eval.clips import pan_and_zoom
 from tests.faces.conftest import INSIGHTFACE_IMAGES
-
-CLIP_FRAMES, CLIP_FPS, CLIP_SIZE = 16, 8, 320
 
 
 @dataclass(frozen=True)
@@ -36,37 +33,6 @@ class Clips:
     coffee: Path
     astronaut_reference: Path
     hanks_reference: Path
-
-
-def pan_and_zoom(photo: Path, video: Path, *, frames: int = CLIP_FRAMES) -> Path:
-    """A short H.264 clip that slowly zooms into ``photo`` while panning right."""
-    zoom = (
-        f"scale=640:-2,zoompan=z='1+0.01*on':x='iw/2-(iw/zoom/2)+on*3':y='ih/2-(ih/zoom/2)'"
-        f":d=1:s={CLIP_SIZE}x{CLIP_SIZE}:fps={CLIP_FPS}"
-    )
-    command = [
-        imageio_ffmpeg.get_ffmpeg_exe(),
-        "-y",
-        "-loglevel",
-        "error",
-        "-loop",
-        "1",
-        "-i",
-        str(photo),
-        "-vf",
-        zoom,
-        "-frames:v",
-        str(frames),
-        "-c:v",
-        "libx264",
-        "-preset",
-        "ultrafast",
-        "-pix_fmt",
-        "yuv420p",
-        str(video),
-    ]
-    subprocess.run(command, check=True)
-    return video
 
 
 @pytest.fixture(scope="session")

@@ -70,15 +70,20 @@ def test_gate_holds_the_other_persons_video_for_review(eval_settings, clips, bac
         assert summary.jobs_by_status[JobStatus.NEEDS_REVIEW] == 2
 
 
+def _running_job_without_video(tracker, store, clips) -> int:
+    subject = tracker.create_subject("A", reference=store.put_file(clips.astronaut_reference))
+    job, _ = tracker.get_or_create_job(subject_id=subject.id, prompt="p")
+    tracker.transition_job(job.id, JobStatus.RUNNING)
+    return job.id
+
+
 def test_gate_off_measures_nothing(eval_settings, clips):
     settings = eval_settings()
     store = open_store(settings)
     with Tracker.from_settings(settings) as tracker:
-        subject = tracker.create_subject("A", reference=store.put_file(clips.astronaut_reference))
-        job, _ = tracker.get_or_create_job(subject_id=subject.id, prompt="p")
-        tracker.transition_job(job.id, JobStatus.RUNNING)
-        verdict = gate_job(job.id, settings=settings, tracker=tracker, store=store)
-        assert not verdict.enabled and tracker.get_job(job.id).status is JobStatus.RUNNING
+        job_id = _running_job_without_video(tracker, store, clips)
+        verdict = gate_job(job_id, settings=settings, tracker=tracker, store=store)
+        assert not verdict.enabled and tracker.get_job(job_id).status is JobStatus.RUNNING
         with tracker.transaction() as session:
             assert session.query(Evaluation).count() == 0
 
@@ -87,9 +92,7 @@ def test_a_job_without_a_video_fails_an_active_gate(eval_settings, clips):
     settings = eval_settings(quality_gate_threshold=0.5)
     store = open_store(settings)
     with Tracker.from_settings(settings) as tracker:
-        subject = tracker.create_subject("A", reference=store.put_file(clips.astronaut_reference))
-        job, _ = tracker.get_or_create_job(subject_id=subject.id, prompt="p")
-        tracker.transition_job(job.id, JobStatus.RUNNING)
-        verdict = gate_job(job.id, settings=settings, tracker=tracker, store=store)
+        job_id = _running_job_without_video(tracker, store, clips)
+        verdict = gate_job(job_id, settings=settings, tracker=tracker, store=store)
         assert verdict.needs_review and "no delivered video" in verdict.reason
-        assert tracker.get_job(job.id).status is JobStatus.NEEDS_REVIEW
+        assert tracker.get_job(job_id).status is JobStatus.NEEDS_REVIEW
