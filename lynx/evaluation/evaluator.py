@@ -17,13 +17,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lynx.db.tracking import Tracker
-from lynx.errors import InputError
+from lynx.errors import InputError, NotFoundError
 from lynx.evaluation.metrics import evaluate_video, reference_embeddings
 from lynx.evaluation.recognizers import EvaluationModels, cached_evaluation_models, setup_for
 from lynx.evaluation.records import save_metrics, stored_metrics
@@ -48,8 +48,6 @@ class VideoResult:
     reused: bool = False
     seconds: float = 0.0
     error: str | None = None
-    video_sha256: str | None = None
-    per_recognizer_seconds: dict[str, float] = field(default_factory=dict)
 
     def mean(self, recognizer: str) -> float | None:
         return self.metrics[recognizer].mean if self.metrics else None
@@ -107,9 +105,9 @@ class Evaluator:
                 )
                 if stored is not None:
                     self._count(item, video_sha, reference_sha, reused=True)
-                    return VideoResult(item, self.stride, stored, reused=True, video_sha256=video_sha)
+                    return VideoResult(item, self.stride, stored, reused=True)
             return self._measure(item, video_sha, reference_sha)
-        except InputError as err:
+        except (InputError, NotFoundError) as err:  # this item's files, not the run, are at fault
             log.warning("cannot evaluate %s: %s", item.label, err)
             return VideoResult(item, self.stride, error=str(err))
 
@@ -141,7 +139,7 @@ class Evaluator:
         )
         seconds = time.perf_counter() - started
         self._count(item, video_sha, reference_sha, reused=False, duration_s=seconds)
-        return VideoResult(item, self.stride, metrics.by_recognizer, seconds=seconds, video_sha256=video_sha)
+        return VideoResult(item, self.stride, metrics.by_recognizer, seconds=seconds)
 
     def _score(self, item: EvalItem, reference_sha: str):
         references = self._reference_embeddings(item, reference_sha)

@@ -16,7 +16,6 @@ missing a recogniser would compare numbers that were never measured.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from collections.abc import Mapping
@@ -192,7 +191,3 @@ def setup_for(setup: Mapping[str, Any], recognizer: str) -> dict[str, Any]:
         **{k: v for k, v in setup.items() if k != "recognizers"},
         "recognizer": setup["recognizers"][recognizer],
     }
-
-
-def setup_digest(setup: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]

@@ -91,13 +91,6 @@ def save_metrics(
     raise RuntimeError(f"could not record the evaluation of {video} (rows kept changing under us)")
 
 
-def job_evaluations(tracker: Tracker, job_id: int) -> list[Evaluation]:
-    """Every stored evaluation of a job's videos, newest first."""
-    query = select(Evaluation).where(Evaluation.job_id == job_id).order_by(Evaluation.updated_at.desc())
-    with tracker.transaction() as session:
-        return list(session.scalars(query))
-
-
 def _similarity(row: Evaluation) -> FaceSimilarity:
     return FaceSimilarity(
         mean=row.mean,

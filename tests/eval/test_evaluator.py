@@ -174,6 +174,12 @@ def test_campaign_jobs_are_evaluated_from_the_store(eval_settings, clips, backen
         with Evaluator(settings, tracker=tracker, store=None) as evaluator:
             assert evaluator.evaluate(source.items[0]).reused
 
+        # A deliverable deleted from the store is that item's problem, not the run's.
+        store.delete(source.items[1].video)
+        with Evaluator(settings, tracker=tracker, store=store, force=True) as evaluator:
+            gone = evaluator.evaluate(source.items[1])
+        assert gone.metrics is None and source.items[1].video in gone.error
+
 
 def test_unknown_campaign_and_ambiguous_sources(eval_settings):
     with Tracker.from_settings(eval_settings()) as tracker:
