@@ -98,6 +98,7 @@ def session_options() -> onnxruntime.SessionOptions:
     options.log_severity_level = 3  # errors only
     # By default onnxruntime's worker threads busy-wait after each run. Face models run between
     # video decoding and torch (IR-SE50) calls on the same cores, which the spinning threads then
-    # starve: evaluation measured 2-3x faster on 2 cores without it (docs/PERFORMANCE.md).
+    # starve: evaluation measured 1.4x faster on 2 idle cores without it, 2-3x with other load
+    # (docs/PERFORMANCE.md, Evaluation).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
