@@ -118,7 +118,8 @@ def manifest_items(manifest: Manifest) -> list[EvalItem]:
 def job_item(tracker: Tracker, job: Job) -> EvalItem:
     """A job's delivered master video and its subject's reference photo, both in the store."""
     subject = tracker.get_subject(job.subject_id)
-    videos = tracker.list_artifacts(job_id=job.id, kind=ArtifactKind.VIDEO)
+    # Newest first: a job delivered again (a retry) re-publishes under the same key, new bytes.
+    videos = tracker.list_artifacts(job_id=job.id, kind=ArtifactKind.VIDEO)[::-1]
     video = next(
         (a for a in videos if a.key.rsplit("/", 1)[-1] == MASTER_NAME), videos[0] if videos else None
     )

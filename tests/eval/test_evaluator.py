@@ -187,3 +187,18 @@ def test_unknown_campaign_and_ambiguous_sources(eval_settings):
             collect_source(tracker, campaign="absent")
         with pytest.raises(InputError, match="either a campaign or a manifest"):
             collect_source(tracker)
+
+
+def test_a_redelivered_job_is_evaluated_on_its_latest_master(eval_settings, clips):
+    from lynx.evaluation.sources import job_item
+
+    settings = eval_settings()
+    store = open_store(settings)
+    with Tracker.from_settings(settings) as tracker:
+        subject = tracker.create_subject("A", reference=store.put_file(clips.astronaut_reference))
+        job, _ = tracker.get_or_create_job(subject_id=subject.id, prompt="p")
+        key = f"deliverables/adhoc/{job.id}/master.mp4"
+        for video in (clips.hanks, clips.astronaut):  # attempt 1, then a retry re-publishes the key
+            tracker.record_artifact(store.put_file(video, key=key), kind=ArtifactKind.VIDEO, job_id=job.id)
+        item = job_item(tracker, tracker.get_job(job.id))
+        assert item.video == key and item.video_sha256 == store.stat(key).sha256
