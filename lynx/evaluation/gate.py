@@ -15,7 +15,7 @@ from typing import Any
 
 from lynx.db.models import Job, JobStatus
 from lynx.db.tracking import Tracker
-from lynx.evaluation.evaluator import Evaluator
+from lynx.evaluation.evaluator import Evaluator, VideoResult
 from lynx.evaluation.recognizers import EvaluationModels
 from lynx.evaluation.sources import job_item
 from lynx.faces.similarity import FaceSimilarity
@@ -92,6 +92,20 @@ def gate_verdict(
     )
 
 
+def judge(result: VideoResult, recognizer: str, settings: LynxSettings) -> GateVerdict:
+    """The gate's verdict on one evaluated video: one that could not be evaluated cannot pass."""
+    if settings.quality_gate_threshold is None or result.metrics is not None:
+        return gate_verdict(result.metrics or {}, recognizer, settings)
+    return GateVerdict(
+        enabled=True,
+        passed=False,
+        reason=f"could not be evaluated: {result.error}",
+        recognizer=recognizer,
+        threshold=settings.quality_gate_threshold,
+        min_face_share=settings.quality_gate_min_face_share,
+    )
+
+
 def hold_for_review(tracker: Tracker, job_id: int, verdict: GateVerdict) -> Job:
     """Move a running job that failed the gate to ``needs_review``, with the reason as its error text."""
     return tracker.transition_job(
@@ -117,18 +131,7 @@ def gate_job(
         return GATE_OFF
     with Evaluator(settings, tracker=tracker, store=store, models=models) as evaluator:
         result = evaluator.evaluate(job_item(tracker, tracker.get_job(job_id)))
-        recognizer = evaluator.gate_recognizer
-    if result.metrics is None:
-        verdict = GateVerdict(
-            enabled=True,
-            passed=False,
-            reason=f"could not be evaluated: {result.error}",
-            recognizer=recognizer,
-            threshold=settings.quality_gate_threshold,
-            min_face_share=settings.quality_gate_min_face_share,
-        )
-    else:
-        verdict = gate_verdict(result.metrics, recognizer, settings)
+        verdict = judge(result, evaluator.gate_recognizer, settings)
     if verdict.needs_review:
         hold_for_review(tracker, job_id, verdict)
     return verdict

@@ -20,7 +20,7 @@ from lynx.db.models import ArtifactKind
 from lynx.db.tracking import Tracker
 from lynx.evaluation.aggregate import overall_stats
 from lynx.evaluation.evaluator import VideoResult
-from lynx.evaluation.report import verdict
+from lynx.evaluation.gate import judge
 from lynx.settings import LynxSettings
 from lynx.store.base import ArtifactStore
 
@@ -90,7 +90,7 @@ def outcome_of(
         reused=sum(1 for r in results if r.reused),
         not_evaluated=len(results) - overall.scored,
         no_face=overall.no_face,
-        needs_review=sum(1 for r in results if verdict(r, gate_recognizer, settings).needs_review)
+        needs_review=sum(1 for r in results if judge(r, gate_recognizer, settings).needs_review)
         if gate_on
         else None,
         mean_similarity={name: spread.mean for name, spread in overall.by_recognizer.items()},
@@ -109,7 +109,7 @@ def video_rows(
     """One flat row per video, for a Prefect table artifact or a CSV."""
     rows = []
     for result in results:
-        item, judged = result.item, verdict(result, gate_recognizer, settings)
+        item, judged = result.item, judge(result, gate_recognizer, settings)
         row: dict[str, Any] = {
             "subject": item.subject,
             "prompt": item.prompt,

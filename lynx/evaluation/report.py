@@ -23,7 +23,7 @@ import jinja2
 
 from lynx.evaluation.aggregate import group_stats, overall_stats, ranked
 from lynx.evaluation.evaluator import VideoResult
-from lynx.evaluation.gate import GATE_OFF, GateVerdict, gate_verdict
+from lynx.evaluation.gate import judge
 from lynx.evaluation.plots import similarity_by_subject, similarity_distributions, similarity_over_time
 from lynx.evaluation.sources import EvalItem
 from lynx.media.previews import contact_sheet_indices, grab_frames, write_contact_sheet
@@ -70,7 +70,7 @@ def render_report(
     """The report's HTML. ``open_video(item)`` yields a local path to the item's video (needed only
     for the contact sheets of the best and worst videos)."""
     threshold = settings.quality_gate_threshold
-    rows = [{"result": r, "verdict": verdict(r, gate_recognizer, settings)} for r in results]
+    rows = [{"result": r, "verdict": judge(r, gate_recognizer, settings)} for r in results]
     # Best and worst never overlap: with few videos, the better half are "best".
     order = [r for r in ranked(results, gate_recognizer) if r.metrics[gate_recognizer].frames_total]
     best_count = min(settings.eval_report_contact_sheets, (len(order) + 1) // 2)
@@ -98,17 +98,6 @@ def render_report(
         "software": _software(),
     }
     return _environment().get_template("report.html.j2").render(**context)
-
-
-def verdict(result: VideoResult, recognizer: str, settings: LynxSettings) -> GateVerdict:
-    """The gate's verdict on one result (a result without metrics cannot pass an active gate)."""
-    if settings.quality_gate_threshold is None:
-        return GATE_OFF
-    if result.metrics is None:
-        return GateVerdict(
-            enabled=True, passed=False, reason=f"not evaluated: {result.error}", recognizer=recognizer
-        )
-    return gate_verdict(result.metrics, recognizer, settings)
 
 
 def _environment() -> jinja2.Environment:
