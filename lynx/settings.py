@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import platformdirs
 from pydantic import Field, SecretStr, field_validator
@@ -277,6 +277,56 @@ class LynxSettings(BaseSettings):
         "model. Default: LYNX_MODELS_DIR/demo.",
     )
 
+    # --- evaluation ----------------------------------------------------------------------
+    eval_recognizers: list[str | dict[str, Any]] = Field(
+        default_factory=lambda: ["pack"],
+        description='Recognisers that score identity, as a JSON list: "pack" (the face pack\'s own), '
+        '"arcface_ir_se50" (IR-SE50 at LYNX_ARCFACE_WEIGHTS_PATH), a recognition ONNX (file name in the '
+        'pack or a path), or {"path": ..., "name": ..., '
+        '"preprocessing": "embedded" | {"mean": m, "std": s}}.',
+    )
+    eval_frame_stride: int = Field(
+        default=4, ge=1, description="Score every n-th frame of a video (the first frame included)."
+    )
+    quality_gate_threshold: float | None = Field(
+        default=None, ge=-1.0, le=1.0,
+        description="Mean identity similarity under which a delivered job is marked 'needs review'. "
+        "Unset: the gate is off (evaluation still runs where asked).",
+    )
+    quality_gate_recognizer: str | None = Field(
+        default=None,
+        description="Which of LYNX_EVAL_RECOGNIZERS the gate reads (its spec or recogniser name). "
+        "Default: the first one.",
+    )
+    quality_gate_min_face_share: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="With the gate on, a video whose share of sampled frames showing a face is below "
+        "this is marked 'needs review' too.",
+    )
+    eval_reports_dir: Path | None = Field(
+        default=None, description="Folder the evaluation reports are written to (each run in its own "
+        "sub-folder) before they are uploaded. Default: LYNX_HOME/reports/eval."
+    )
+    eval_report_contact_sheets: int = Field(
+        default=3, ge=0, le=20,
+        description="Contact sheets of the N best and the N worst videos in the evaluation report.",
+    )
+
+    @field_validator("eval_recognizers", mode="after")
+    @classmethod
+    def _recognizer_specs(cls, value: list[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
+        if not value:
+            raise ValueError("list at least one recogniser, e.g. [\"pack\"]")
+        for spec in value:
+            if isinstance(spec, str) and not spec.strip():
+                raise ValueError("a recogniser spec is an empty string")
+            if isinstance(spec, dict) and (not isinstance(spec.get("path"), str) or not spec["path"]
+                                           or set(spec) - {"path", "name", "preprocessing"}):
+                raise ValueError(
+                    f"recogniser {spec!r}: an object needs 'path' and may have 'name' and 'preprocessing'"
+                )
+        return value
+
     @field_validator("face_pack", mode="after")
     @classmethod
     def _plain_folder_name(cls, value: str) -> str:
@@ -339,7 +389,8 @@ class LynxSettings(BaseSettings):
     @field_validator(
         "home", "artifacts_dir", "models_dir", "ffmpeg_binary", "deliver_realesrgan_weights",
         "deliver_audio", "deliver_watermark", "deliver_safety_model", "arcface_weights_path",
-        "face_demo_wheel", "base_model_path", "adapter_path", "workdir", "demo_model_dir", mode="after",
+        "face_demo_wheel", "base_model_path", "adapter_path", "workdir", "demo_model_dir",
+        "eval_reports_dir", mode="after",
     )
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
@@ -392,6 +443,10 @@ class LynxSettings(BaseSettings):
     @property
     def resolved_demo_model_dir(self) -> Path:
         return self.demo_model_dir or self.resolved_models_dir / "demo"
+
+    @property
+    def resolved_eval_reports_dir(self) -> Path:
+        return self.eval_reports_dir or self.home / "reports" / "eval"
 
     @property
     def resolved_database_url(self) -> str:

@@ -7,7 +7,9 @@ that is cheap to persist as a Prefect result.
 
 ``deliver_stage`` is the pipeline's stage around it: it fetches the job's intermediate from the
 artifact store, scores the face resemblance of sampled frames (which also picks the poster),
-publishes, records every published file as an artifact of the job and completes the job. If
+publishes, records every published file as an artifact of the job and completes the job, or,
+when the quality gate (``lynx.evaluation.gate``) finds the video does not resemble its subject,
+holds it for review (status ``needs_review``, files kept). If
 anything fails after publishing, the published files are removed again: a failed job never leaves
 a deliverable behind.
 """
@@ -25,6 +27,7 @@ from pydantic import BaseModel
 
 from lynx.db.models import ArtifactKind, JobStatus
 from lynx.db.tracking import StageRecorder
+from lynx.evaluation.gate import gate_job
 from lynx.faces import cached_face_analyzer
 from lynx.faces.similarity import iter_video_frames, video_face_similarity
 from lynx.jobs import JobTicket
@@ -178,7 +181,11 @@ def deliver_job(ticket: JobTicket, recorder: StageRecorder) -> JobTicket:
         for published in summary.files:
             stored = StoredObject(published.key, published.sha256, published.size, published.content_type)
             svc.tracker.record_artifact(stored, kind=_ARTIFACT_KIND[published.kind], job_id=ticket.job_id)
-        svc.tracker.transition_job(ticket.job_id, JobStatus.COMPLETED)
+        # Quality gate (LYNX_QUALITY_GATE_THRESHOLD): a video that does not look like its subject is
+        # held for review (job -> needs_review, files kept for the reviewer) instead of completed.
+        verdict = gate_job(ticket.job_id, settings=svc.settings, tracker=svc.tracker, store=svc.store)
+        if not verdict.needs_review:
+            svc.tracker.transition_job(ticket.job_id, JobStatus.COMPLETED)
     except BaseException:
         for published in reversed(summary.files):  # a job that did not complete leaves no deliverable
             svc.store.delete(published.key)
@@ -190,8 +197,9 @@ def deliver_job(ticket: JobTicket, recorder: StageRecorder) -> JobTicket:
         similarity=similarity,
         safety=summary.safety.status,
         timings=summary.timings,
+        quality_gate=verdict.to_dict(),
     )
-    return ticket.model_copy(update={"status": "completed"})
+    return ticket.model_copy(update={"status": "needs_review" if verdict.needs_review else "completed"})
 
 
 @task(name="deliver", cache_policy=NONE, persist_result=False, retry_condition_fn=retry_on_transient)

@@ -35,7 +35,9 @@ def job_outcome(job_id: int, *, current_flow_run: str | None = None) -> JobOutco
     subject = svc.tracker.get_subject(job.subject_id)
     delivered = latest_stage(job_id, "deliver", attempt=job.attempt, status=StageStatus.COMPLETED)
     metrics = delivered.metrics if delivered else {}
-    master = metrics.get("master_key") if job.status is JobStatus.COMPLETED else None
+    # A job held by the quality gate keeps its files: the reviewer needs to find them.
+    reviewable = (JobStatus.COMPLETED, JobStatus.NEEDS_REVIEW)
+    master = metrics.get("master_key") if job.status in reviewable else None
     url = None
     if master:
         try:

@@ -15,6 +15,7 @@ a temporary folder (autouse ``_isolated_lynx_env``). Area-specific fixtures belo
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
@@ -248,6 +249,8 @@ def settings_env(settings: LynxSettings) -> dict[str, str]:
             value = value.get_secret_value()
         elif isinstance(value, bool):
             value = "true" if value else "false"
+        elif isinstance(value, (list, dict)):  # pydantic-settings reads complex values as JSON
+            value = json.dumps(value, default=str)
         env[f"LYNX_{name.upper()}"] = str(value)
     return env
 
@@ -282,3 +285,15 @@ def lynx_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
         )
 
     return run
+
+
+# --- Prefect ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One temporary Prefect server (SQLite) for the whole session: starting one takes ~8 s."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield

@@ -37,6 +37,8 @@ _COMMAND_GROUPS: list[tuple[str, str | None]] = [
     ("faces", "faces"),
     ("models", None),
     ("generate", None),
+    ("eval", "eval"),
+    ("bench", None),
 ]
 
 

@@ -290,3 +290,37 @@ class ComputeEvent(Base):
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
     campaign_id: Mapped[int | None] = mapped_column(ForeignKey("campaigns.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+
+
+class Evaluation(Base):
+    """Identity metrics of one video against one reference photo, by one recogniser at one stride.
+
+    Per-video statistics only: the reference embeddings they were computed with are biometric
+    data and never stored. Unique per (video bytes, reference bytes, recogniser, stride), so
+    evaluating the same video again updates its row instead of adding one.
+    """
+
+    __tablename__ = "evaluations"
+    __table_args__ = (UniqueConstraint("video_sha256", "reference_sha256", "recognizer", "stride"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    video: Mapped[str] = mapped_column(String(1024))  # store key or local path it was read from
+    video_sha256: Mapped[str] = mapped_column(String(64))
+    reference_sha256: Mapped[str] = mapped_column(String(64))
+    recognizer: Mapped[str] = mapped_column(String(200))
+    stride: Mapped[int] = mapped_column(Integer)
+    # Cosine statistics over sampled frames that show a face; NULL when none does.
+    mean: Mapped[float | None] = mapped_column(Float)
+    std: Mapped[float | None] = mapped_column(Float)
+    min: Mapped[float | None] = mapped_column(Float)
+    max: Mapped[float | None] = mapped_column(Float)
+    frames_sampled: Mapped[int] = mapped_column(Integer)
+    frames_with_face: Mapped[int] = mapped_column(Integer)
+    face_share: Mapped[float] = mapped_column(Float)
+    per_frame: Mapped[list[float | None]] = mapped_column(JSON, default=list)
+    # Detector and recogniser configuration the numbers were measured with (a change re-measures).
+    setup: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())

@@ -92,7 +92,13 @@ def warn_on_onnxruntime_conflict() -> None:
 
 
 def session_options() -> onnxruntime.SessionOptions:
-    """Session options that keep onnxruntime's graph-optimisation chatter off stderr."""
+    """Session options that keep onnxruntime's graph-optimisation chatter off stderr and its idle
+    threads off the CPU."""
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only
+    # By default onnxruntime's worker threads busy-wait after each run. Face models run between
+    # video decoding and torch (IR-SE50) calls on the same cores, which the spinning threads then
+    # starve: evaluation measured 1.4x faster on 2 idle cores without it, 2-3x with other load
+    # (docs/PERFORMANCE.md, Evaluation).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options

@@ -59,31 +59,49 @@ def video_face_similarity(
             "video with the same LYNX_EMBEDDING_BACKEND",
             setting="LYNX_EMBEDDING_BACKEND",
         )
-    per_frame: list[float | None] = []
-    # Welford's running mean/variance: a stream of any length in constant memory.
-    count, mean, squares = 0, 0.0, 0.0
-    low, high = math.inf, -math.inf
+    stats = SimilarityStats()
     for index, frame in enumerate(frames):
         if index % stride:
             continue
         faces = analyzer.find_faces(frame)
         if not faces:
-            per_frame.append(None)
+            stats.add(None)
             continue
-        value = cosine_similarity(analyzer.embed(frame, faces[FaceAnalyzer.largest(faces)]), reference)
-        per_frame.append(value)
-        count += 1
-        delta = value - mean
-        mean += delta / count
-        squares += delta * (value - mean)
-        low, high = min(low, value), max(high, value)
-    total = len(per_frame)
-    if count == 0:
-        return FaceSimilarity(None, None, None, None, total, 0, 0.0, per_frame)
-    return FaceSimilarity(
-        mean=mean, std=math.sqrt(squares / count), min=low, max=high,
-        frames_total=total, frames_with_face=count, face_share=count / total, per_frame=per_frame,
-    )
+        stats.add(cosine_similarity(analyzer.embed(frame, faces[FaceAnalyzer.largest(faces)]), reference))
+    return stats.result()
+
+
+class SimilarityStats:
+    """Running statistics of per-frame similarities (None = no face in that frame).
+
+    Welford's running mean/variance: a stream of any length in constant memory, apart from the
+    per-frame list the result carries.
+    """
+
+    def __init__(self) -> None:
+        self.per_frame: list[float | None] = []
+        self._count, self._mean, self._squares = 0, 0.0, 0.0
+        self._low, self._high = math.inf, -math.inf
+
+    def add(self, value: float | None) -> None:
+        self.per_frame.append(value)
+        if value is None:
+            return
+        self._count += 1
+        delta = value - self._mean
+        self._mean += delta / self._count
+        self._squares += delta * (value - self._mean)
+        self._low, self._high = min(self._low, value), max(self._high, value)
+
+    def result(self) -> FaceSimilarity:
+        total, count = len(self.per_frame), self._count
+        if count == 0:
+            return FaceSimilarity(None, None, None, None, total, 0, 0.0, list(self.per_frame))
+        return FaceSimilarity(
+            mean=self._mean, std=math.sqrt(self._squares / count), min=self._low, max=self._high,
+            frames_total=total, frames_with_face=count, face_share=count / total,
+            per_frame=list(self.per_frame),
+        )
 
 
 def iter_video_frames(path: str | Path, stride: int = 1) -> Iterator[np.ndarray]:

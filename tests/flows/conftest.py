@@ -33,17 +33,6 @@ TINY_SETTINGS = GenerationSettings(frames=5, height=64, width=64, steps=2)
 
 
 @pytest.fixture(scope="session")
-def prefect_harness() -> Iterator[None]:
-    """One temporary Prefect server (SQLite) for the whole session: starting one takes ~8 s."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
-
-
-@pytest.fixture(scope="session")
 def tiny_model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny random Lynx models (base + lynx_full + lynx_lite) for 128-d face embeddings."""
     from lynx_model.testing import TinyModelSpec, write_tiny_models
