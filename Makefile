@@ -31,10 +31,14 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/lynx demo
 
+# The HTML-report test opens the report in headless Chromium; the script installs Debian's package
+# only when no browser is found and it can (root + apt), else says how to provide one.
 test: setup
+	@scripts/ensure-chromium.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
+	@scripts/ensure-chromium.sh
 	$(PY) -m pytest -m "not slow and not server" $(PYTEST_ARGS)
 
 lint: setup

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lynx.errors import ConfigurationError
 
 
 def _default_home() -> Path:
@@ -469,7 +471,21 @@ def _in_models_dir(path: Path | None, folder: Path) -> Path | None:
     return folder / path
 
 
+def settings_error(err: ValidationError) -> ConfigurationError:
+    """One line naming the LYNX_* variable(s) at fault; never the value (it may be a secret)."""
+    prefix = LynxSettings.model_config.get("env_prefix", "")
+    names = [f"{prefix}{str(d['loc'][0]).upper()}" if d["loc"] else "settings" for d in err.errors()]
+    problems = "; ".join(f"{name}: {d['msg']}" for name, d in zip(names, err.errors()))
+    return ConfigurationError(f"invalid setting {problems}", setting=names[0])
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> LynxSettings:
-    """Settings read once per process; tests and the CLI pass explicit instances instead."""
-    return LynxSettings()
+    """Settings read once per process; tests and the CLI pass explicit instances instead.
+
+    A bad value raises ``ConfigurationError`` naming the variable, not pydantic's report.
+    """
+    try:
+        return LynxSettings()
+    except ValidationError as err:
+        raise settings_error(err) from None

@@ -129,3 +129,14 @@ def test_database_that_goes_away_mid_run(make_settings, make_pg_database):
 def test_bad_database_url_is_a_configuration_error(make_settings, url: str):
     with pytest.raises(ConfigurationError, match="LYNX_DATABASE_URL"):
         make_engine(make_settings(database_url=url))
+
+
+def test_invalid_setting_is_one_line_naming_the_variable_without_its_value(lynx_cli) -> None:
+    result = lynx_cli(
+        "db", "current", env={"LYNX_S3_SECURE": "sometimes", "LYNX_S3_PART_SIZE": "s3cr3t-ish"}
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lynx: error: invalid setting")
+    assert "LYNX_S3_SECURE" in lines[0] and "LYNX_S3_PART_SIZE" in lines[0]
+    assert "Traceback" not in result.stderr and "s3cr3t-ish" not in result.stderr
