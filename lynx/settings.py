@@ -474,8 +474,9 @@ def _in_models_dir(path: Path | None, folder: Path) -> Path | None:
 def settings_error(err: ValidationError) -> ConfigurationError:
     """One line naming the LYNX_* variable(s) at fault; never the value (it may be a secret)."""
     prefix = LynxSettings.model_config.get("env_prefix", "")
-    names = [f"{prefix}{str(d['loc'][0]).upper()}" if d["loc"] else "settings" for d in err.errors()]
-    problems = "; ".join(f"{name}: {d['msg']}" for name, d in zip(names, err.errors()))
+    errors = err.errors()
+    names = [f"{prefix}{str(d['loc'][0]).upper()}" if d["loc"] else "settings" for d in errors]
+    problems = "; ".join(f"{name}: {d['msg']}" for name, d in zip(names, errors, strict=True))
     return ConfigurationError(f"invalid setting {problems}", setting=names[0])
 
 
