@@ -241,8 +241,9 @@ class LynxPipeline(DiffusionPipeline):
                 stay fp32), or a dict per component (keys transformer, text_encoder, vae, resampler,
                 adapters, default). Modules diffusers keeps in fp32 (rope, time embedder, norms,
                 modulation tables) stay fp32 either way.
-            device: where the components go, one after the other as they load (host RAM holds at
-                most one component); None keeps them on the CPU (e.g. for ``enable_model_cpu_offload``).
+            device: where the components go; on an accelerator each one is loaded straight onto it
+                from the memory-mapped safetensors (no full copy in host RAM); None keeps them on the
+                CPU (e.g. for ``enable_model_cpu_offload``).
 
         Raises:
             WeightsError: naming the missing, truncated or mismatched file.
@@ -259,9 +260,14 @@ class LynxPipeline(DiffusionPipeline):
                 adapter_path, num_blocks=num_blocks, hidden_dim=hidden_dim, variant=variant
             )
 
+        # On an accelerator, device_map streams each memory-mapped shard straight to the device:
+        # the 14B DiT never needs a full copy in host RAM.
+        placement = {"device_map": {"": device}} if device.type != "cpu" else {}
+
         def load_model(cls, name: str):
-            model = cls.from_pretrained(base, subfolder=name, dtype=dtypes[name], local_files_only=True)
-            return model.to(device) if device.type != "cpu" else model
+            return cls.from_pretrained(
+                base, subfolder=name, dtype=dtypes[name], local_files_only=True, **placement
+            )
 
         # one component after the other, each moved to the device before the next is read
         tokenizer = _load_component(
