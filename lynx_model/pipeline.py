@@ -35,11 +35,11 @@ from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from diffusers.video_processor import VideoProcessor
-from transformers import AutoTokenizer, UMT5EncoderModel
+from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
 from .adapters import AdapterSpec, LynxAdapters, load_adapters, read_transformer_size, save_adapters
 from .attention import AdapterState
-from .checkpoint import fingerprint, read_header
+from .checkpoint import SafetensorsHeader, fingerprint, read_header
 from .conditioning import IdentityTokens, ReferenceFeatures
 from .errors import ModelInputError, WeightsError
 from .resampler import LynxResampler
@@ -125,14 +125,81 @@ def check_base_folder(base: Path) -> None:
             read_header(path, role="base")
 
 
+def _component_headers(folder: Path) -> list[SafetensorsHeader]:
+    index = next(iter(folder.glob("*.safetensors.index.json")), None)
+    if index is not None:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [read_header(folder / shard, role="base") for shard in shards]
+    return [read_header(path, role="base") for path in sorted(folder.glob("*.safetensors"))]
+
+
+def _expected_state(name: str, folder: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """Names and shapes the component's class expects, from its config alone (on the meta device),
+    and the tied names a checkpoint may leave out."""
+    try:
+        with torch.device("meta"):
+            if name == "text_encoder":
+                model = UMT5EncoderModel(UMT5Config.from_pretrained(folder, local_files_only=True))
+            else:
+                cls = WanTransformer3DModel if name == "transformer" else AutoencoderKLWan
+                model = cls.from_config(cls.load_config(folder, local_files_only=True))
+    except Exception as err:  # a damaged config: diffusers/transformers raise many kinds
+        config = folder / "config.json"
+        raise WeightsError(f"could not read {config}: {_first_line(err)}", path=config, role="base") from err
+    tied = getattr(model, "_tied_weights_keys", None) or ()
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}, set(tied)
+
+
+def check_base_weights(base: Path) -> None:
+    """Match every base weight file against what its component's class expects (headers only).
+
+    diffusers and transformers only warn about missing keys and leave those parameters random or on
+    the meta device, which would sample wrong videos without an error; a file of another component,
+    an old conversion or a renamed key fails here instead, naming the file.
+    """
+    for name in _WEIGHT_COMPONENTS:
+        folder = base / name
+        expected, optional = _expected_state(name, folder)
+        headers = _component_headers(folder)
+        found: dict[str, SafetensorsHeader] = {}
+        for header in headers:
+            for key in header.tensors:
+                found[key] = header
+        for key, header in found.items():
+            if key in expected and tuple(header.shape(key)) != expected[key]:
+                raise WeightsError(
+                    f"{header.path} has the wrong shape for {key}: {list(header.shape(key))}, "
+                    f"expected {list(expected[key])} from {folder / 'config.json'}",
+                    path=header.path,
+                    role="base",
+                )
+        missing = sorted(set(expected) - set(found) - optional)
+        if missing:
+            unexpected = sorted(set(found) - set(expected))
+            where = headers[0].path if len(headers) == 1 else folder
+            detail = f"missing {len(missing)} of {len(expected)} {name} weights, e.g. {_some(missing)}"
+            if unexpected:
+                detail += f"; it holds {len(unexpected)} unknown ones, e.g. {_some(unexpected)}"
+            message = f"{where} is not a matching {name} checkpoint: {detail}"
+            raise WeightsError(message, path=where, role="base")
+
+
 def _load_component(path: Path, load: Callable[[], Any]) -> Any:
     try:
         return load()
     except WeightsError:
         raise
     except Exception as err:  # diffusers / transformers raise many kinds; users need one line
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WeightsError(f"could not load {path}: {first_line}", path=path, role="base") from err
+        raise WeightsError(f"could not load {path}: {_first_line(err)}", path=path, role="base") from err
+
+
+def _some(keys: list[str]) -> str:
+    return ", ".join(keys[:3])
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _face_embedding_tensor(face_embeds: Any, embedding_dim: int) -> torch.Tensor:
@@ -253,6 +320,7 @@ class LynxPipeline(DiffusionPipeline):
         dtypes = _dtypes(dtype)
         check_base_folder(base)
         num_blocks, hidden_dim = read_transformer_size(base / "transformer")
+        check_base_weights(base)
         # headers only: a wrong adapter folder fails before the base model is loaded
         spec = None
         if adapter_path is not None:

@@ -207,7 +207,36 @@ BASE_DAMAGE = {
         lambda d: (d / "transformer" / "config.json").write_text("{"),
         r"not a Wan transformer config",
     ),
+    # diffusers and transformers only warn about these and leave parameters random or on meta
+    "another component's weights": (
+        lambda d: shutil.copy(
+            d / "vae" / "diffusion_pytorch_model.safetensors",
+            d / "transformer" / "diffusion_pytorch_model.safetensors",
+        ),
+        r"transformer/diffusion_pytorch_model\.safetensors is not a matching transformer checkpoint: "
+        r"missing \d+ of \d+ transformer weights.*unknown ones",
+    ),
+    "renamed key": (
+        lambda d: _edit_tensors(
+            d / "transformer" / "diffusion_pytorch_model.safetensors",
+            lambda t: t.update({"blocks.3.attn1.to_q.wieght": t.pop("blocks.3.attn1.to_q.weight")}),
+        ),
+        r"missing 1 of \d+ transformer weights, e\.g\. blocks\.3\.attn1\.to_q\.weight",
+    ),
+    "text encoder of another size": (
+        lambda d: _edit_tensors(
+            d / "text_encoder" / "model.safetensors",
+            lambda t: t.update({"shared.weight": t["shared.weight"][:-1].contiguous()}),
+        ),
+        r"text_encoder/model\.safetensors has the wrong shape for shared\.weight",
+    ),
 }
+
+
+def _edit_tensors(path, edit):
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
 
 
 @pytest.mark.parametrize("damage", sorted(BASE_DAMAGE))
