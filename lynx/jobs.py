@@ -120,6 +120,8 @@ class FaceOutputs(BaseModel):
     embedding_model: str
     embedding_dim: int
     det_score: float
+    box: list[float]  # the chosen (largest) face, [x1, y1, x2, y2] in photo pixels after EXIF rotation
+    faces_detected: int
 
 
 class JobTicket(BaseModel):

@@ -20,6 +20,7 @@ from prefect.cache_policies import NONE
 
 from lynx.db.models import ArtifactKind
 from lynx.faces import ReferenceFace, analyze_reference_photo
+from lynx.faces.analyzer import face_models_fingerprint
 from lynx.jobs import FaceOutputs, JobTicket
 from lynx.settings import LynxSettings
 from tasks.cache import CachedKind, cache_key, get_or_compute
@@ -46,16 +47,23 @@ def save_embedding(face: dict[str, Any], path: Path) -> None:
         embedding=np.asarray(face["embedding"], dtype=np.float32),
         det_score=np.float32(face["det_score"]),
         model=np.array(face["model"]),
+        box=np.asarray(face["box"], dtype=np.float32),
+        kps=np.asarray(face["kps"], dtype=np.float32),
+        faces_detected=np.int32(face["faces_detected"]),
     )
 
 
 def load_embedding(path: Path) -> dict[str, Any]:
-    """The stored embedding as ``{"embedding", "det_score", "model"}`` (no pickles are read)."""
+    """The stored embedding as ``{"embedding", "det_score", "model", "box", "kps", "faces_detected"}``
+    (no pickles are read)."""
     with np.load(path, allow_pickle=False) as data:
         return {
             "embedding": data["embedding"].astype(np.float32),
             "det_score": float(data["det_score"]),
             "model": str(data["model"]),
+            "box": [round(float(v), 1) for v in data["box"]],
+            "kps": [[round(float(v), 1) for v in point] for point in data["kps"]],
+            "faces_detected": int(data["faces_detected"]),
         }
 
 
@@ -75,8 +83,9 @@ REF_CROP = CachedKind("ref_crop", ArtifactKind.REF_CROP, ".png", save_png, load_
 
 def face_cache_key(photo_sha256: str, settings: LynxSettings) -> str:
     return cache_key(
-        "face/1",
+        "face/2",
         photo_sha256,
+        face_models_fingerprint(settings),
         settings.face_pack,
         settings.embedding_backend,
         settings.face_recognizer,
@@ -104,7 +113,14 @@ def extract_face(ticket: JobTicket) -> FaceOutputs:
 
     def embedding_of() -> dict[str, Any]:
         face = analysis()
-        return {"embedding": face.embedding, "det_score": float(face.score), "model": face.embedding_model}
+        return {
+            "embedding": face.embedding,
+            "det_score": float(face.score),
+            "model": face.embedding_model,
+            "box": face.box,
+            "kps": face.kps,
+            "faces_detected": len(face.faces),
+        }
 
     embedding = get_or_compute(FACE_EMBEDDING, key, embedding_of, job_id=ticket.job_id)
     id_crop = get_or_compute(ID_CROP, key, lambda: analysis().arcface_crop, job_id=ticket.job_id)
@@ -116,6 +132,8 @@ def extract_face(ticket: JobTicket) -> FaceOutputs:
         embedding_model=embedding.value["model"],
         embedding_dim=int(embedding.value["embedding"].shape[0]),
         det_score=embedding.value["det_score"],
+        box=embedding.value["box"],
+        faces_detected=embedding.value["faces_detected"],
     )
 
 
@@ -126,7 +144,13 @@ def face_stage(ticket: JobTicket) -> JobTicket:
     def work(recorder: Any) -> JobTicket:
         face = extract_face(ticket)
         recorder.output_keys += [face.embedding_key, face.id_crop_key, face.ref_crop_key]
-        recorder.metrics.update(det_score=face.det_score, embedding_model=face.embedding_model)
+        # which face of the photo was used and how sure the detector was (the largest one wins)
+        recorder.metrics.update(
+            det_score=face.det_score,
+            box=face.box,
+            faces_detected=face.faces_detected,
+            embedding_model=face.embedding_model,
+        )
         return ticket.model_copy(update={"face": face})
 
     return run_stage(ticket, "face", work, inputs=[ticket.photo_key])

@@ -8,6 +8,7 @@ the identity embedding plus the ArcFace and reference crops.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from lynx.images import load_image
 from lynx.settings import LynxSettings
 
 REFERENCE_CROP_SIZE = 256
+# bytes read from each end of a model file for its fingerprint
+_FINGERPRINT_SAMPLE = 1 << 16
 
 
 class NoFaceError(InputError):
@@ -152,6 +155,38 @@ def load_face_analyzer(settings: LynxSettings, *, recognizer: FaceEmbedder | Non
         )
     embedder = recognizer or load_embedder(settings, pack, providers, routed=routed_recognizer)
     return FaceAnalyzer(detector, embedder)
+
+
+def face_models_fingerprint(settings: LynxSettings) -> str:
+    """A short identifier of the model files the face analysis would use (not an integrity check).
+
+    Cached face results are keyed by it, so replacing a recogniser or detector file under the same
+    name (a new IR-SE50 download, another pack unpacked into the folder) never reuses embeddings
+    of the old models. Size plus the first and last 64 KiB: cheap on every job, different for any
+    two trainings.
+    """
+    files: list[Path] = []
+    pack_dir = settings.resolved_face_pack_dir
+    if pack_dir.is_dir():
+        files += sorted(p for p in pack_dir.rglob("*") if p.suffix in (".onnx", ".json") and p.is_file())
+    if settings.embedding_backend == "arcface_ir_se50":
+        files.append(settings.resolved_arcface_weights_path)
+    if settings.face_recognizer:
+        recognizer = Path(settings.face_recognizer).expanduser()
+        files.append(recognizer if recognizer.is_absolute() else pack_dir / recognizer)
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path).encode())
+        if not path.is_file():  # loading will fail with the setting named; the key just has to differ
+            digest.update(b"absent")
+            continue
+        size = path.stat().st_size
+        digest.update(str(size).encode())
+        with path.open("rb") as handle:
+            digest.update(handle.read(_FINGERPRINT_SAMPLE))
+            handle.seek(max(0, size - _FINGERPRINT_SAMPLE))
+            digest.update(handle.read(_FINGERPRINT_SAMPLE))
+    return digest.hexdigest()[:16]
 
 
 def load_embedder(

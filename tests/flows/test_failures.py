@@ -147,6 +147,8 @@ def test_a_job_cancelled_while_delivering_keeps_no_published_files(flow_env, pho
                 embedding_model="sface",
                 embedding_dim=128,
                 det_score=0.9,
+                box=face.metrics["box"],
+                faces_detected=face.metrics["faces_detected"],
             ),
             "video": GpuJobResult(
                 job_id=ticket.job_id,

@@ -40,6 +40,10 @@ def test_one_job_completes_with_deliverable_stage_rows_and_artifacts(flow_env, p
     runs = svc.tracker.stage_runs(job.id)
     assert [run.stage for run in runs] == STAGES
     assert all(run.status is StageStatus.COMPLETED and run.duration_s is not None for run in runs)
+    face = next(run for run in runs if run.stage == "face")
+    x1, y1, x2, y2 = face.metrics["box"]
+    assert face.metrics["faces_detected"] == 1 and 0 <= x1 < x2 and 0 <= y1 < y2 and x2 - x1 >= 64
+    assert 0.5 < face.metrics["det_score"] <= 1
     decode = next(run for run in runs if run.stage == "decode")
     assert decode.output_keys == [f"intermediates/job-{job.id}/attempt-1.mkv"]
     assert decode.metrics["frames"] == TINY_SETTINGS.frames and decode.metrics["fps"] == 16
