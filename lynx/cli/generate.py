@@ -35,7 +35,9 @@ def use_embedded_prefect(settings: LynxSettings, *, verbose: bool) -> None:
         # the first start creates the server's database: slow machines need more than the default 20 s
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        # Prefect logs every failed task with its traceback at ERROR; the CLI's own one-line reason
+        # says what went wrong, and --verbose brings the run logs back.
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

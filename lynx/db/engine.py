@@ -29,7 +29,7 @@ def make_engine(settings: LynxSettings) -> Engine:
     shown = settings.database_url_for_display if _parses(raw_url) else "<unparseable URL>"
     try:
         url = make_url(raw_url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: e.g. a port that is not a number
         raise ConfigurationError(
             f"LYNX_DATABASE_URL is not a database URL: {shown}", setting=SETTING
         ) from None
@@ -38,7 +38,12 @@ def make_engine(settings: LynxSettings) -> Engine:
     options: dict[str, Any] = {"pool_pre_ping": True}
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
-            Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(url.database).expanduser().parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                message = f"cannot create the folder of the SQLite database {folder}: {err.strerror}"
+                raise ConfigurationError(message, setting=SETTING) from None
         connect_args["timeout"] = settings.database_busy_timeout
     elif url.get_backend_name() == "postgresql":
         if url.drivername != "postgresql+psycopg":
@@ -49,8 +54,10 @@ def make_engine(settings: LynxSettings) -> Engine:
         connect_args["application_name"] = "lynx"
     try:
         engine = create_engine(url, connect_args=connect_args, **options)
-    except (ArgumentError, NoSuchModuleError) as err:
-        raise ConfigurationError(f"cannot use database URL {shown}: {err}", setting=SETTING) from None
+    except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as err:
+        # ImportError: a dialect whose driver is not installed (e.g. mysql:// without MySQLdb)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigurationError(f"cannot use database URL {shown}: {reason}", setting=SETTING) from None
 
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas(settings.database_busy_timeout))
@@ -68,7 +75,7 @@ def session_factory(settings_or_engine: LynxSettings | Engine) -> sessionmaker[S
 def _parses(raw_url: str) -> bool:
     try:
         make_url(raw_url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return False
     return True
 

@@ -65,8 +65,24 @@ def test_generate_fails_with_one_line_when_the_photo_has_no_face(lynx_cli, confi
     assert result.returncode == 8
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("lynx: error: job 1 failed at stage face: no face found")
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_with_the_database_down_is_one_line_naming_the_setting(
+    lynx_cli, configured_env, photos, tmp_path
+):
+    env = {**configured_env, "LYNX_DATABASE_URL": "postgresql+psycopg://postgres:pw123@127.0.0.1:1/lynx"}
+    result = lynx_cli(
+        "generate", "--image", str(photos["astronaut"]), "--prompt", "x", *TINY_ARGS,
+        "--out", str(tmp_path / "out"), env=env,
+    )
+    assert result.returncode == 3
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("lynx: error: cannot reach the tracking database")
+    assert "LYNX_DATABASE_URL" in lines[0]
+    assert "pw123" not in result.stderr and not (tmp_path / "out").exists()
 
 
 def test_generate_refuses_bad_options_before_running(lynx_cli, configured_env, photos, tmp_path):

@@ -125,10 +125,20 @@ def test_database_that_goes_away_mid_run(make_settings, make_pg_database):
     tracker.close()
 
 
-@pytest.mark.parametrize("url", ["not a url", "postgresql://postgres@127.0.0.1/x", "mysql+nodriver://x@y/z"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "not a url",
+        "postgresql://postgres@127.0.0.1/x",
+        "mysql+nodriver://x@y/z",
+        "postgresql+psycopg://u:pw@h:notaport/db",  # ValueError inside SQLAlchemy
+        "mysql://u:pw@h/db",  # a dialect whose driver is not installed: ImportError
+    ],
+)
 def test_bad_database_url_is_a_configuration_error(make_settings, url: str):
-    with pytest.raises(ConfigurationError, match="LYNX_DATABASE_URL"):
+    with pytest.raises(ConfigurationError, match="LYNX_DATABASE_URL") as info:
         make_engine(make_settings(database_url=url))
+    assert "pw" not in str(info.value)
 
 
 def test_invalid_setting_is_one_line_naming_the_variable_without_its_value(lynx_cli) -> None:
@@ -140,3 +150,11 @@ def test_invalid_setting_is_one_line_naming_the_variable_without_its_value(lynx_
     assert len(lines) == 1 and lines[0].startswith("lynx: error: invalid setting")
     assert "LYNX_S3_SECURE" in lines[0] and "LYNX_S3_PART_SIZE" in lines[0]
     assert "Traceback" not in result.stderr and "s3cr3t-ish" not in result.stderr
+
+
+def test_sqlite_database_in_a_folder_that_cannot_be_made_names_the_setting(make_settings, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigurationError, match="cannot create the folder of the SQLite database") as info:
+        make_engine(make_settings(database_url=f"sqlite:///{blocker}/sub/lynx.db"))
+    assert info.value.setting == "LYNX_DATABASE_URL"
