@@ -17,7 +17,6 @@ missing a recogniser would compare numbers that were never measured.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from lynx.faces import ArcFaceIRSE50Embedder, FaceDetector, FaceEmbedder, OnnxAr
 from lynx.faces.analyzer import load_face_analyzer
 from lynx.faces.embedders import ARCFACE_IR_SE50_NAME
 from lynx.faces.pack import FacePack
-from lynx.faces.runtime import onnx_providers, torch_device
+from lynx.faces.runtime import cached_per_configuration, onnx_providers, torch_device
 from lynx.settings import LynxSettings
 
 SETTING = "LYNX_EVAL_RECOGNIZERS"
@@ -121,13 +120,8 @@ def load_evaluation_models(settings: LynxSettings) -> EvaluationModels:
     return EvaluationModels(detector, recognizers, by_name, _setup(settings, by_name, recognizers))
 
 
-_cache_lock = threading.Lock()
-_cached: dict[tuple[Any, ...], EvaluationModels] = {}
-
-
-def cached_evaluation_models(settings: LynxSettings) -> EvaluationModels:
-    """One set of models per process and configuration: loading costs far more than one video."""
-    key = (
+@cached_per_configuration(
+    lambda settings: (
         settings.resolved_face_pack_dir,
         settings.face_detector_size,
         settings.face_detection_threshold,
@@ -135,10 +129,10 @@ def cached_evaluation_models(settings: LynxSettings) -> EvaluationModels:
         settings.resolved_arcface_weights_path,
         settings.face_device,
     )
-    with _cache_lock:
-        if key not in _cached:
-            _cached[key] = load_evaluation_models(settings)
-        return _cached[key]
+)
+def cached_evaluation_models(settings: LynxSettings) -> EvaluationModels:
+    """``load_evaluation_models``, once per process and configuration."""
+    return load_evaluation_models(settings)
 
 
 def _load_recognizer(

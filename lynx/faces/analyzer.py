@@ -9,7 +9,6 @@ the identity embedding plus the ArcFace and reference crops.
 from __future__ import annotations
 
 import hashlib
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,13 @@ from lynx.faces.align import arcface_crop, reference_crop
 from lynx.faces.detectors import InsightFaceDetector
 from lynx.faces.embedders import ArcFaceIRSE50Embedder, OnnxArcFaceEmbedder
 from lynx.faces.pack import FacePack, PackModel
-from lynx.faces.runtime import onnx_providers, session_options, torch_device, warn_on_onnxruntime_conflict
+from lynx.faces.runtime import (
+    cached_per_configuration,
+    onnx_providers,
+    session_options,
+    torch_device,
+    warn_on_onnxruntime_conflict,
+)
 from lynx.faces.types import DetectedFace, FaceDetector, FaceEmbedder
 from lynx.faces.yunet import YuNetDetector
 from lynx.images import load_image
@@ -257,21 +262,20 @@ def check_embedding_compatible(
         )
 
 
-_cache_lock = threading.Lock()
-_cached: dict[tuple[Any, ...], FaceAnalyzer] = {}
-
-
-def cached_face_analyzer(settings: LynxSettings) -> FaceAnalyzer:
-    """One analyzer per process and configuration: loading models costs far more than using them."""
-    key = (
-        settings.resolved_face_pack_dir, settings.face_detector_size, settings.face_detection_threshold,
-        settings.embedding_backend, settings.face_recognizer, settings.resolved_arcface_weights_path,
+@cached_per_configuration(
+    lambda settings: (
+        settings.resolved_face_pack_dir,
+        settings.face_detector_size,
+        settings.face_detection_threshold,
+        settings.embedding_backend,
+        settings.face_recognizer,
+        settings.resolved_arcface_weights_path,
         settings.face_device,
     )
-    with _cache_lock:
-        if key not in _cached:
-            _cached[key] = load_face_analyzer(settings)
-        return _cached[key]
+)
+def cached_face_analyzer(settings: LynxSettings) -> FaceAnalyzer:
+    """``load_face_analyzer``, once per process and configuration."""
+    return load_face_analyzer(settings)
 
 
 def _manifest_detector(
