@@ -144,6 +144,12 @@ def test_open_read_streams_in_chunks(store: ArtifactStore, big_file: Path):
         "a\x00b",
         "a\nb",
         "a\x7fb",
+        "a\x85b",  # C1 control (NEL)
+        "a\u2028b",  # line separator
+        "a\u2029b",  # paragraph separator
+        "a\u202eb",  # right-to-left override: shows a different name than it is
+        "a\u200bb",  # zero-width space
+        "a\ud800b",  # lone surrogate: not even encodable as UTF-8
         "",
         "trailing/",
         "C:/windows",
