@@ -170,6 +170,12 @@ def test_bad_keys_are_rejected_before_any_io(store: ArtifactStore, key: str, tmp
     assert list(store.list()) == []
 
 
+@pytest.mark.parametrize("prefix", ["../", "/abs/", "a//", "a\x85/", "a\u202e"])
+def test_list_rejects_a_bad_prefix_at_the_call(store: ArtifactStore, prefix: str):
+    with pytest.raises(InvalidKeyError):
+        store.list(prefix)  # not only once iteration starts
+
+
 def test_presigned_url_downloads_same_bytes(store: ArtifactStore):
     stored = store.put_bytes(os.urandom(300_000), key="previews/p.webp")
     url = store.presigned_url(stored.key, expires=60)
