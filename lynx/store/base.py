@@ -13,6 +13,7 @@ import mimetypes
 import os
 import re
 import secrets
+import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -30,6 +31,9 @@ MAX_KEY_BYTES = 1024  # S3's limit on object names
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# Control (C0/C1), format (bidi overrides, zero-width), line/paragraph separators and lone surrogates:
+# invisible or misleading in logs and listings, and surrogates cannot even be encoded as UTF-8.
+_BAD_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,8 @@ def validate_key(key: str, *, prefix: bool = False) -> str:
     """Return ``key`` unchanged if it stays inside the store, else raise ``InvalidKeyError``.
 
     Keys are relative, '/'-separated paths: no leading '/', no '\\', no empty, '.' or '..' segment,
-    no control characters. A ``prefix`` (for listing) may be empty or end with '/'.
+    no control, format or line/paragraph separator characters (Unicode categories Cc, Cf, Zl, Zp; lone
+    surrogates too). A ``prefix`` (for listing) may be empty or end with '/'.
     """
     if not isinstance(key, str):
         raise InvalidKeyError(f"artifact key must be a string, got {type(key).__name__}")
@@ -66,8 +71,8 @@ def validate_key(key: str, *, prefix: bool = False) -> str:
     shown = key.encode("unicode_escape").decode("ascii")
     if not body:
         raise InvalidKeyError("artifact key is empty")
-    if _CONTROL_CHARS.search(key):
-        raise InvalidKeyError(f"artifact key {shown!r} contains control characters")
+    if _has_control_chars(key):
+        raise InvalidKeyError(f"artifact key {shown!r} contains control or format characters")
     if len(key.encode("utf-8")) > MAX_KEY_BYTES:
         raise InvalidKeyError(f"artifact key is longer than {MAX_KEY_BYTES} bytes: {shown[:80]!r}...")
     if body.startswith("/") or "\\" in body or re.match(r"[A-Za-z]:", body):
@@ -76,6 +81,12 @@ def validate_key(key: str, *, prefix: bool = False) -> str:
         if segment in ("", ".", ".."):
             raise InvalidKeyError(f"artifact key {shown!r} has an empty, '.' or '..' segment")
     return key
+
+
+def _has_control_chars(key: str) -> bool:
+    if key.isascii():  # the common case, without a per-character lookup
+        return _CONTROL_CHARS.search(key) is not None
+    return any(unicodedata.category(char) in _BAD_CATEGORIES for char in key)
 
 
 class HashingReader(io.RawIOBase):

@@ -188,7 +188,10 @@ class S3ArtifactStore(ArtifactStore):
             response.release_conn()
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        validate_key(prefix, prefix=True)
+        validate_key(prefix, prefix=True)  # here, not in the generator: a bad prefix raises at the call
+        return self._list(prefix)
+
+    def _list(self, prefix: str) -> Iterator[str]:
         try:
             with self._errors(prefix):
                 for item in self._client.list_objects(self.bucket, prefix=prefix or None, recursive=True):

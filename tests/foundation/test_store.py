@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import time
 import urllib.request
@@ -144,6 +145,12 @@ def test_open_read_streams_in_chunks(store: ArtifactStore, big_file: Path):
         "a\x00b",
         "a\nb",
         "a\x7fb",
+        "a\x85b",  # C1 control (NEL)
+        "a\u2028b",  # line separator
+        "a\u2029b",  # paragraph separator
+        "a\u202eb",  # right-to-left override: shows a different name than it is
+        "a\u200bb",  # zero-width space
+        "a\ud800b",  # lone surrogate: not even encodable as UTF-8
         "",
         "trailing/",
         "C:/windows",
@@ -162,6 +169,32 @@ def test_bad_keys_are_rejected_before_any_io(store: ArtifactStore, key: str, tmp
     with pytest.raises(InvalidKeyError):
         store.delete(key)
     assert list(store.list()) == []
+
+
+@pytest.mark.parametrize("prefix", ["../", "/abs/", "a//", "a\x85/", "a\u202e"])
+def test_list_rejects_a_bad_prefix_at_the_call(store: ArtifactStore, prefix: str):
+    with pytest.raises(InvalidKeyError):
+        store.list(prefix)  # not only once iteration starts
+
+
+@pytest.mark.parametrize("keys", [("x", "x.json/b"), ("x.json/b", "x"), ("v/clip", "v/clip.json")])
+def test_keys_that_s3_accepts_coexist(store: ArtifactStore, keys: tuple[str, str]):
+    """The local store once kept metadata at meta/<key>.json, so `x` and `x.json/b` clashed there."""
+    for key in keys:
+        store.put_bytes(key.encode(), key=key)
+    for key in keys:
+        assert store.get_bytes(key) == key.encode()
+        assert store.stat(key).size == len(key)
+    assert list(store.list()) == sorted(keys)
+    for key in keys:
+        store.delete(key)
+    assert list(store.list()) == []
+
+
+def test_non_ascii_keys_are_fine(store: ArtifactStore):
+    for key in ("café/naïve.mp4", "日本/動画.mp4", "emoji/🎬 take 2.mp4"):
+        assert store.get_bytes(store.put_bytes(b"v", key=key).key) == b"v"
+    assert list(store.list()) == sorted(["café/naïve.mp4", "emoji/🎬 take 2.mp4", "日本/動画.mp4"])
 
 
 def test_presigned_url_downloads_same_bytes(store: ArtifactStore):
@@ -241,6 +274,74 @@ def test_local_key_cannot_pass_through_an_existing_object(tmp_path: Path):
     with pytest.raises(InvalidKeyError, match="folder"):
         store.put_bytes(b"parent", key="a")
     assert store.get_bytes("a/b") == b"file"
+
+
+def _empty_folders(root: Path) -> list[str]:
+    return sorted(
+        Path(folder).relative_to(root).as_posix()
+        for folder, dirs, files in os.walk(root)
+        if not dirs and not files and Path(folder) != root
+    )
+
+
+def test_local_failed_puts_leave_no_folders_or_temp_files(tmp_path: Path):
+    root = tmp_path / "artifacts"
+    store = LocalArtifactStore(root)
+    store.put_bytes(b"file", key="a/b")
+    with pytest.raises(InvalidKeyError, match="existing object"):
+        store.put_bytes(b"child", key="a/b/c/d")
+    # S3 takes any segment length; a local folder cannot, and that is no reason to retry.
+    with pytest.raises(InvalidKeyError, match="255 bytes"):
+        store.put_bytes(b"long", key="deep/er/" + "n" * 300)
+    with pytest.raises(InvalidKeyError, match="255 bytes"):
+        store.stat("deep/er/" + "n" * 300)
+
+    assert _empty_folders(root) == []
+    assert sorted(p.name for p in (root / "tmp").iterdir()) == ["publish.lock"]
+    assert list(store.list()) == ["a/b"]
+
+
+def test_local_delete_removes_the_folders_it_empties(tmp_path: Path):
+    root = tmp_path / "artifacts"
+    store = LocalArtifactStore(root)
+    store.put_bytes(b"deep", key="a/b/c")
+    store.put_bytes(b"kept", key="k/keep")
+    store.delete("a/b/c")
+    assert _empty_folders(root) == []
+    store.put_bytes(b"now a file", key="a")  # no leftover folder named `a` to refuse it
+    store.delete("a/b/c/d")  # through an object: nothing to delete, no error
+    assert store.get_bytes("a") == b"now a file" and store.get_bytes("k/keep") == b"kept"
+    # An empty folder left behind by an older version holds no keys either.
+    (root / "objects" / "old" / "x.json").mkdir(parents=True)
+    store.put_bytes(b"ok", key="old/x.json")
+    assert store.get_bytes("old/x.json") == b"ok"
+
+
+def test_local_reads_records_of_older_stores(tmp_path: Path):
+    """Stores written before checksums/ kept records at meta/<key>.json; they stay readable."""
+    root = tmp_path / "artifacts"
+    for key, data in (("old/clip.bin", b"old bytes"), ("y.json/b", b"legacy sibling")):
+        (root / "objects" / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / "objects" / key).write_bytes(data)
+        record = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "content_type": "x/old"}
+        (root / "meta" / f"{key}.json").parent.mkdir(parents=True, exist_ok=True)
+        (root / "meta" / f"{key}.json").write_text(json.dumps(record))
+    store = LocalArtifactStore(root)
+
+    assert store.get_bytes("old/clip.bin") == b"old bytes"
+    assert store.stat("old/clip.bin").content_type == "x/old"
+    overwrite_bytes(store, store.stat("old/clip.bin"), b"rotted!!!")
+    with pytest.raises(ChecksumMismatchError):
+        store.get_bytes("old/clip.bin")  # legacy records still verify
+
+    store.put_bytes(b"new", key="y")  # meta/y.json is legacy key y.json/b's folder: no clash
+    assert store.get_bytes("y") == b"new" and store.get_bytes("y.json/b") == b"legacy sibling"
+    store.put_bytes(b"rewritten", key="old/clip.bin")
+    assert not (root / "meta" / "old").exists()  # superseded legacy record (and its folder) gone
+    assert store.get_bytes("old/clip.bin") == b"rewritten"
+    store.delete("y.json/b")
+    assert not (root / "meta").exists() or _empty_folders(root / "meta") == []
+    assert list(store.list()) == ["old/clip.bin", "y"]
 
 
 def test_local_unwritable_folder_names_the_setting(tmp_path: Path, make_settings):
