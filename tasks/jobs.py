@@ -23,7 +23,7 @@ from lynx.jobs import GenerationRequest, JobTicket, SubjectSpec
 from lynx.store import StoredObject, validate_key
 from tasks.policy import retry_on_transient
 from tasks.services import services
-from tasks.tracking import close_open_stages, current_flow_run_id, run_stage
+from tasks.tracking import close_open_stages, current_flow_run_id, run_stage, silent_too_long
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ def register_subject(spec: SubjectSpec) -> tuple[Subject, LynxError | None]:
 
 def _owner(job_id: int, attempt: int) -> Literal["this run", "alive", "gone"]:
     """Who is working on a 'running' job: this flow run (a retried submit), another live run, or
-    nobody (the run that last recorded a stage for it has ended: crashed, killed, ...)."""
+    nobody (the run that last recorded a stage for it has ended: crashed, killed, ..., or has been
+    silent for longer than a live run can be, whatever Prefect says)."""
     rows = [run for run in services().tracker.stage_runs(job_id) if run.attempt == attempt]
     flow_run_id = rows[-1].flow_run_id if rows else None
     if flow_run_id is None:
@@ -85,7 +86,9 @@ def _owner(job_id: int, attempt: int) -> Literal["this run", "alive", "gone"]:
             state = client.read_flow_run(flow_run_id).state
     except Exception:  # unknown to this Prefect server: nobody is working on it here
         return "gone"
-    return "gone" if state is None or state.is_final() else "alive"
+    if state is None or state.is_final():
+        return "gone"
+    return "gone" if silent_too_long(flow_run_id) else "alive"
 
 
 def _claim(job_id: int) -> tuple[bool, JobStatus, int]:
