@@ -3,8 +3,9 @@
 Re-running the same requests finds the same jobs (a job is identified by subject, prompts and
 settings): completed jobs are handed back as they are, failed and cancelled ones are retried with
 their attempt counter raised, and a job left 'running' by a run that died is retried too. A subject
-whose photo cannot be found still gets its jobs, failed at this stage with the reason, so one bad
-row never stops a campaign.
+whose photo cannot be found still gets its jobs, failed at this stage with the reason, and a purged
+subject's requests come back failed at this stage with the reason (no job is recorded for them), so
+one bad row never stops a campaign.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from lynx.db.models import JobStatus, Subject
+from lynx.db.tracking import check_not_purged
 from lynx.errors import IllegalTransitionError, InputError, InvalidKeyError, LynxError, NotFoundError
 from lynx.jobs import GenerationRequest, JobTicket, SubjectSpec
 from lynx.store import StoredObject, validate_key
@@ -46,11 +48,16 @@ def store_photo(photo: str) -> StoredObject:
 def register_subject(spec: SubjectSpec) -> tuple[Subject, LynxError | None]:
     """The subject row (created, or found by id and pointed at a changed photo) and a photo problem."""
     tracker = services().tracker
+    subject = tracker.find_subject(spec.id) if spec.id else None
+    if subject is not None and subject.purged_at is not None:
+        try:  # refused before uploading: the person's photo must not be stored again
+            check_not_purged(subject)
+        except InputError as err:
+            return subject, err
     try:
         photo, problem = store_photo(spec.photo), None
     except LynxError as err:
         photo, problem = None, err
-    subject = tracker.find_subject(spec.id) if spec.id else None
     if subject is None:
         try:
             subject = tracker.create_subject(
@@ -125,13 +132,16 @@ def register_job(
     """The job's ticket: running and recorded in stage 'submit', or what an earlier run left."""
     tracker = services().tracker
     settings = request.settings
-    job, _ = tracker.get_or_create_job(
-        subject_id=subject.id,
-        prompt=request.prompt,
-        params=settings.job_params(),
-        negative_prompt=settings.negative_prompt,
-        campaign_id=campaign_id,
-    )
+    try:
+        job, _ = tracker.get_or_create_job(
+            subject_id=subject.id,
+            prompt=request.prompt,
+            params=settings.job_params(),
+            negative_prompt=settings.negative_prompt,
+            campaign_id=campaign_id,
+        )
+    except InputError as err:  # a purged subject gets no new job
+        return refused(request, subject, campaign_id, err)
     claimed, status, attempt = _claim(job.id)
     ticket = JobTicket(
         job_id=job.id,
@@ -155,6 +165,28 @@ def register_job(
     return run_stage(ticket, "submit", check_photo, inputs=[ticket.photo_key] if ticket.photo_key else [])
 
 
+def refused(
+    request: GenerationRequest, subject: Subject | None, campaign_id: int | None, err: LynxError
+) -> JobTicket:
+    """A failed ticket, stage 'submit', for a request no job could be recorded for."""
+    log.warning("refused %r for subject %s: %s", request.prompt, request.subject.id or "(new)", err)
+    if subject is not None:
+        subject_ref = subject.external_ref or f"subject-{subject.id}"
+    else:
+        subject_ref = request.subject.id or request.subject.display_name
+    return JobTicket(
+        job_id=None,
+        attempt=0,
+        subject_id=subject.id if subject else None,
+        subject_ref=subject_ref,
+        campaign_id=campaign_id,
+        campaign=request.campaign,
+        prompt=request.prompt,
+        settings=request.settings,
+        photo_key="",
+    ).as_failed("submit", str(err))
+
+
 def submit_requests(
     requests: list[GenerationRequest], campaign_spec: dict[str, Any] | None = None
 ) -> list[JobTicket]:
@@ -167,8 +199,13 @@ def submit_requests(
     campaign_id = tracker.get_or_create_campaign(name, spec=campaign_spec).id if name else None
     tickets = []
     for subject_spec, group in itertools.groupby(requests, key=lambda request: request.subject):
-        subject, problem = register_subject(subject_spec)
-        tickets += [register_job(request, subject, problem, campaign_id) for request in group]
+        subject_requests = list(group)
+        try:
+            subject, problem = register_subject(subject_spec)
+        except InputError as err:  # this subject's requests fail, the others go on
+            tickets += [refused(request, None, campaign_id, err) for request in subject_requests]
+            continue
+        tickets += [register_job(request, subject, problem, campaign_id) for request in subject_requests]
     return tickets
 
 

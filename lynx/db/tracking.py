@@ -188,7 +188,7 @@ class Tracker:
         """Point a subject at its reference photo (recorded as a biometric artifact)."""
         with self.transaction() as session:
             subject = _get(session, Subject, subject_id)
-            _check_not_purged(subject)
+            check_not_purged(subject)
             self._attach_reference(session, subject, reference)
         return subject
 
@@ -246,7 +246,7 @@ class Tracker:
             existing = session.scalar(same_job)
             if existing is not None:
                 return existing, False
-            _check_not_purged(_get(session, Subject, subject_id))
+            check_not_purged(_get(session, Subject, subject_id))
             job = Job(
                 campaign_id=campaign_id,
                 subject_id=subject_id,
@@ -425,7 +425,7 @@ class Tracker:
             if subject_id is not None:
                 subject = _get(session, Subject, subject_id)
                 if kind in BIOMETRIC_KINDS:
-                    _check_not_purged(subject)
+                    check_not_purged(subject)
             if campaign_id is not None:
                 _get(session, Campaign, campaign_id)
             row = _artifact_row(stored, kind, job_id=job_id, subject_id=subject_id, campaign_id=campaign_id)
@@ -646,7 +646,8 @@ def _campaign(session: Session, campaign: int | str) -> Campaign:
     return row
 
 
-def _check_not_purged(subject: Subject) -> None:
+def check_not_purged(subject: Subject) -> None:
+    """Raise the ``InputError`` that refuses new work for a purged subject."""
     if subject.purged_at is not None:
         raise InputError(
             f"subject {subject.id} ({subject.name}) was purged at {subject.purged_at:%Y-%m-%d %H:%M} UTC "
