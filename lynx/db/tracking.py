@@ -432,6 +432,32 @@ class Tracker:
             session.add(row)
         return row
 
+    def record_job_outputs(
+        self, files: Sequence[tuple[StoredObject, ArtifactKind | str]], *, job_id: int
+    ) -> list[Artifact]:
+        """Record files a job published, all in one transaction (all rows or none). A live row of the
+        job for the same key (a retried stage publishing again) is marked deleted: one live row per key."""
+        rows = []
+        with self.transaction() as session:
+            job = _get(session, Job, job_id)
+            if any(_artifact_kind(kind) in BIOMETRIC_KINDS for _, kind in files):
+                check_not_purged(_get(session, Subject, job.subject_id))
+            _mark_deleted(
+                session,
+                (Artifact.job_id == job_id) & Artifact.key.in_([stored.key for stored, _ in files]),
+                utcnow(),
+            )
+            for stored, kind in files:
+                owners = {"job_id": job_id, "subject_id": job.subject_id, "campaign_id": job.campaign_id}
+                rows.append(_artifact_row(stored, _artifact_kind(kind), **owners))
+            session.add_all(rows)
+        return rows
+
+    def mark_artifacts_deleted(self, artifact_ids: Sequence[int], now: datetime | None = None) -> None:
+        """Record that these artifacts' objects were deleted from the store."""
+        with self.transaction() as session:
+            _mark_deleted(session, Artifact.id.in_(list(artifact_ids)), now or utcnow())
+
     def list_artifacts(
         self,
         *,
@@ -577,12 +603,7 @@ class Tracker:
     ) -> None:
         now = now or utcnow()
         with self.transaction() as session:
-            session.execute(
-                update(Artifact)
-                .where(Artifact.id.in_(list(artifact_ids)), Artifact.deleted_at.is_(None))
-                .values(deleted_at=now)
-                .execution_options(synchronize_session=False)
-            )
+            _mark_deleted(session, Artifact.id.in_(list(artifact_ids)), now)
             _get(session, Subject, subject_id).purged_at = now
 
 
@@ -607,6 +628,15 @@ def _transition_values(
         if error_text is not None:
             values["error_text"] = error_text
     return values
+
+
+def _mark_deleted(session: Session, which: Any, now: datetime) -> None:
+    session.execute(
+        update(Artifact)
+        .where(which, Artifact.deleted_at.is_(None))
+        .values(deleted_at=now)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _artifact_kind(kind: ArtifactKind | str) -> ArtifactKind:

@@ -168,6 +168,37 @@ def test_a_job_cancelled_while_delivering_keeps_no_published_files(flow_env, pho
     assert not list(services().store.list(f"deliverables/adhoc/{ticket.job_id}/"))
     assert tracker.get_job(ticket.job_id).status is JobStatus.CANCELLED
     assert list(services().store.list(f"deliverables/adhoc/{done.job_id}/"))  # the other job's stay
+    # the files were recorded before the job turned out cancelled; their rows are deleted with them
+    rows = tracker.list_artifacts(job_id=ticket.job_id, include_deleted=True)
+    rows = [row for row in rows if row.key.startswith("deliverables/")]
+    assert {row.kind for row in rows} == {"video", "preview", "manifest"}
+    assert all(row.deleted_at is not None for row in rows)
+
+
+def test_a_delivery_retried_after_a_transient_error_keeps_one_live_row_per_file(
+    flow_env, photos, monkeypatch
+):
+    flow_env(task_retries=1)
+    import tasks.deliver
+
+    gate = tasks.deliver.gate_job
+    calls = []
+
+    def flaky_gate(*args, **kwargs):  # the database drops out after the files are recorded
+        calls.append(1)
+        if len(calls) == 1:
+            raise ServiceUnavailableError("cannot reach the tracking database", setting="LYNX_DATABASE_URL")
+        return gate(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.deliver, "gate_job", flaky_gate)
+    outcome = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
+    assert outcome.status == "completed" and len(calls) == 2
+    tracker = services().tracker
+    prefix = f"deliverables/adhoc/{outcome.job_id}/"
+    published = sorted(services().store.list(prefix))
+    rows = [r for r in tracker.list_artifacts(job_id=outcome.job_id, include_deleted=True) if prefix in r.key]
+    assert sorted(row.key for row in rows if row.deleted_at is None) == published  # one live row per file
+    assert sorted(row.key for row in rows if row.deleted_at) == published  # the first try's, deleted
 
 
 def test_a_job_left_running_by_a_dead_run_is_retried_by_the_next_run(flow_env, photos):
