@@ -38,4 +38,4 @@ def lynx_campaign(campaign_file: str | None = None, name: str | None = None) -> 
         for job in run.result():
             configured(deliver_stage, "deliver")(job)
     # Step 6: summary table of every job (this run's and earlier runs')
-    return report_campaign(spec.name, [ticket.job_id for ticket in tickets])
+    return report_campaign(spec.name, tickets)

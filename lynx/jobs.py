@@ -132,9 +132,11 @@ class JobTicket(BaseModel):
     tracking database (``JobOutcome``), so the ticket carries only what the next stage needs.
     """
 
-    job_id: int
+    job_id: int | None = Field(
+        description="None for a request refused before a job could be recorded (its subject was purged)."
+    )
     attempt: int
-    subject_id: int
+    subject_id: int | None
     subject_ref: str
     campaign_id: int | None = None
     campaign: str | None = None
@@ -214,7 +216,7 @@ class JobOutcome(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    job_id: int
+    job_id: int | None = Field(description="None for a request refused before a job could be recorded.")
     subject: str
     prompt: str
     status: JobState

@@ -16,6 +16,7 @@ a deliverable behind.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +44,8 @@ from tasks.face import load_embedding
 from tasks.policy import retry_on_transient
 from tasks.services import services
 from tasks.tracking import run_stage
+
+log = logging.getLogger(__name__)
 
 
 class PublishedFile(BaseModel):
@@ -177,10 +180,13 @@ def deliver_job(ticket: JobTicket, recorder: StageRecorder) -> JobTicket:
             face_scores=scores,
             workdir=Path(scratch),
         )
+    recorded: list[int] = []
     try:
-        for published in summary.files:
-            stored = StoredObject(published.key, published.sha256, published.size, published.content_type)
-            svc.tracker.record_artifact(stored, kind=_ARTIFACT_KIND[published.kind], job_id=ticket.job_id)
+        files = [
+            (StoredObject(f.key, f.sha256, f.size, f.content_type), _ARTIFACT_KIND[f.kind])
+            for f in summary.files
+        ]
+        recorded = [row.id for row in svc.tracker.record_job_outputs(files, job_id=ticket.job_id)]
         # Quality gate (LYNX_QUALITY_GATE_THRESHOLD): a video that does not look like its subject is
         # held for review (job -> needs_review, files kept for the reviewer) instead of completed.
         verdict = gate_job(ticket.job_id, settings=svc.settings, tracker=svc.tracker, store=svc.store)
@@ -189,6 +195,10 @@ def deliver_job(ticket: JobTicket, recorder: StageRecorder) -> JobTicket:
     except BaseException:
         for published in reversed(summary.files):  # a job that did not complete leaves no deliverable
             svc.store.delete(published.key)
+        try:  # nor a row pointing at a deleted file (left live, the next delivery supersedes it)
+            svc.tracker.mark_artifacts_deleted(recorded)
+        except Exception:
+            log.warning("job %s: artifact rows %s not marked deleted", ticket.job_id, recorded, exc_info=True)
         raise
     recorder.output_keys += [published.key for published in summary.files]
     recorder.metrics.update(

@@ -3,8 +3,9 @@
 Re-running the same requests finds the same jobs (a job is identified by subject, prompts and
 settings): completed jobs are handed back as they are, failed and cancelled ones are retried with
 their attempt counter raised, and a job left 'running' by a run that died is retried too. A subject
-whose photo cannot be found still gets its jobs, failed at this stage with the reason, so one bad
-row never stops a campaign.
+whose photo cannot be found still gets its jobs, failed at this stage with the reason, and a purged
+subject's requests come back failed at this stage with the reason (no job is recorded for them), so
+one bad row never stops a campaign.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from lynx.db.models import JobStatus, Subject
+from lynx.db.tracking import check_not_purged
 from lynx.errors import IllegalTransitionError, InputError, InvalidKeyError, LynxError, NotFoundError
 from lynx.jobs import GenerationRequest, JobTicket, SubjectSpec
 from lynx.store import StoredObject, validate_key
 from tasks.policy import retry_on_transient
 from tasks.services import services
-from tasks.tracking import close_open_stages, current_flow_run_id, run_stage
+from tasks.tracking import close_open_stages, current_flow_run_id, run_stage, silent_too_long
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +48,16 @@ def store_photo(photo: str) -> StoredObject:
 def register_subject(spec: SubjectSpec) -> tuple[Subject, LynxError | None]:
     """The subject row (created, or found by id and pointed at a changed photo) and a photo problem."""
     tracker = services().tracker
+    subject = tracker.find_subject(spec.id) if spec.id else None
+    if subject is not None and subject.purged_at is not None:
+        try:  # refused before uploading: the person's photo must not be stored again
+            check_not_purged(subject)
+        except InputError as err:
+            return subject, err
     try:
         photo, problem = store_photo(spec.photo), None
     except LynxError as err:
         photo, problem = None, err
-    subject = tracker.find_subject(spec.id) if spec.id else None
     if subject is None:
         try:
             subject = tracker.create_subject(
@@ -71,7 +78,8 @@ def register_subject(spec: SubjectSpec) -> tuple[Subject, LynxError | None]:
 
 def _owner(job_id: int, attempt: int) -> Literal["this run", "alive", "gone"]:
     """Who is working on a 'running' job: this flow run (a retried submit), another live run, or
-    nobody (the run that last recorded a stage for it has ended: crashed, killed, ...)."""
+    nobody (the run that last recorded a stage for it has ended: crashed, killed, ..., or has been
+    silent for longer than a live run can be, whatever Prefect says)."""
     rows = [run for run in services().tracker.stage_runs(job_id) if run.attempt == attempt]
     flow_run_id = rows[-1].flow_run_id if rows else None
     if flow_run_id is None:
@@ -85,7 +93,9 @@ def _owner(job_id: int, attempt: int) -> Literal["this run", "alive", "gone"]:
             state = client.read_flow_run(flow_run_id).state
     except Exception:  # unknown to this Prefect server: nobody is working on it here
         return "gone"
-    return "gone" if state is None or state.is_final() else "alive"
+    if state is None or state.is_final():
+        return "gone"
+    return "gone" if silent_too_long(flow_run_id) else "alive"
 
 
 def _claim(job_id: int) -> tuple[bool, JobStatus, int]:
@@ -122,13 +132,16 @@ def register_job(
     """The job's ticket: running and recorded in stage 'submit', or what an earlier run left."""
     tracker = services().tracker
     settings = request.settings
-    job, _ = tracker.get_or_create_job(
-        subject_id=subject.id,
-        prompt=request.prompt,
-        params=settings.job_params(),
-        negative_prompt=settings.negative_prompt,
-        campaign_id=campaign_id,
-    )
+    try:
+        job, _ = tracker.get_or_create_job(
+            subject_id=subject.id,
+            prompt=request.prompt,
+            params=settings.job_params(),
+            negative_prompt=settings.negative_prompt,
+            campaign_id=campaign_id,
+        )
+    except InputError as err:  # a purged subject gets no new job
+        return refused(request, subject, campaign_id, err)
     claimed, status, attempt = _claim(job.id)
     ticket = JobTicket(
         job_id=job.id,
@@ -152,6 +165,28 @@ def register_job(
     return run_stage(ticket, "submit", check_photo, inputs=[ticket.photo_key] if ticket.photo_key else [])
 
 
+def refused(
+    request: GenerationRequest, subject: Subject | None, campaign_id: int | None, err: LynxError
+) -> JobTicket:
+    """A failed ticket, stage 'submit', for a request no job could be recorded for."""
+    log.warning("refused %r for subject %s: %s", request.prompt, request.subject.id or "(new)", err)
+    if subject is not None:
+        subject_ref = subject.external_ref or f"subject-{subject.id}"
+    else:
+        subject_ref = request.subject.id or request.subject.display_name
+    return JobTicket(
+        job_id=None,
+        attempt=0,
+        subject_id=subject.id if subject else None,
+        subject_ref=subject_ref,
+        campaign_id=campaign_id,
+        campaign=request.campaign,
+        prompt=request.prompt,
+        settings=request.settings,
+        photo_key="",
+    ).as_failed("submit", str(err))
+
+
 def submit_requests(
     requests: list[GenerationRequest], campaign_spec: dict[str, Any] | None = None
 ) -> list[JobTicket]:
@@ -164,8 +199,13 @@ def submit_requests(
     campaign_id = tracker.get_or_create_campaign(name, spec=campaign_spec).id if name else None
     tickets = []
     for subject_spec, group in itertools.groupby(requests, key=lambda request: request.subject):
-        subject, problem = register_subject(subject_spec)
-        tickets += [register_job(request, subject, problem, campaign_id) for request in group]
+        subject_requests = list(group)
+        try:
+            subject, problem = register_subject(subject_spec)
+        except InputError as err:  # this subject's requests fail, the others go on
+            tickets += [refused(request, None, campaign_id, err) for request in subject_requests]
+            continue
+        tickets += [register_job(request, subject, problem, campaign_id) for request in subject_requests]
     return tickets
 
 

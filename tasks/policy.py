@@ -56,6 +56,11 @@ def stage_timeout(stage: str, settings: LynxSettings | None = None) -> float:
     return float(getattr(settings, _TIMEOUT_SETTING[stage]))
 
 
+def longest_stage_timeout(settings: LynxSettings | None = None) -> float:
+    settings = settings or get_settings()
+    return max(float(getattr(settings, name)) for name in set(_TIMEOUT_SETTING.values()))
+
+
 def timeout_setting(stage: str) -> str:
     return f"LYNX_{_TIMEOUT_SETTING[stage].upper()}"
 

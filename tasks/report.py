@@ -14,7 +14,7 @@ from prefect.cache_policies import NONE
 
 from lynx.db.models import JobStatus, StageStatus
 from lynx.errors import LynxError
-from lynx.jobs import JobOutcome
+from lynx.jobs import JobOutcome, JobTicket
 from tasks.services import services
 from tasks.tracking import latest_stage
 
@@ -60,6 +60,25 @@ def job_outcome(job_id: int, *, current_flow_run: str | None = None) -> JobOutco
     )
 
 
+def refused_outcome(ticket: JobTicket) -> JobOutcome:
+    """The outcome of a request refused before a job was recorded (its subject was purged)."""
+    return JobOutcome(
+        job_id=None,
+        subject=ticket.subject_ref,
+        prompt=ticket.prompt,
+        status="failed",
+        attempt=ticket.attempt,
+        error_stage=ticket.error_stage,
+        error_text=ticket.error_text,
+    )
+
+
+def ticket_outcome(ticket: JobTicket, *, current_flow_run: str | None = None) -> JobOutcome:
+    if ticket.job_id is None:
+        return refused_outcome(ticket)
+    return job_outcome(ticket.job_id, current_flow_run=current_flow_run)
+
+
 def _flow_run_id() -> str | None:
     from prefect.runtime import flow_run
 
@@ -69,7 +88,7 @@ def _flow_run_id() -> str | None:
 def outcome_rows(outcomes: Sequence[JobOutcome]) -> list[dict[str, object]]:
     return [
         {
-            "job": outcome.job_id,
+            "job": "" if outcome.job_id is None else outcome.job_id,
             "subject": outcome.subject,
             "prompt": outcome.prompt if len(outcome.prompt) <= 60 else outcome.prompt[:57] + "...",
             "status": outcome.status + (" (earlier run)" if outcome.earlier else ""),
@@ -83,10 +102,10 @@ def outcome_rows(outcomes: Sequence[JobOutcome]) -> list[dict[str, object]]:
 
 
 @task(name="report-campaign", cache_policy=NONE)
-def report_campaign(campaign: str, job_ids: list[int]) -> list[JobOutcome]:
-    """Every job's outcome, as a table artifact 'campaign-<name>' and a compute summary."""
+def report_campaign(campaign: str, tickets: list[JobTicket]) -> list[JobOutcome]:
+    """Every ticket's outcome, as a table artifact 'campaign-<name>' and a compute summary."""
     svc = services()
-    outcomes = [job_outcome(job_id, current_flow_run=_flow_run_id()) for job_id in job_ids]
+    outcomes = [ticket_outcome(ticket, current_flow_run=_flow_run_id()) for ticket in tickets]
     key = "campaign-" + "".join(c if c.isalnum() else "-" for c in campaign.lower())
     create_table_artifact(outcome_rows(outcomes), key=key[:100], description=f"Campaign {campaign}: jobs")
     summary = svc.tracker.campaign_summary(campaign)
@@ -104,9 +123,10 @@ def report_campaign(campaign: str, job_ids: list[int]) -> list[JobOutcome]:
 
 
 @task(name="report-job", cache_policy=NONE)
-def report_job(job_id: int) -> JobOutcome:
+def report_job(ticket: JobTicket) -> JobOutcome:
     """The job's outcome, with a link artifact to its master video when it completed."""
-    outcome = job_outcome(job_id, current_flow_run=_flow_run_id())
+    outcome = ticket_outcome(ticket, current_flow_run=_flow_run_id())
+    job_id = outcome.job_id
     if outcome.deliverable_url:
         create_link_artifact(
             outcome.deliverable_url,

@@ -11,20 +11,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from prefect.context import TaskRunContext
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.orm import aliased
 
-from lynx.db.models import JobStatus, StageRun, StageStatus
+from lynx.db.models import JobStatus, StageRun, StageStatus, utcnow
 from lynx.db.tracking import StageRecorder
 from lynx.errors import IllegalTransitionError, LynxError
-from tasks.policy import is_transient, stage_timeout, timeout_setting
+from tasks.policy import is_transient, longest_stage_timeout, stage_timeout, timeout_setting
 from tasks.services import services
 
 log = logging.getLogger(__name__)
 
 ACTIVE_STATUSES = (JobStatus.PENDING, JobStatus.RUNNING)
+# Slack on top of a stage's timeout for a live run to record how the stage ended (retries, slow
+# database); a run silent for longer than that is taken for dead (see ``silent_too_long``).
+SILENCE_MARGIN_S = 600.0
 
 
 class Ticket(Protocol):
@@ -144,6 +149,39 @@ def jobs_of_flow_run(flow_run_id: str) -> list[int]:
                 .order_by(StageRun.job_id)
             )
         )
+
+
+def last_activity(flow_run_id: str) -> StageRun | None:
+    """The stage row with the newest start or finish among the jobs a flow run worked on (in the
+    attempts it worked on), whichever run wrote it: its GPU runs record its jobs' GPU stages."""
+    mine = aliased(StageRun)
+    activity = func.coalesce(StageRun.finished_at, StageRun.started_at)
+    with services().tracker.transaction() as session:
+        return session.scalars(
+            select(StageRun)
+            .join(mine, (mine.job_id == StageRun.job_id) & (mine.attempt == StageRun.attempt))
+            .where(mine.flow_run_id == flow_run_id)
+            .order_by(activity.desc(), StageRun.id.desc())
+            .limit(1)
+        ).first()
+
+
+def silent_too_long(flow_run_id: str, now: datetime | None = None) -> bool:
+    """Whether a flow run that Prefect still calls running has died unreported.
+
+    Prefect marks a run final only if something reports it: on the embedded server a run killed by
+    SIGKILL, the OOM killer or a reboot (or one whose worker machine died) stays 'Running' for good.
+    A live run ends every stage within the stage's timeout and starts the next stage within the
+    longest one (waiting for a GPU batch or loading the model); past that, plus a margin, it is gone.
+    """
+    newest = last_activity(flow_run_id)
+    if newest is None:
+        return True
+    if newest.status is StageStatus.RUNNING:
+        since, limit = newest.started_at, stage_timeout(newest.stage)
+    else:
+        since, limit = newest.finished_at or newest.started_at, longest_stage_timeout()
+    return (now or utcnow()) - since > timedelta(seconds=limit + SILENCE_MARGIN_S)
 
 
 def close_open_stages(job_id: int, text: str) -> None:

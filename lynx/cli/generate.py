@@ -50,9 +50,8 @@ def run_job(image: Path, prompt: str, generation: GenerationSettings, subject: s
 
     outcome = lynx(image=str(image.resolve()), prompt=prompt, settings=generation, subject_id=subject)
     if outcome.status != "completed":
-        raise JobFailedError(
-            f"job {outcome.job_id} {outcome.status} at stage {outcome.error_stage}: {outcome.error_text}"
-        )
+        job = f"job {outcome.job_id}" if outcome.job_id is not None else "request"  # None: refused
+        raise JobFailedError(f"{job} {outcome.status} at stage {outcome.error_stage}: {outcome.error_text}")
     return outcome
 
 

@@ -188,7 +188,7 @@ class Tracker:
         """Point a subject at its reference photo (recorded as a biometric artifact)."""
         with self.transaction() as session:
             subject = _get(session, Subject, subject_id)
-            _check_not_purged(subject)
+            check_not_purged(subject)
             self._attach_reference(session, subject, reference)
         return subject
 
@@ -246,7 +246,7 @@ class Tracker:
             existing = session.scalar(same_job)
             if existing is not None:
                 return existing, False
-            _check_not_purged(_get(session, Subject, subject_id))
+            check_not_purged(_get(session, Subject, subject_id))
             job = Job(
                 campaign_id=campaign_id,
                 subject_id=subject_id,
@@ -425,12 +425,38 @@ class Tracker:
             if subject_id is not None:
                 subject = _get(session, Subject, subject_id)
                 if kind in BIOMETRIC_KINDS:
-                    _check_not_purged(subject)
+                    check_not_purged(subject)
             if campaign_id is not None:
                 _get(session, Campaign, campaign_id)
             row = _artifact_row(stored, kind, job_id=job_id, subject_id=subject_id, campaign_id=campaign_id)
             session.add(row)
         return row
+
+    def record_job_outputs(
+        self, files: Sequence[tuple[StoredObject, ArtifactKind | str]], *, job_id: int
+    ) -> list[Artifact]:
+        """Record files a job published, all in one transaction (all rows or none). A live row of the
+        job for the same key (a retried stage publishing again) is marked deleted: one live row per key."""
+        rows = []
+        with self.transaction() as session:
+            job = _get(session, Job, job_id)
+            if any(_artifact_kind(kind) in BIOMETRIC_KINDS for _, kind in files):
+                check_not_purged(_get(session, Subject, job.subject_id))
+            _mark_deleted(
+                session,
+                (Artifact.job_id == job_id) & Artifact.key.in_([stored.key for stored, _ in files]),
+                utcnow(),
+            )
+            for stored, kind in files:
+                owners = {"job_id": job_id, "subject_id": job.subject_id, "campaign_id": job.campaign_id}
+                rows.append(_artifact_row(stored, _artifact_kind(kind), **owners))
+            session.add_all(rows)
+        return rows
+
+    def mark_artifacts_deleted(self, artifact_ids: Sequence[int], now: datetime | None = None) -> None:
+        """Record that these artifacts' objects were deleted from the store."""
+        with self.transaction() as session:
+            _mark_deleted(session, Artifact.id.in_(list(artifact_ids)), now or utcnow())
 
     def list_artifacts(
         self,
@@ -577,12 +603,7 @@ class Tracker:
     ) -> None:
         now = now or utcnow()
         with self.transaction() as session:
-            session.execute(
-                update(Artifact)
-                .where(Artifact.id.in_(list(artifact_ids)), Artifact.deleted_at.is_(None))
-                .values(deleted_at=now)
-                .execution_options(synchronize_session=False)
-            )
+            _mark_deleted(session, Artifact.id.in_(list(artifact_ids)), now)
             _get(session, Subject, subject_id).purged_at = now
 
 
@@ -607,6 +628,15 @@ def _transition_values(
         if error_text is not None:
             values["error_text"] = error_text
     return values
+
+
+def _mark_deleted(session: Session, which: Any, now: datetime) -> None:
+    session.execute(
+        update(Artifact)
+        .where(which, Artifact.deleted_at.is_(None))
+        .values(deleted_at=now)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _artifact_kind(kind: ArtifactKind | str) -> ArtifactKind:
@@ -646,7 +676,8 @@ def _campaign(session: Session, campaign: int | str) -> Campaign:
     return row
 
 
-def _check_not_purged(subject: Subject) -> None:
+def check_not_purged(subject: Subject) -> None:
+    """Raise the ``InputError`` that refuses new work for a purged subject."""
     if subject.purged_at is not None:
         raise InputError(
             f"subject {subject.id} ({subject.name}) was purged at {subject.purged_at:%Y-%m-%d %H:%M} UTC "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import yaml
@@ -101,6 +102,42 @@ def test_a_photo_without_a_face_fails_its_jobs_alone_and_a_rerun_retries_them(fl
     summary = svc.tracker.campaign_summary("mixed")
     assert summary.jobs_by_status[JobStatus.COMPLETED] == 2
     assert summary.jobs_by_status[JobStatus.FAILED] == 4
+
+
+def test_a_purged_subject_fails_its_requests_alone_and_its_photo_is_not_stored_again(
+    flow_env, photos, tmp_path
+):
+    flow_env(gpu_batch_size=8)
+    tracker = services().tracker
+    grace = tracker.create_subject("Grace", external_ref="grace")
+    campaign = tracker.get_or_create_campaign("purged")
+    earlier, _ = tracker.get_or_create_job(  # a job from before the purge, failed
+        subject_id=grace.id, prompt=PROMPTS[0], params=TINY_SETTINGS.job_params(), campaign_id=campaign.id
+    )
+    tracker.transition_job(earlier.id, JobStatus.RUNNING)
+    tracker.transition_job(earlier.id, JobStatus.FAILED, error_stage="sample", error_text="out of memory")
+    tracker.mark_subject_purged(grace.id, [])
+
+    subjects = {"astronaut": str(photos["astronaut"]), "grace": str(photos["hanks"])}
+    outcomes = lynx_campaign(str(write_campaign(tmp_path, "purged", subjects, PROMPTS[:2])))
+    by_subject = {}
+    for outcome in outcomes:
+        by_subject.setdefault(outcome.subject, []).append(outcome)
+
+    assert [o.status for o in by_subject["astronaut"]] == ["completed", "completed"]
+    assert [(o.job_id, o.status, o.error_stage) for o in by_subject["grace"]] == [
+        (earlier.id, "failed", "submit"),  # the old job is not run again
+        (None, "failed", "submit"),  # and no new one is recorded
+    ]
+    assert all("was purged" in o.error_text for o in by_subject["grace"])
+    assert [job.id for job in tracker.list_jobs(subject_id=grace.id)] == [earlier.id]
+    assert "sample" not in {r.stage for r in tracker.stage_runs(earlier.id) if r.attempt == 2}
+    keys = list(services().store.list(""))
+    assert any(hashlib.sha256(photos["astronaut"].read_bytes()).hexdigest() in key for key in keys)
+    assert not any(hashlib.sha256(photos["hanks"].read_bytes()).hexdigest() in key for key in keys)
+    with get_client(sync_client=True) as client:
+        table = next(a for a in client.read_latest_artifacts(limit=100) if a.key == "campaign-purged")
+    assert "was purged" in table.data
 
 
 def test_a_campaign_file_error_names_line_and_field_in_a_local_or_stored_file(flow_env, tmp_path):

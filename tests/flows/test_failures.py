@@ -4,18 +4,21 @@ timeouts name their setting, failures leave no deliverable, dead runs and cancel
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import pytest
 from prefect import flow, get_client, task
+from prefect.states import Running
+from sqlalchemy import update
 
 from flows.generate import lynx
-from lynx.db.models import JobStatus, StageStatus
+from lynx.db.models import JobStatus, StageRun, StageStatus, utcnow
 from lynx.errors import InputError, ServiceUnavailableError
 from lynx.jobs import GenerationRequest, JobTicket, SubjectSpec
 from tasks.deliver import deliver_stage
 from tasks.gpu import run_batch
 from tasks.jobs import submit_requests
-from tasks.policy import configured, is_transient
+from tasks.policy import configured, is_transient, longest_stage_timeout
 from tasks.services import services
 from tasks.tracking import cancel_flow_run_jobs, run_stage
 from tests.flows.conftest import TINY_SETTINGS
@@ -167,6 +170,37 @@ def test_a_job_cancelled_while_delivering_keeps_no_published_files(flow_env, pho
     assert not list(services().store.list(f"deliverables/adhoc/{ticket.job_id}/"))
     assert tracker.get_job(ticket.job_id).status is JobStatus.CANCELLED
     assert list(services().store.list(f"deliverables/adhoc/{done.job_id}/"))  # the other job's stay
+    # the files were recorded before the job turned out cancelled; their rows are deleted with them
+    rows = tracker.list_artifacts(job_id=ticket.job_id, include_deleted=True)
+    rows = [row for row in rows if row.key.startswith("deliverables/")]
+    assert {row.kind for row in rows} == {"video", "preview", "manifest"}
+    assert all(row.deleted_at is not None for row in rows)
+
+
+def test_a_delivery_retried_after_a_transient_error_keeps_one_live_row_per_file(
+    flow_env, photos, monkeypatch
+):
+    flow_env(task_retries=1)
+    import tasks.deliver
+
+    gate = tasks.deliver.gate_job
+    calls = []
+
+    def flaky_gate(*args, **kwargs):  # the database drops out after the files are recorded
+        calls.append(1)
+        if len(calls) == 1:
+            raise ServiceUnavailableError("cannot reach the tracking database", setting="LYNX_DATABASE_URL")
+        return gate(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.deliver, "gate_job", flaky_gate)
+    outcome = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
+    assert outcome.status == "completed" and len(calls) == 2
+    tracker = services().tracker
+    prefix = f"deliverables/adhoc/{outcome.job_id}/"
+    published = sorted(services().store.list(prefix))
+    rows = [r for r in tracker.list_artifacts(job_id=outcome.job_id, include_deleted=True) if prefix in r.key]
+    assert sorted(row.key for row in rows if row.deleted_at is None) == published  # one live row per file
+    assert sorted(row.key for row in rows if row.deleted_at) == published  # the first try's, deleted
 
 
 def test_a_job_left_running_by_a_dead_run_is_retried_by_the_next_run(flow_env, photos):
@@ -184,6 +218,71 @@ def test_a_job_left_running_by_a_dead_run_is_retried_by_the_next_run(flow_env, p
     assert outcome.job_id == job_id and outcome.status == "completed" and outcome.attempt == 2
     first_attempt = [r for r in tracker.stage_runs(job_id) if r.attempt == 1]
     assert [r.stage for r in first_attempt] == ["submit"]
+
+
+def left_running_by_a_killed_run(job_id: int, stage: StageStatus, age: timedelta) -> None:
+    """Hand the job's submit row to a flow run that Prefect still calls Running, as a run killed
+    with SIGKILL on the embedded server stays, the row being ``age`` old and ``stage`` (open or not)."""
+
+    @flow(name="killed")
+    def killed() -> None: ...
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(killed, state=Running())
+    then = utcnow() - age
+    with services().tracker.transaction() as session:
+        session.execute(
+            update(StageRun)
+            .where(StageRun.job_id == job_id)
+            .values(
+                flow_run_id=str(run.id),
+                status=stage,
+                started_at=then,
+                finished_at=None if stage is StageStatus.RUNNING else then,
+            )
+        )
+
+
+def test_a_job_of_a_run_killed_unreported_is_retried_once_it_has_been_silent_too_long(flow_env, photos):
+    flow_env()
+    tom = request(photos["hanks"], "a man smiling", "tom")
+    [first] = submit_requests([tom])
+    longest = longest_stage_timeout()
+    left_running_by_a_killed_run(first.job_id, StageStatus.COMPLETED, timedelta(seconds=longest + 700))
+
+    outcome = lynx(str(photos["hanks"]), "a man smiling", settings=TINY_SETTINGS, subject_id="tom")
+    assert outcome.job_id == first.job_id and outcome.status == "completed" and outcome.attempt == 2
+    submit = [r for r in services().tracker.stage_runs(first.job_id) if r.attempt == 1]
+    assert [(r.stage, r.status) for r in submit] == [("submit", StageStatus.COMPLETED)]
+
+
+def test_a_stage_left_open_past_its_timeout_counts_as_abandoned_sooner(flow_env, photos):
+    flow_env()
+    [first] = submit_requests([request(photos["hanks"], "a man smiling", "tom")])
+    # open since longer than LYNX_FACE_TIMEOUT (which bounds 'submit') plus the margin
+    left_running_by_a_killed_run(first.job_id, StageStatus.RUNNING, timedelta(seconds=300 + 700))
+
+    [again] = submit_requests([request(photos["hanks"], "a man smiling", "tom")])
+    assert (again.job_id, again.attempt, again.status) == (first.job_id, 2, None)
+    tracker = services().tracker
+    assert tracker.get_job(first.job_id).status is JobStatus.RUNNING
+    [old] = [r for r in tracker.stage_runs(first.job_id) if r.attempt == 1]
+    assert old.status is StageStatus.FAILED and "worker lost" in old.error_text
+
+
+@pytest.mark.parametrize(
+    "stage,age",
+    [(StageStatus.RUNNING, timedelta(seconds=60)), (StageStatus.COMPLETED, timedelta(seconds=300 + 700))],
+)
+def test_a_job_of_a_live_run_that_was_active_lately_is_left_alone(flow_env, photos, stage, age):
+    flow_env()
+    [first] = submit_requests([request(photos["hanks"], "a man smiling", "tom")])
+    # a finished stage may be followed by a long wait (the GPU batches before this job's)
+    left_running_by_a_killed_run(first.job_id, stage, age)
+
+    [again] = submit_requests([request(photos["hanks"], "a man smiling", "tom")])
+    assert (again.job_id, again.attempt, again.status) == (first.job_id, 1, "running")
+    assert services().tracker.get_job(first.job_id).attempt == 1
 
 
 def test_a_retried_submit_keeps_the_jobs_it_already_claimed(flow_env, photos):

@@ -280,6 +280,25 @@ def test_purged_subject_gets_no_new_jobs(tracker: Tracker, subject_id: int):
         tracker.record_artifact(_stored("crop"), kind="id_crop", subject_id=subject_id)
 
 
+def test_job_outputs_are_recorded_together_and_a_retry_supersedes_the_live_rows(
+    tracker: Tracker, subject_id: int
+):
+    job, _ = tracker.get_or_create_job(subject_id=subject_id, prompt="p")
+    master, manifest, poster = _stored("master"), _stored("manifest"), _stored("poster")
+    first = tracker.record_job_outputs([(master, "video"), (manifest, "manifest")], job_id=job.id)
+    again = tracker.record_job_outputs([(master, "video"), (poster, "preview")], job_id=job.id)
+    live = tracker.list_artifacts(job_id=job.id)
+    assert [row.id for row in live] == [first[1].id] + [row.id for row in again]  # one live row per key
+    assert live[0].subject_id == subject_id
+    with pytest.raises(InputError, match="unknown artifact kind"):  # all rows or none
+        tracker.record_job_outputs([(_stored("other"), "video"), (_stored("x"), "nonsense")], job_id=job.id)
+    assert len(tracker.list_artifacts(job_id=job.id)) == 3
+
+    tracker.mark_artifacts_deleted([row.id for row in again])
+    assert [row.id for row in tracker.list_artifacts(job_id=job.id)] == [first[1].id]
+    assert len(tracker.list_artifacts(job_id=job.id, include_deleted=True)) == 4
+
+
 def test_compute_events_and_campaign_summary(tracker: Tracker, subject_id: int):
     campaign = tracker.get_or_create_campaign("summer")
     jobs = [
