@@ -141,7 +141,8 @@ def publish_report(
 ) -> PublishedReport:
     """Write the report file, upload it and record it; returns where it is (URL: presigned for S3,
     ``file://`` for the local store)."""
-    stamp = (when or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    # Microseconds: two evaluations of one campaign within a second must not share a report key.
+    stamp = (when or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%S.%fZ")
     folder = Path(out_dir) if out_dir is not None else settings.resolved_eval_reports_dir / slug(name) / stamp
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "report.html"
