@@ -11,7 +11,14 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from safetensors.torch import load_file, save_file
 
-from lynx_model import AdapterSpec, LynxIdentityAttnProcessor, LynxReferenceAttnProcessor, WeightsError
+from lynx_model import (
+    AdapterSpec,
+    LynxIdentityAttnProcessor,
+    LynxReferenceAttnProcessor,
+    LynxResampler,
+    WeightsError,
+    load_adapters,
+)
 from lynx_model.testing import TinyModelSpec, write_tiny_models
 
 from .conftest import generate, load
@@ -103,6 +110,25 @@ def test_variant_and_sizes_are_inferred_from_the_files(tiny_models):
     assert full.identity_config["block_stride"] == 1 and lite.identity_config["block_stride"] == 2
     assert lite.identity_config["own_key_norm"] and not lite.identity_config["bias"]
     assert lite.reference_config is None
+
+
+def test_resampler_heads_are_inferred_as_inner_width_over_64(tmp_path):
+    # the released resampler has 20 heads of 64; the files record only the inner width (1280)
+    spec = TinyModelSpec(num_layers=2, resampler_dim=128, resampler_heads=2)
+    paths = write_tiny_models(tmp_path, variant="lite", spec=spec)
+    adapter = AdapterSpec.from_folder(paths.lite, num_blocks=2, hidden_dim=spec.hidden_dim)
+    assert (adapter.resampler_config["heads"], adapter.resampler_config["dim_head"]) == (2, 64)
+
+    resampler, _ = load_adapters(adapter)
+    stated = LynxResampler(**{**adapter.resampler_config, "heads": 2, "dim_head": 64})
+    stated.load_state_dict(load_file(str(paths.lite / "resampler.safetensors")))
+    one_head = LynxResampler(**{**adapter.resampler_config, "heads": 1, "dim_head": 128})
+    one_head.load_state_dict(load_file(str(paths.lite / "resampler.safetensors")))
+    embeds = torch.randn(1, 1, 512, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(resampler(embeds), stated(embeds))
+        # same weights split into other heads compute something else, so the count matters
+        assert (one_head(embeds) - stated(embeds)).abs().max() > 1e-3
 
 
 def test_asking_for_the_other_variant_is_an_error(tiny_models):
