@@ -150,22 +150,45 @@ class AdapterSpec:
         has_bias = "0.to_k_ip.bias" in identity.tensors
         num_registers = identity.shape("0.registers")[1] if "0.registers" in identity.tensors else 0
 
-        detected: Variant = "full" if reference is not None else "lite"
-        if variant not in ("auto", detected):
-            have = "has ref_layers.safetensors" if reference is not None else "has no ref_layers.safetensors"
-            raise WeightsError(
-                f"{folder} holds a {detected} adapter ({have}) but the {variant} variant was asked for",
-                path=folder,
-                role="variant",
-            )
-        layout = variant_layout(detected, num_blocks)
-        if len(indices) != layout["num_layers"] or has_bias != layout["bias"]:
+        # ip_layers alone tells the variant: a missing or stray ref_layers file is then named as such
+        # instead of surfacing as a layer-count mismatch of the other variant
+        layouts = {v: variant_layout(v, num_blocks) for v in ("full", "lite")}
+        fits = [
+            v
+            for v, layout in layouts.items()
+            if len(indices) == layout["num_layers"] and has_bias == layout["bias"]
+        ]
+        if not fits:
+            detected: Variant = variant if variant != "auto" else "full" if reference is not None else "lite"
+            layout = layouts[detected]
             raise WeightsError(
                 f"{identity.path} has {len(indices)} layers {'with' if has_bias else 'without'} bias; "
                 f"a {detected} "
                 f"adapter for a {num_blocks}-block DiT has {layout['num_layers']} layers "
                 f"{'with' if layout['bias'] else 'without'} bias (wrong base model or mixed-up files?)",
                 path=identity.path,
+                role="adapter",
+            )
+        detected = fits[0]
+        layout = layouts[detected]
+        if variant not in ("auto", detected):
+            raise WeightsError(
+                f"{folder} holds a {detected} adapter ({IDENTITY_FILE} has {len(indices)} layers "
+                f"{'with' if has_bias else 'without'} bias) but the {variant} variant was asked for",
+                path=folder,
+                role="variant",
+            )
+        if detected == "full" and reference is None:
+            raise WeightsError(
+                f"missing {reference_path}: {IDENTITY_FILE} holds a full adapter, which needs it",
+                path=reference_path,
+                role="adapter",
+            )
+        if detected == "lite" and reference is not None:
+            raise WeightsError(
+                f"{reference_path} does not belong here: {IDENTITY_FILE} holds a lite adapter "
+                "(mixed-up files?)",
+                path=reference_path,
                 role="adapter",
             )
         if out_dim != hidden_dim:

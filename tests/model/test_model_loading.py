@@ -173,6 +173,10 @@ ADAPTER_DAMAGE = {
         lambda d: (d / "ip_layers.safetensors").unlink(),
         r"not found: .*ip_layers\.safetensors",
     ),
+    "missing reference file": (
+        lambda d: (d / "ref_layers.safetensors").unlink(),
+        r"^missing .*/ref_layers\.safetensors: ip_layers\.safetensors holds a full adapter",
+    ),
     "truncated": (lambda d: _truncate(d / "ref_layers.safetensors"), r"ref_layers\.safetensors is truncated"),
     "not safetensors": (
         lambda d: (d / "resampler.safetensors").write_bytes(b"\x10\x00" * 64),
@@ -202,6 +206,27 @@ def test_broken_adapter_folder_gives_a_clear_error_naming_the_file(damage, tiny_
         load(tiny_models.base, folder)
     assert info.value.role == "adapter"
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("variant", ["auto", "full"])
+def test_full_adapter_without_its_reference_file_names_that_file(variant, tiny_models, tmp_path):
+    folder = _copy(tiny_models.full, tmp_path)
+    (folder / "ref_layers.safetensors").unlink()
+    with pytest.raises(WeightsError, match="missing .*ref_layers") as info:
+        load(tiny_models.base, folder, variant=variant)
+    assert info.value.role == "adapter" and info.value.path == folder / "ref_layers.safetensors"
+    # asking for lite does not make a full adapter lite
+    with pytest.raises(WeightsError, match="holds a full adapter.*lite variant") as info:
+        load(tiny_models.base, folder, variant="lite")
+    assert info.value.role == "variant"
+
+
+def test_reference_file_next_to_lite_identity_layers_is_refused(tiny_models, tmp_path):
+    folder = _copy(tiny_models.lite, tmp_path)
+    shutil.copy(tiny_models.full / "ref_layers.safetensors", folder)
+    with pytest.raises(WeightsError, match=r"ref_layers\.safetensors does not belong here.*lite") as info:
+        load(tiny_models.base, folder)
+    assert info.value.role == "adapter"
 
 
 def test_adapter_for_another_base_model_is_rejected(tiny_models, tmp_path):
