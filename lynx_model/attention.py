@@ -144,7 +144,7 @@ class _LynxProcessor(nn.Module):
         batch_size = query.shape[0]
         return self._attend(query, *(_batched(t, batch_size) for t in key_value))
 
-    def _attend(self, query, key, value, attention_mask=None) -> torch.Tensor:
+    def _attend(self, query, key, value, attention_mask=None, parallel_config=None) -> torch.Tensor:
         out = dispatch_attention_fn(
             query,
             key,
@@ -153,7 +153,7 @@ class _LynxProcessor(nn.Module):
             dropout_p=0.0,
             is_causal=False,
             backend=self._attention_backend,
-            parallel_config=None,
+            parallel_config=parallel_config,
         )
         return out.flatten(2, 3).type_as(query)
 
@@ -246,7 +246,15 @@ class LynxReferenceAttnProcessor(_LynxProcessor):
             query = _rotate(query, *rotary_emb)
             key = _rotate(key, *rotary_emb)
 
-        hidden_states = self._attend(query, key, value, attention_mask)
+        # Context parallelism shards the video tokens: like diffusers' processor, only the
+        # self-attention over them takes the parallel config (the branch's keys are not sharded).
+        hidden_states = self._attend(
+            query,
+            key,
+            value,
+            attention_mask,
+            parallel_config=self._parallel_config if encoder_hidden_states is None else None,
+        )
 
         if state.reference_on:
             features = state.reference[self.block_index]

@@ -174,3 +174,35 @@ def test_resampler_matches_the_perceiver_equations():
         latents = ff[3](ff[2](ff[1](layer_norm(latents, ff[0])))) + latents
     expected = layer_norm(resampler.proj_out(latents), resampler.norm_out)
     torch.testing.assert_close(resampler(embeds), expected, rtol=0, atol=1e-5)
+
+
+class _Reached(Exception):
+    pass
+
+
+class _ParallelConfigProbe:
+    """Stands in for diffusers' ParallelConfig: its context-parallel attention reads this first."""
+
+    @property
+    def context_parallel_config(self):
+        raise _Reached
+
+
+def test_parallel_config_reaches_self_attention_as_in_the_stock_processor():
+    self_attn, cross_attn = _attention(cross=False), _attention(cross=True)
+    x, text, rotary = torch.randn(1, 12, DIM), torch.randn(1, 7, DIM), _rotary(12)
+    stock_cross = WanAttnProcessor()(cross_attn, x, text)
+    stock, reference, identity = (
+        WanAttnProcessor(),
+        LynxReferenceAttnProcessor(DIM),
+        LynxIdentityAttnProcessor(DIM, 12),
+    )
+    for processor in (stock, reference, identity):
+        processor._parallel_config = _ParallelConfigProbe()  # what ModelMixin.enable_parallelism sets
+    # attn1: the video self-attention dispatches with the parallel config, in both processors
+    for processor in (stock, reference):
+        with pytest.raises(_Reached):
+            processor(self_attn, x, None, None, rotary)
+    # attn2: cross-attention to text does not, in either
+    assert torch.equal(stock(cross_attn, x, text), stock_cross)
+    assert torch.equal(identity(cross_attn, x, text), stock_cross)
