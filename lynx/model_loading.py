@@ -63,6 +63,21 @@ def resolve_dtype(value: str, device: torch.device) -> torch.dtype:
     return getattr(torch, value)
 
 
+def resolve_attention_backend(value: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The diffusers attention backend for LYNX_ATTENTION_BACKEND: 'auto' is flash-attn where it can
+    run (package importable, CUDA, half precision), else 'native' (PyTorch SDPA)."""
+    import importlib.util
+
+    import torch
+
+    if value != "auto":
+        return value
+    half = dtype in (torch.bfloat16, torch.float16)
+    if device.type == "cuda" and half and importlib.util.find_spec("flash_attn") is not None:
+        return "flash"
+    return "native"
+
+
 def load_lynx_pipeline(settings: LynxSettings | None = None) -> LynxPipeline:
     """Load the pipeline the settings describe, placed and configured for the device.
 
@@ -106,15 +121,24 @@ def load_lynx_pipeline(settings: LynxSettings | None = None) -> LynxPipeline:
     if settings.vae_tiling:
         pipe.vae.enable_tiling()
         pipe.vae.enable_slicing()
-    if settings.attention_backend != "native":
+    backend = resolve_attention_backend(settings.attention_backend, device, dtype)
+    if backend != "native":
         try:
-            pipe.transformer.set_attention_backend(settings.attention_backend)
+            pipe.transformer.set_attention_backend(backend)
         except (ValueError, RuntimeError, ImportError) as err:
+            chosen = " (chosen by auto)" if settings.attention_backend == "auto" else ""
             raise ConfigurationError(
-                f"attention backend {settings.attention_backend!r} unusable here: {str(err).splitlines()[0]}",
+                f"attention backend {backend!r}{chosen} unusable here: {str(err).splitlines()[0]}",
                 setting="LYNX_ATTENTION_BACKEND",
             ) from err
     return pipe
 
 
-__all__ = ["LynxError", "as_lynx_error", "load_lynx_pipeline", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "LynxError",
+    "as_lynx_error",
+    "load_lynx_pipeline",
+    "resolve_attention_backend",
+    "resolve_device",
+    "resolve_dtype",
+]

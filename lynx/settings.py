@@ -375,9 +375,10 @@ class LynxSettings(BaseSettings):
         "memory at 480p/720p.",
     )
     attention_backend: str = Field(
-        default="native",
-        description="diffusers attention backend for the DiT: 'native' (PyTorch SDPA), 'flash' "
-        "(flash-attn 2, CUDA, install the 'flash' extra), '_native_cudnn', 'sage', ...",
+        default="auto",
+        description="diffusers attention backend for the DiT: 'auto' ('flash' on CUDA in bfloat16/float16 "
+        "when flash-attn is installed, else 'native'), 'native' (PyTorch SDPA), 'flash' (flash-attn 2, "
+        "CUDA, install the 'flash' extra), '_native_cudnn', 'sage', ...",
     )
 
     @field_validator("device")

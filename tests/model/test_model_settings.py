@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lynx.errors import ConfigurationError, InputError, ModelWeightsError
-from lynx.model_loading import as_lynx_error, load_lynx_pipeline, resolve_dtype
+from lynx.model_loading import as_lynx_error, load_lynx_pipeline, resolve_attention_backend, resolve_dtype
 from lynx.settings import LynxSettings
 from lynx_model import ModelInputError, WeightsError
 
@@ -77,3 +77,26 @@ def test_error_mapping_and_dtypes():
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+
+
+def test_auto_attention_backend_is_flash_only_where_flash_attn_can_run(tiny_models, tmp_path):
+    import importlib.util
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert LynxSettings(_env_file=None).attention_backend == "auto"
+    assert resolve_attention_backend("auto", cpu, torch.float32) == "native"
+    assert resolve_attention_backend("auto", cpu, torch.bfloat16) == "native"
+    assert resolve_attention_backend("auto", cuda, torch.float32) == "native"  # flash-attn is half only
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    assert resolve_attention_backend("auto", cuda, torch.bfloat16) == ("flash" if has_flash else "native")
+    # a named backend is taken as is
+    assert resolve_attention_backend("flash", cpu, torch.float32) == "flash"
+    assert resolve_attention_backend("_native_math", cuda, torch.bfloat16) == "_native_math"
+    # the default loads on the CPU with PyTorch SDPA in every processor
+    pipe = load_lynx_pipeline(
+        settings(tmp_path, base_model_path=tiny_models.base, adapter_path=tiny_models.full)
+    )
+    blocks = pipe.transformer.blocks
+    assert {b.attn1.processor._attention_backend for b in blocks} | {
+        b.attn2.processor._attention_backend for b in blocks
+    } == {None}
