@@ -25,7 +25,6 @@ from lynx.faces.runtime import (
     onnx_providers,
     session_options,
     torch_device,
-    warn_on_onnxruntime_conflict,
 )
 from lynx.faces.types import DetectedFace, FaceDetector, FaceEmbedder
 from lynx.faces.yunet import YuNetDetector
@@ -146,7 +145,6 @@ def load_face_analyzer(settings: LynxSettings, *, recognizer: FaceEmbedder | Non
 
     Raises ModelWeightsError naming the setting and the missing or damaged file.
     """
-    warn_on_onnxruntime_conflict()
     providers = onnx_providers(settings.face_device)
     pack = FacePack.read(settings.resolved_face_pack_dir)
     pack.verify()

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
 from lynx.errors import ConfigurationError
-from lynx.faces import runtime
 from lynx.faces.runtime import (
     CPU,
     CUDA,
+    check_onnxruntime_installation,
     installed_onnxruntime_distributions,
     onnx_providers,
     onnxruntime_conflict_message,
@@ -37,21 +35,23 @@ def test_this_machine_runs_on_cpu_without_failing():
     assert torch_device("cpu") == "cpu"
 
 
-def test_conflict_message_names_both_builds():
+def test_conflict_message_names_both_builds_and_the_fix():
     assert onnxruntime_conflict_message(["onnxruntime"]) is None
+    assert onnxruntime_conflict_message(["onnxruntime-gpu"]) is None
+    assert onnxruntime_conflict_message([]) is None
     message = onnxruntime_conflict_message(["onnxruntime", "onnxruntime-gpu"])
-    assert "onnxruntime-gpu" in message and "pip uninstall" in message
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu && pip install --no-deps onnxruntime-gpu" in message
+    assert "make setup GPU=1" in message and "\n" not in message
 
 
-def test_installed_runtime_is_found():
-    assert "onnxruntime" in installed_onnxruntime_distributions()
+def test_two_builds_installed_is_a_configuration_error():
+    with pytest.raises(ConfigurationError, match="onnxruntime, onnxruntime-gpu"):
+        check_onnxruntime_installation(["onnxruntime", "onnxruntime-gpu"])
+    check_onnxruntime_installation(["onnxruntime-gpu"])
 
 
-def test_warning_is_logged_once(monkeypatch, caplog):
-    monkeypatch.setattr(runtime, "_conflict_checked", False)
-    both = ["onnxruntime", "onnxruntime-gpu"]
-    monkeypatch.setattr(runtime, "installed_onnxruntime_distributions", lambda: both)
-    with caplog.at_level(logging.WARNING, logger="lynx.faces.runtime"):
-        runtime.warn_on_onnxruntime_conflict()
-        runtime.warn_on_onnxruntime_conflict()
-    assert len([r for r in caplog.records if "several onnxruntime builds" in r.getMessage()]) == 1
+def test_this_environment_has_one_onnxruntime_build():
+    installed = installed_onnxruntime_distributions()
+    assert "onnxruntime" in installed
+    assert onnxruntime_conflict_message(installed) is None
+    check_onnxruntime_installation()  # the default reads this environment
