@@ -22,6 +22,7 @@ from lynx.faces.embedders import ArcFaceIRSE50Embedder, OnnxArcFaceEmbedder
 from lynx.faces.pack import FacePack, PackModel
 from lynx.faces.runtime import (
     cached_per_configuration,
+    check_session_device,
     onnx_providers,
     session_options,
     torch_device,
@@ -215,11 +216,14 @@ def load_embedder(
         # The pack's own recogniser named explicitly keeps the manifest's preprocessing.
         own = pack.recognizer is not None and pack.path / pack.recognizer.file == path
         preprocessing = pack.recognizer.preprocessing if own else None
-        return OnnxArcFaceEmbedder(path, providers=providers, preprocessing=preprocessing)
+        return OnnxArcFaceEmbedder(
+            path, providers=providers, preprocessing=preprocessing, device=settings.face_device
+        )
     if pack.recognizer is not None:
         return OnnxArcFaceEmbedder(
             pack.path / pack.recognizer.file, providers=providers,
             preprocessing=pack.recognizer.preprocessing, setting="LYNX_FACE_PACK",
+            device=settings.face_device,
         )
     if routed is not None:
         return routed
@@ -282,7 +286,7 @@ def _manifest_detector(
     path = pack.path / model.file
     if model.kind == "yunet":
         return YuNetDetector(
-            path, providers=providers, input_size=settings.face_detector_size,
+            path, providers=providers, device=settings.face_device, input_size=settings.face_detector_size,
             score_threshold=settings.face_detection_threshold,
         )
     if model.kind == "insightface":
@@ -292,6 +296,7 @@ def _manifest_detector(
         if getattr(routed, "taskname", None) != "detection":
             raise ModelWeightsError(f"{path} is not a face detector insightface recognises",
                                     setting="LYNX_FACE_PACK")
+        check_session_device(routed.session, settings.face_device, path)
         return InsightFaceDetector(
             routed, input_size=settings.face_detector_size, score_threshold=settings.face_detection_threshold
         )
@@ -315,6 +320,8 @@ def _route_insightface_pack(
             model = model_zoo.get_model(str(path), providers=providers, sess_options=session_options())
         except Exception as err:  # a damaged file: say which one
             raise ModelWeightsError(f"cannot load {path} ({err})", setting="LYNX_FACE_PACK") from err
+        if model is not None:
+            check_session_device(model.session, settings.face_device, path)
         task = getattr(model, "taskname", None)
         if task == "detection" and detector is None:
             detector = InsightFaceDetector(

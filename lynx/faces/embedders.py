@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from lynx.errors import ModelWeightsError
-from lynx.faces.runtime import session_options
+from lynx.faces.runtime import check_session_device, session_options
 from lynx.faces.types import l2_normalise
 
 ARCFACE_IR_SE50_NAME = "arcface_ir_se50"
@@ -39,7 +39,8 @@ class OnnxArcFaceEmbedder:
 
     ``preprocessing`` is insightface 2.x's explicit metadata: ``"embedded"`` when the graph
     normalises pixels itself (SFace), ``{"mean": m, "std": s}`` otherwise, or None to let
-    insightface guess from the graph as it does for its own packs.
+    insightface guess from the graph as it does for its own packs. ``device`` is LYNX_FACE_DEVICE:
+    with 'cuda' a session that came up on CPU is refused.
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class OnnxArcFaceEmbedder:
         providers: list[str],
         preprocessing: str | Mapping[str, float] | None = None,
         setting: str = "LYNX_FACE_RECOGNIZER",
+        device: str = "auto",
     ) -> None:
         from insightface.model_zoo import model_zoo
         from insightface.model_zoo.arcface_onnx import ArcFaceONNX
@@ -71,6 +73,7 @@ class OnnxArcFaceEmbedder:
                 f"{type(model).__name__ if model is not None else 'an unknown model'})",
                 setting=setting,
             )
+        check_session_device(model.session, device, self.model_path)
         self._attach(model)
 
     @classmethod

@@ -6,10 +6,13 @@ want of a GPU. ``cuda`` is for fleets that must not silently fall back to CPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
 import threading
 from collections.abc import Callable, Hashable, Iterable
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import onnxruntime
@@ -32,6 +35,9 @@ ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-dire
 # `pip install '.[gpu]'` leaves insightface's `onnxruntime` beside `onnxruntime-gpu`.
 GPU_RUNTIME_FIX = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install --no-deps onnxruntime-gpu"
 
+_PRELOAD_LOCK = threading.Lock()
+_cuda_preloaded = False
+
 
 def onnx_providers(device: str, available: Iterable[str] | None = None) -> list[str]:
     """Execution providers for ``device`` ('auto' | 'cpu' | 'cuda'), CPU always last as fallback.
@@ -44,6 +50,8 @@ def onnx_providers(device: str, available: Iterable[str] | None = None) -> list[
     if device == "cpu":
         return [CPU]
     if CUDA in offered:
+        if available is None:
+            preload_cuda_libraries()
         return [CUDA, CPU]
     if device == "cuda":
         raise ConfigurationError(
@@ -52,6 +60,38 @@ def onnx_providers(device: str, available: Iterable[str] | None = None) -> list[
             setting="LYNX_FACE_DEVICE",
         )
     return [CPU]
+
+
+def preload_cuda_libraries() -> None:
+    """Load the CUDA/cuDNN libraries of the nvidia pip wheels before a CUDA session is created:
+    without it onnxruntime-gpu finds them only when torch was imported first, and otherwise
+    falls back to CPU. Older onnxruntime builds lack ``preload_dlls``."""
+    global _cuda_preloaded
+    preload = getattr(onnxruntime, "preload_dlls", None)
+    with _PRELOAD_LOCK:
+        if _cuda_preloaded or not callable(preload):
+            return
+        with contextlib.redirect_stdout(sys.stderr):  # it prints its warnings; stdout may be --json
+            preload()
+        _cuda_preloaded = True
+
+
+def check_session_device(session: onnxruntime.InferenceSession, device: str, model: str | Path) -> None:
+    """Refuse a session that fell back to CPU when ``device`` is 'cuda'.
+
+    onnxruntime-gpu lists CUDA as available even when the CUDA or cuDNN libraries cannot be
+    loaded; the session is then created on CPU with only a log line.
+    """
+    if device != "cuda":
+        return
+    used = session.get_providers()
+    if CUDA not in used:
+        raise ConfigurationError(
+            f"LYNX_FACE_DEVICE=cuda but onnxruntime runs {model} on {', '.join(used)}: the CUDA "
+            "provider failed to start (CUDA/cuDNN libraries missing or not matching onnxruntime-gpu); "
+            "fix the CUDA install or use LYNX_FACE_DEVICE=auto",
+            setting="LYNX_FACE_DEVICE",
+        )
 
 
 def torch_device(device: str) -> str:
