@@ -26,7 +26,8 @@ def embed(
         Path | None,
         typer.Option(
             "--save-crops",
-            help="Folder to write the 112x112 ArcFace and 256x256 reference crops into.",
+            help="Folder to write the ArcFace crop (arcface_112.png, or the recogniser's input size) "
+            "and the 256x256 reference crop into.",
             file_okay=False,
         ),
     ] = None,
@@ -40,7 +41,10 @@ def embed(
     if save_crops is not None:
         write_crops(
             save_crops,
-            {"arcface_112.png": result.arcface_crop, "reference_256.png": result.reference_crop},
+            {
+                f"arcface_{result.arcface_crop.shape[0]}.png": result.arcface_crop,
+                "reference_256.png": result.reference_crop,
+            },
         )
     if as_json:
         typer.echo(json.dumps(result.to_dict()))

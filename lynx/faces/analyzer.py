@@ -58,7 +58,7 @@ class FaceAnalyzer:
 
     def embed(self, image_rgb: np.ndarray, face: DetectedFace) -> np.ndarray:
         """The identity embedding of one detected face of ``image_rgb``."""
-        return self.embedder.embed(arcface_crop(_bgr(image_rgb), face.kps))
+        return self.embedder.embed(arcface_crop(_bgr(image_rgb), face.kps, self.embedder.input_size))
 
     @staticmethod
     def largest(faces: list[DetectedFace]) -> int:
@@ -76,7 +76,7 @@ class ReferenceFace:
     chosen: int
     embedding: np.ndarray  # (dim,) float32, L2-normalised
     embedding_model: str
-    arcface_crop: np.ndarray  # (112, 112, 3) RGB: what the recogniser saw (as BGR)
+    arcface_crop: np.ndarray  # (S, S, 3) RGB, S = the recogniser's input size: what it saw (as BGR)
     reference_crop: np.ndarray  # (256, 256, 3) RGB: the Ref-adapter input
     image_size: tuple[int, int]  # (height, width) after EXIF rotation
 
@@ -128,7 +128,7 @@ def analyze_reference_photo(
             f"minimum of {settings.face_min_size} px; use a closer or larger photo",
             setting="LYNX_FACE_MIN_SIZE",
         )
-    crop_rgb = arcface_crop(image, face.kps)
+    crop_rgb = arcface_crop(image, face.kps, analyzer.embedder.input_size)
     embedding = analyzer.embedder.embed(np.ascontiguousarray(crop_rgb[..., ::-1]))
     return ReferenceFace(
         faces=faces,

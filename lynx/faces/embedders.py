@@ -5,8 +5,9 @@
 * ``ArcFaceIRSE50Embedder``: facexlib's IR-SE50 in torch, the embedding the official Lynx
   adapters expect.
 
-Both take ArcFace-aligned 112x112 BGR crops and return L2-normalised float32 vectors; the
-embedding size is read from the model.
+Both take ArcFace-aligned BGR crops of their ``input_size`` (112 for IR-SE50, read from the
+graph for ONNX) and return L2-normalised float32 vectors; the embedding size is read from the
+model.
 """
 
 from __future__ import annotations
@@ -74,21 +75,29 @@ class OnnxArcFaceEmbedder:
                 setting=setting,
             )
         check_session_device(model.session, device, self.model_path)
-        self._attach(model)
+        self._attach(model, setting)
 
     @classmethod
     def from_model(cls, model: Any) -> OnnxArcFaceEmbedder:
         """Wrap an ``ArcFaceONNX`` that insightface's model zoo already loaded."""
         embedder = cls.__new__(cls)
         embedder.model_path = Path(model.model_file)
-        embedder._attach(model)
+        embedder._attach(model, "LYNX_FACE_PACK")
         return embedder
 
-    def _attach(self, model: Any) -> None:
+    def _attach(self, model: Any, setting: str) -> None:
+        width, height = model.input_size
+        # Alignment templates exist only for these sizes (see ``align.template_for_size``).
+        if width != height or not isinstance(width, int) or (width % 112 and width % 128):
+            raise ModelWeightsError(
+                f"{self.model_path} takes {width}x{height} face crops; the face stage aligns square "
+                "crops whose side is a multiple of 112 or 128",
+                setting=setting,
+            )
         self.model = model
         self.name = self.model_path.stem
         self.dim = int(model.output_shape[-1])
-        self.input_size = int(model.input_size[0])
+        self.input_size = width
         batch_axis = model.input_shape[0]
         self._fixed_batch = batch_axis if isinstance(batch_axis, int) else None
 
