@@ -378,7 +378,7 @@ class LynxSettings(BaseSettings):
         default="auto",
         description="diffusers attention backend for the DiT: 'auto' ('flash' on CUDA in bfloat16/float16 "
         "when flash-attn is installed, else 'native'), 'native' (PyTorch SDPA), 'flash' (flash-attn 2, "
-        "CUDA, install the 'flash' extra), '_native_cudnn', 'sage', ...",
+        "CUDA, 'pip install --no-deps flash-attn einops'), '_native_cudnn', 'sage', ...",
     )
 
     @field_validator("device")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -23,23 +26,26 @@ def embed(
         Path | None,
         typer.Option(
             "--save-crops",
-            help="Folder to write the 112x112 ArcFace and 256x256 reference crops into.",
+            help="Folder to write the ArcFace crop (arcface_112.png, or the recogniser's input size) "
+            "and the 256x256 reference crop into.",
             file_okay=False,
         ),
     ] = None,
 ) -> None:
     """Detect faces, choose the largest, and print its identity embedding."""
-    from PIL import Image
-
     from lynx.faces import analyze_reference_photo
     from lynx.settings import get_settings
 
     result = analyze_reference_photo(image, get_settings())
     # Written only after the photo passed every check: a rejected input leaves no files behind.
     if save_crops is not None:
-        save_crops.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(result.arcface_crop).save(save_crops / "arcface_112.png")
-        Image.fromarray(result.reference_crop).save(save_crops / "reference_256.png")
+        write_crops(
+            save_crops,
+            {
+                f"arcface_{result.arcface_crop.shape[0]}.png": result.arcface_crop,
+                "reference_256.png": result.reference_crop,
+            },
+        )
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
         return
@@ -56,3 +62,33 @@ def embed(
     typer.echo(f"embedding ({result.embedding_model}, {result.embedding.shape[0]}-d):\n{values}")
     if save_crops is not None:
         typer.echo(f"crops written to {save_crops}")
+
+
+def write_crops(folder: Path, crops: dict[str, np.ndarray]) -> None:
+    """Save ``crops`` (file name -> RGB array) into ``folder``: all of them or none.
+
+    They are encoded into a temporary folder beside ``folder`` and only then moved in, so a full
+    disk or a failing encoder never leaves one new crop next to an old or missing other.
+    """
+    from PIL import Image
+
+    from lynx.errors import InputError
+
+    target = folder.resolve()  # stage on the filesystem the files end up on
+    created = not target.exists()
+    staging: Path | None = None
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        for name, crop in crops.items():
+            Image.fromarray(crop).save(staging / name)
+        for name in crops:
+            os.replace(staging / name, target / name)
+    except OSError as err:
+        if created and target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        reason = err.strerror or str(err)
+        raise InputError(f"--save-crops {folder}: cannot write the crops there ({reason})") from err
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)

@@ -22,10 +22,10 @@ from lynx.faces.embedders import ArcFaceIRSE50Embedder, OnnxArcFaceEmbedder
 from lynx.faces.pack import FacePack, PackModel
 from lynx.faces.runtime import (
     cached_per_configuration,
+    check_session_device,
     onnx_providers,
     session_options,
     torch_device,
-    warn_on_onnxruntime_conflict,
 )
 from lynx.faces.types import DetectedFace, FaceDetector, FaceEmbedder
 from lynx.faces.yunet import YuNetDetector
@@ -58,7 +58,7 @@ class FaceAnalyzer:
 
     def embed(self, image_rgb: np.ndarray, face: DetectedFace) -> np.ndarray:
         """The identity embedding of one detected face of ``image_rgb``."""
-        return self.embedder.embed(arcface_crop(_bgr(image_rgb), face.kps))
+        return self.embedder.embed(arcface_crop(_bgr(image_rgb), face.kps, self.embedder.input_size))
 
     @staticmethod
     def largest(faces: list[DetectedFace]) -> int:
@@ -76,7 +76,7 @@ class ReferenceFace:
     chosen: int
     embedding: np.ndarray  # (dim,) float32, L2-normalised
     embedding_model: str
-    arcface_crop: np.ndarray  # (112, 112, 3) RGB: what the recogniser saw (as BGR)
+    arcface_crop: np.ndarray  # (S, S, 3) RGB, S = the recogniser's input size: what it saw (as BGR)
     reference_crop: np.ndarray  # (256, 256, 3) RGB: the Ref-adapter input
     image_size: tuple[int, int]  # (height, width) after EXIF rotation
 
@@ -128,7 +128,7 @@ def analyze_reference_photo(
             f"minimum of {settings.face_min_size} px; use a closer or larger photo",
             setting="LYNX_FACE_MIN_SIZE",
         )
-    crop_rgb = arcface_crop(image, face.kps)
+    crop_rgb = arcface_crop(image, face.kps, analyzer.embedder.input_size)
     embedding = analyzer.embedder.embed(np.ascontiguousarray(crop_rgb[..., ::-1]))
     return ReferenceFace(
         faces=faces,
@@ -146,7 +146,6 @@ def load_face_analyzer(settings: LynxSettings, *, recognizer: FaceEmbedder | Non
 
     Raises ModelWeightsError naming the setting and the missing or damaged file.
     """
-    warn_on_onnxruntime_conflict()
     providers = onnx_providers(settings.face_device)
     pack = FacePack.read(settings.resolved_face_pack_dir)
     pack.verify()
@@ -217,11 +216,14 @@ def load_embedder(
         # The pack's own recogniser named explicitly keeps the manifest's preprocessing.
         own = pack.recognizer is not None and pack.path / pack.recognizer.file == path
         preprocessing = pack.recognizer.preprocessing if own else None
-        return OnnxArcFaceEmbedder(path, providers=providers, preprocessing=preprocessing)
+        return OnnxArcFaceEmbedder(
+            path, providers=providers, preprocessing=preprocessing, device=settings.face_device
+        )
     if pack.recognizer is not None:
         return OnnxArcFaceEmbedder(
             pack.path / pack.recognizer.file, providers=providers,
             preprocessing=pack.recognizer.preprocessing, setting="LYNX_FACE_PACK",
+            device=settings.face_device,
         )
     if routed is not None:
         return routed
@@ -284,7 +286,7 @@ def _manifest_detector(
     path = pack.path / model.file
     if model.kind == "yunet":
         return YuNetDetector(
-            path, providers=providers, input_size=settings.face_detector_size,
+            path, providers=providers, device=settings.face_device, input_size=settings.face_detector_size,
             score_threshold=settings.face_detection_threshold,
         )
     if model.kind == "insightface":
@@ -294,6 +296,7 @@ def _manifest_detector(
         if getattr(routed, "taskname", None) != "detection":
             raise ModelWeightsError(f"{path} is not a face detector insightface recognises",
                                     setting="LYNX_FACE_PACK")
+        check_session_device(routed.session, settings.face_device, path)
         return InsightFaceDetector(
             routed, input_size=settings.face_detector_size, score_threshold=settings.face_detection_threshold
         )
@@ -317,6 +320,8 @@ def _route_insightface_pack(
             model = model_zoo.get_model(str(path), providers=providers, sess_options=session_options())
         except Exception as err:  # a damaged file: say which one
             raise ModelWeightsError(f"cannot load {path} ({err})", setting="LYNX_FACE_PACK") from err
+        if model is not None:
+            check_session_device(model.session, settings.face_device, path)
         task = getattr(model, "taskname", None)
         if task == "detection" and detector is None:
             detector = InsightFaceDetector(

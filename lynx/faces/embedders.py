@@ -5,8 +5,9 @@
 * ``ArcFaceIRSE50Embedder``: facexlib's IR-SE50 in torch, the embedding the official Lynx
   adapters expect.
 
-Both take ArcFace-aligned 112x112 BGR crops and return L2-normalised float32 vectors; the
-embedding size is read from the model.
+Both take ArcFace-aligned BGR crops of their ``input_size`` (112 for IR-SE50, read from the
+graph for ONNX) and return L2-normalised float32 vectors; the embedding size is read from the
+model.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from lynx.errors import ModelWeightsError
-from lynx.faces.runtime import session_options
+from lynx.faces.runtime import check_session_device, session_options
 from lynx.faces.types import l2_normalise
 
 ARCFACE_IR_SE50_NAME = "arcface_ir_se50"
@@ -39,7 +40,8 @@ class OnnxArcFaceEmbedder:
 
     ``preprocessing`` is insightface 2.x's explicit metadata: ``"embedded"`` when the graph
     normalises pixels itself (SFace), ``{"mean": m, "std": s}`` otherwise, or None to let
-    insightface guess from the graph as it does for its own packs.
+    insightface guess from the graph as it does for its own packs. ``device`` is LYNX_FACE_DEVICE:
+    with 'cuda' a session that came up on CPU is refused.
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class OnnxArcFaceEmbedder:
         providers: list[str],
         preprocessing: str | Mapping[str, float] | None = None,
         setting: str = "LYNX_FACE_RECOGNIZER",
+        device: str = "auto",
     ) -> None:
         from insightface.model_zoo import model_zoo
         from insightface.model_zoo.arcface_onnx import ArcFaceONNX
@@ -71,21 +74,30 @@ class OnnxArcFaceEmbedder:
                 f"{type(model).__name__ if model is not None else 'an unknown model'})",
                 setting=setting,
             )
-        self._attach(model)
+        check_session_device(model.session, device, self.model_path)
+        self._attach(model, setting)
 
     @classmethod
     def from_model(cls, model: Any) -> OnnxArcFaceEmbedder:
         """Wrap an ``ArcFaceONNX`` that insightface's model zoo already loaded."""
         embedder = cls.__new__(cls)
         embedder.model_path = Path(model.model_file)
-        embedder._attach(model)
+        embedder._attach(model, "LYNX_FACE_PACK")
         return embedder
 
-    def _attach(self, model: Any) -> None:
+    def _attach(self, model: Any, setting: str) -> None:
+        width, height = model.input_size
+        # Alignment templates exist only for these sizes (see ``align.template_for_size``).
+        if width != height or not isinstance(width, int) or (width % 112 and width % 128):
+            raise ModelWeightsError(
+                f"{self.model_path} takes {width}x{height} face crops; the face stage aligns square "
+                "crops whose side is a multiple of 112 or 128",
+                setting=setting,
+            )
         self.model = model
         self.name = self.model_path.stem
         self.dim = int(model.output_shape[-1])
-        self.input_size = int(model.input_size[0])
+        self.input_size = width
         batch_axis = model.input_shape[0]
         self._fixed_batch = batch_axis if isinstance(batch_axis, int) else None
 

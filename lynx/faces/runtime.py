@@ -6,11 +6,13 @@ want of a GPU. ``cuda`` is for fleets that must not silently fall back to CPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import logging
+import sys
 import threading
 from collections.abc import Callable, Hashable, Iterable
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import onnxruntime
@@ -22,7 +24,6 @@ if TYPE_CHECKING:
 
 Loaded = TypeVar("Loaded")
 
-logger = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -31,23 +32,66 @@ CUDA = "CUDAExecutionProvider"
 # was unpacked last wins file by file and the result may not import or may lack CUDA.
 ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino")
 
-_conflict_checked = False
+# `pip install '.[gpu]'` leaves insightface's `onnxruntime` beside `onnxruntime-gpu`.
+GPU_RUNTIME_FIX = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install --no-deps onnxruntime-gpu"
+
+_PRELOAD_LOCK = threading.Lock()
+_cuda_preloaded = False
 
 
 def onnx_providers(device: str, available: Iterable[str] | None = None) -> list[str]:
-    """Execution providers for ``device`` ('auto' | 'cpu' | 'cuda'), CPU always last as fallback."""
+    """Execution providers for ``device`` ('auto' | 'cpu' | 'cuda'), CPU always last as fallback.
+
+    Without ``available`` the installed runtime is asked, after checking it is a single build.
+    """
+    if available is None:
+        check_onnxruntime_installation()
     offered = set(onnxruntime.get_available_providers() if available is None else available)
     if device == "cpu":
         return [CPU]
     if CUDA in offered:
+        if available is None:
+            preload_cuda_libraries()
         return [CUDA, CPU]
     if device == "cuda":
         raise ConfigurationError(
-            "LYNX_FACE_DEVICE=cuda but onnxruntime offers no CUDA provider: install the `gpu` extra "
-            "(onnxruntime-gpu) in place of onnxruntime, or use LYNX_FACE_DEVICE=auto",
+            "LYNX_FACE_DEVICE=cuda but onnxruntime offers no CUDA provider: run `make setup GPU=1` "
+            f"(or `{GPU_RUNTIME_FIX}`), or use LYNX_FACE_DEVICE=auto",
             setting="LYNX_FACE_DEVICE",
         )
     return [CPU]
+
+
+def preload_cuda_libraries() -> None:
+    """Load the CUDA/cuDNN libraries of the nvidia pip wheels before a CUDA session is created:
+    without it onnxruntime-gpu finds them only when torch was imported first, and otherwise
+    falls back to CPU. Older onnxruntime builds lack ``preload_dlls``."""
+    global _cuda_preloaded
+    preload = getattr(onnxruntime, "preload_dlls", None)
+    with _PRELOAD_LOCK:
+        if _cuda_preloaded or not callable(preload):
+            return
+        with contextlib.redirect_stdout(sys.stderr):  # it prints its warnings; stdout may be --json
+            preload()
+        _cuda_preloaded = True
+
+
+def check_session_device(session: onnxruntime.InferenceSession, device: str, model: str | Path) -> None:
+    """Refuse a session that fell back to CPU when ``device`` is 'cuda'.
+
+    onnxruntime-gpu lists CUDA as available even when the CUDA or cuDNN libraries cannot be
+    loaded; the session is then created on CPU with only a log line.
+    """
+    if device != "cuda":
+        return
+    used = session.get_providers()
+    if CUDA not in used:
+        raise ConfigurationError(
+            f"LYNX_FACE_DEVICE=cuda but onnxruntime runs {model} on {', '.join(used)}: the CUDA "
+            "provider failed to start (CUDA/cuDNN libraries missing or not matching onnxruntime-gpu); "
+            "fix the CUDA install or use LYNX_FACE_DEVICE=auto",
+            setting="LYNX_FACE_DEVICE",
+        )
 
 
 def torch_device(device: str) -> str:
@@ -78,25 +122,24 @@ def installed_onnxruntime_distributions() -> list[str]:
 
 
 def onnxruntime_conflict_message(installed: list[str]) -> str | None:
-    """A warning text when more than one onnxruntime build is installed, else None."""
+    """The error text when more than one onnxruntime build is installed, else None."""
     if len(installed) < 2:
         return None
     return (
-        f"several onnxruntime builds are installed together ({', '.join(installed)}); they "
-        "overwrite each other's files. Keep exactly one: `pip uninstall -y "
-        f"{' '.join(installed)}` then install `onnxruntime` (CPU) or `onnxruntime-gpu` (CUDA)"
+        f"several onnxruntime builds are installed together ({', '.join(installed)}) and overwrite "
+        f"each other's files; keep one: `pip uninstall -y {' '.join(installed)} && pip install "
+        "--no-deps onnxruntime-gpu` (CUDA; or `make setup GPU=1`) or `... && pip install onnxruntime` (CPU)"
     )
 
 
-def warn_on_onnxruntime_conflict() -> None:
-    """Log the conflict warning once per process (called when face models are loaded)."""
-    global _conflict_checked
-    if _conflict_checked:
-        return
-    _conflict_checked = True
-    message = onnxruntime_conflict_message(installed_onnxruntime_distributions())
+def check_onnxruntime_installation(installed: list[str] | None = None) -> None:
+    """Raise ConfigurationError when ``installed`` (default: this environment's onnxruntime
+    distributions) holds more than one build."""
+    message = onnxruntime_conflict_message(
+        installed_onnxruntime_distributions() if installed is None else installed
+    )
     if message:
-        logger.warning(message)
+        raise ConfigurationError(message)
 
 
 def session_options() -> onnxruntime.SessionOptions:

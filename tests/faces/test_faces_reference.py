@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from lynx.assets import demo_face_path
-from lynx.errors import InputError
+from lynx.errors import InputError, ModelWeightsError
 from lynx.faces import (
     FaceTooSmallError,
     NoFaceError,
     ReferenceFace,
     analyze_reference_photo,
+    arcface_crop,
     cosine_similarity,
+    load_face_analyzer,
 )
 from lynx.images import CorruptImageError, ImageTooLargeError, NotAnImageError
 
@@ -108,3 +112,45 @@ def test_bad_files_raise_their_image_errors(tmp_path, face_settings, analyzer, a
 
 def test_face_errors_are_input_errors():
     assert issubclass(NoFaceError, InputError) and issubclass(FaceTooSmallError, InputError)
+
+
+def _linear_recognizer(path, size: int, dim: int = 8):
+    """A real recognition ONNX taking ``size`` x ``size`` crops: one random linear map of the pixels,
+    so its embedding changes with every pixel of the crop it is given."""
+    weights = np.random.default_rng(size).standard_normal((3 * size * size, dim)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["data"], ["flat"], axis=1),
+         helper.make_node("MatMul", ["flat", "w"], ["fc1"])],
+        "linear_recognizer",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["N", dim])],
+        [numpy_helper.from_array(weights, "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_crop_follows_the_recognizers_input_size(tmp_path, settings_for, analyzer):
+    recognizer = _linear_recognizer(tmp_path / "linear224.onnx", 224)
+    wide = load_face_analyzer(settings_for(face_recognizer=str(recognizer)))
+    assert wide.embedder.input_size == 224
+    result = analyze_reference_photo(demo_face_path(), settings_for(), analyzer=wide)
+    assert result.arcface_crop.shape == (224, 224, 3)
+    image_bgr = np.ascontiguousarray(np.asarray(Image.open(demo_face_path()).convert("RGB"))[..., ::-1])
+    expected = wide.embedder.embed(arcface_crop(image_bgr, result.kps, 224))
+    assert cosine_similarity(result.embedding, expected) > 0.9999
+    assert result.embedding.shape == (8,)
+    # the same face through FaceAnalyzer.embed, as evaluation calls it
+    rgb = np.asarray(Image.open(demo_face_path()).convert("RGB"))
+    assert cosine_similarity(wide.embed(rgb, result.face), expected) > 0.9999
+    # the 112 crop scaled up is another picture: the template is scaled, not the crop
+    standard = analyze_reference_photo(demo_face_path(), settings_for(), analyzer=analyzer)
+    assert not np.array_equal(cv2.resize(standard.arcface_crop, (224, 224)), result.arcface_crop)
+
+
+def test_recognizer_with_an_unalignable_input_size_is_refused_at_load(tmp_path, settings_for):
+    recognizer = _linear_recognizer(tmp_path / "linear144.onnx", 144)
+    with pytest.raises(ModelWeightsError) as caught:
+        load_face_analyzer(settings_for(face_recognizer=str(recognizer)))
+    assert caught.value.setting == "LYNX_FACE_RECOGNIZER"
+    assert str(recognizer) in str(caught.value) and "144x144" in str(caught.value)

