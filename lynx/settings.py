@@ -459,9 +459,8 @@ class LynxSettings(BaseSettings):
 
     @property
     def database_url_for_display(self) -> str:
-        from sqlalchemy.engine import make_url
-
-        return make_url(self.resolved_database_url).render_as_string(hide_password=True)
+        """The URL with its password masked, in the user part and in the query string alike."""
+        return display_database_url(self.resolved_database_url)
 
 
 def _in_models_dir(path: Path | None, folder: Path) -> Path | None:
@@ -469,6 +468,31 @@ def _in_models_dir(path: Path | None, folder: Path) -> Path | None:
     if path is None or path.is_absolute():
         return path
     return folder / path
+
+
+#: Query keys that carry secrets: libpq's password, sslpassword and passfile, and any
+#: key naming a password, secret or token (drivers differ in what they accept).
+_SECRET_QUERY_KEYS = frozenset({"password", "sslpassword", "passfile"})
+
+
+def is_secret_query_key(key: str) -> bool:
+    key = key.lower()
+    return key in _SECRET_QUERY_KEYS or any(word in key for word in ("password", "secret", "token"))
+
+
+def display_database_url(raw_url: str) -> str:
+    """``raw_url`` safe to print: ``***`` for the password and every secret query value."""
+    from urllib.parse import quote_plus
+
+    from sqlalchemy.engine import make_url
+
+    url = make_url(raw_url)
+    shown = url.set(query={}).render_as_string(hide_password=True)
+    pairs = []
+    for key, values in url.query.items():
+        for value in (values,) if isinstance(values, str) else values:
+            pairs.append(f"{quote_plus(key)}={'***' if is_secret_query_key(key) else quote_plus(value)}")
+    return f"{shown}?{'&'.join(pairs)}" if pairs else shown
 
 
 def settings_error(err: ValidationError) -> ConfigurationError:

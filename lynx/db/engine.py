@@ -16,7 +16,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lynx.errors import ConfigurationError, ServiceUnavailableError
-from lynx.settings import LynxSettings
+from lynx.settings import LynxSettings, is_secret_query_key
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,11 @@ def make_engine(settings: LynxSettings) -> Engine:
             )
         connect_args["connect_timeout"] = settings.database_connect_timeout
         connect_args["application_name"] = "lynx"
+        # Secrets in the query string go to the driver directly, so the engine's URL (its repr,
+        # SQLAlchemy's and Alembic's logs) holds none of them.
+        secrets = {k: v for k, v in url.query.items() if is_secret_query_key(k) and isinstance(v, str)}
+        url = url.difference_update_query(secrets)
+        connect_args.update(secrets)
     try:
         engine = create_engine(url, connect_args=connect_args, **options)
     except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as err:

@@ -97,6 +97,17 @@ def test_wrong_database_port_one_line_no_object_written(lynx_cli, make_settings,
     assert not artifacts.exists() or not any(p.is_file() for p in artifacts.rglob("*"))
 
 
+@pytest.mark.parametrize("key", ["password", "sslpassword", "passfile", "api_token"])
+def test_password_in_the_query_string_is_never_printed(lynx_cli, make_settings, key: str):
+    port = free_port()
+    settings = make_settings(database_url=f"postgresql+psycopg://postgres@127.0.0.1:{port}/lynx?{key}={DB_PASSWORD}")
+    for args in (["db", "upgrade"], ["db", "current"]):
+        result = lynx_cli(*args, settings=settings)
+        line = _one_line_error(result, "LYNX_DATABASE_URL")
+        assert f"postgres@127.0.0.1:{port}/lynx?{key}=***" in line
+        assert DB_PASSWORD not in result.stderr + result.stdout
+
+
 def test_stopped_s3_server_one_line_no_row_written(lynx_cli, make_settings, tmp_path: Path):
     from moto.server import ThreadedMotoServer
 

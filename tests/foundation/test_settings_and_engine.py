@@ -43,8 +43,20 @@ def test_environment_and_dotenv(monkeypatch, tmp_path: Path):
     assert settings.s3_secret_key.get_secret_value() == "dotenv-secret" and settings.s3_secure is False
 
 
-def test_secrets_never_in_repr_or_dumps(make_settings, pg_url: str):
-    settings = make_settings(store="s3", database_url=pg_url.replace("postgres@", f"postgres:{DB_PASSWORD}@"))
+def _with_password(url: str, where: str) -> str:
+    """``url`` carrying DB_PASSWORD in its user part or in a query key that names a secret."""
+    if where == "userinfo":
+        return url.replace("postgres@", f"postgres:{DB_PASSWORD}@")
+    return f"{url}?sslmode=disable&{where}={DB_PASSWORD}"
+
+
+PASSWORD_PLACES = ["userinfo", "password", "sslpassword", "passfile", "PGPASSWORD", "auth_token"]
+
+
+@pytest.mark.parametrize("where", PASSWORD_PLACES)
+def test_secrets_never_in_repr_or_dumps(make_settings, where: str):
+    url = _with_password(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/lynx", where)
+    settings = make_settings(store="s3", database_url=url)
     for shown in (
         repr(settings),
         str(settings),
@@ -52,12 +64,33 @@ def test_secrets_never_in_repr_or_dumps(make_settings, pg_url: str):
         str(settings.model_dump()),
         settings.database_url_for_display,
         repr(make_engine(settings)),
+        repr(make_engine(settings).url),
     ):
         assert DB_PASSWORD not in shown and S3_SECRET_KEY not in shown
+    assert "***" in settings.database_url_for_display
 
 
-def test_logs_carry_no_secrets(make_settings, pg_url: str, caplog: pytest.LogCaptureFixture):
-    settings = make_settings(store="s3", database_url=pg_url.replace("postgres@", f"postgres:{DB_PASSWORD}@"))
+def test_display_url_masks_only_secret_query_values(make_settings):
+    url = "postgresql+psycopg://u:pw@db.example:5432/lynx?sslmode=require&password=pw2&options=-c%20x%3Dy"
+    shown = make_settings(database_url=url).database_url_for_display
+    assert shown == "postgresql+psycopg://u:***@db.example:5432/lynx?sslmode=require&password=***&options=-c+x%3Dy"
+
+
+def test_query_string_password_still_reaches_the_driver(make_settings):
+    from sqlalchemy import event
+
+    url = _with_password(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/lynx", "password")
+    engine = make_engine(make_settings(database_url=url))
+    seen: dict[str, object] = {}
+    event.listen(engine, "do_connect", lambda _d, _r, _a, cparams: seen.update(cparams))
+    with pytest.raises(ServiceUnavailableError):
+        engine.connect()
+    assert seen["password"] == DB_PASSWORD and seen["sslmode"] == "disable"
+
+
+@pytest.mark.parametrize("where", ["userinfo", "password"])
+def test_logs_carry_no_secrets(make_settings, pg_url: str, caplog: pytest.LogCaptureFixture, where: str):
+    settings = make_settings(store="s3", database_url=_with_password(pg_url, where))
     with caplog.at_level(logging.DEBUG):
         logging.getLogger("sqlalchemy.engine").setLevel(logging.INFO)  # SQL and parameters too
         try:
@@ -72,7 +105,8 @@ def test_logs_carry_no_secrets(make_settings, pg_url: str, caplog: pytest.LogCap
                 store="s3",
                 s3_endpoint=f"127.0.0.1:{free_port()}",
                 s3_retries=0,
-                database_url=f"postgresql+psycopg://u:{DB_PASSWORD}@127.0.0.1:{free_port()}/x",
+                database_url=_with_password(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x",
+                                            where),
             )
             with pytest.raises(ServiceUnavailableError):
                 open_store(broken).check()
