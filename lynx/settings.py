@@ -8,13 +8,14 @@ logs or Prefect parameters.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from lynx.errors import ConfigurationError
 
@@ -504,6 +505,24 @@ def settings_error(err: ValidationError) -> ConfigurationError:
     return ConfigurationError(f"invalid setting {problems}", setting=names[0])
 
 
+def unparseable_setting_error(err: SettingsError) -> ConfigurationError:
+    """pydantic-settings' "error parsing value for field ..." as one line naming the variable.
+
+    It is raised before validation, when a list or object setting is not valid JSON.
+    """
+    prefix = LynxSettings.model_config.get("env_prefix", "")
+    found = re.search(r'field "(\w+)"', str(err))
+    if found is None:
+        return ConfigurationError(f"invalid settings: {err}")
+    name = f"{prefix}{found.group(1).upper()}"
+    if "error parsing value" not in str(err):
+        return ConfigurationError(f"invalid setting {name}: its value cannot be read", setting=name)
+    return ConfigurationError(
+        f'invalid setting {name}: not valid JSON (write lists and objects as JSON, e.g. ["a", "b"])',
+        setting=name,
+    )
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> LynxSettings:
     """Settings read once per process; tests and the CLI pass explicit instances instead.
@@ -514,3 +533,5 @@ def get_settings() -> LynxSettings:
         return LynxSettings()
     except ValidationError as err:
         raise settings_error(err) from None
+    except SettingsError as err:
+        raise unparseable_setting_error(err) from None

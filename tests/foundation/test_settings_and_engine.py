@@ -186,6 +186,18 @@ def test_invalid_setting_is_one_line_naming_the_variable_without_its_value(lynx_
     assert "Traceback" not in result.stderr and "s3cr3t-ish" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("LYNX_DELIVER_RENDITIONS", "notjson"), ("LYNX_EVAL_RECOGNIZERS", "[")],
+)
+def test_setting_that_is_not_json_is_one_line_naming_the_variable(lynx_cli, name: str, value: str) -> None:
+    result = lynx_cli("db", "current", env={name: value})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"lynx: error: invalid setting {name}: not valid JSON "
+                     '(write lists and objects as JSON, e.g. ["a", "b"])'], result.stderr
+
+
 def test_sqlite_database_in_a_folder_that_cannot_be_made_names_the_setting(make_settings, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
