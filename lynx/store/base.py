@@ -241,31 +241,37 @@ class ArtifactStore(ABC):
     @contextmanager
     def open_read(self, key: str) -> Iterator[BinaryIO]:
         """A streaming reader; reading to the end verifies the sha256 (``ChecksumMismatchError``)."""
-        expected = self.stat(key)
-        with self._open_raw(key) as raw, VerifyingReader(raw, expected, self.location) as reader:
+        validate_key(key)
+        with self._open_raw(key) as (expected, raw), VerifyingReader(raw, expected, self.location) as reader:
             yield reader  # type: ignore[misc]
 
     def get_file(self, key: str, dest: str | Path) -> StoredObject:
         """Download to ``dest`` through a verified temp file; ``dest`` only ever holds intact bytes."""
-        expected = self.stat(key)
-        with self._open_raw(key) as source:
+        validate_key(key)
+        with self._open_raw(key) as (expected, source):
             copy_verified(source, Path(dest), expected, self.location)
         return expected
 
     def get_bytes(self, key: str, *, max_bytes: int = MAX_BYTES_IN_MEMORY) -> bytes:
         """Read a small object into memory, verified."""
-        info = self.stat(key)
-        if info.size > max_bytes:
-            raise InputError(
-                f"artifact {key!r} is {info.size} bytes, more than get_bytes() reads into memory "
-                f"({max_bytes}); use get_file() or open_read()"
-            )
-        with self.open_read(key) as reader:
-            return reader.readall()
+        validate_key(key)
+        with self._open_raw(key) as (expected, raw):
+            if expected.size > max_bytes:
+                raise InputError(
+                    f"artifact {key!r} is {expected.size} bytes, more than get_bytes() reads into memory "
+                    f"({max_bytes}); use get_file() or open_read()"
+                )
+            with VerifyingReader(raw, expected, self.location) as reader:
+                return reader.readall()
 
     @abstractmethod
-    def _open_raw(self, key: str) -> AbstractContextManager[BinaryIO]:
-        """The object's bytes as a stream, unverified (callers verify)."""
+    def _open_raw(self, key: str) -> AbstractContextManager[tuple[StoredObject, BinaryIO]]:
+        """The object's checksum record and its bytes as a stream, unverified (callers verify).
+
+        The two come from one version of the object, even while another writer replaces it:
+        a separate ``stat`` could pair one version's checksum with the next one's bytes.
+        ``ArtifactNotFoundError`` if there is no object.
+        """
 
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[str]:

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -111,6 +112,45 @@ def test_checksum_mismatch_is_detected_and_dest_untouched(store: ArtifactStore, 
     with pytest.raises(ChecksumMismatchError), store.open_read(stored.key) as reader:
         while reader.read(100):
             pass
+
+
+def test_reads_during_an_overwrite_see_one_whole_version(store: ArtifactStore, tmp_path: Path):
+    """A key rewritten while it is read gives the old or the new bytes, never a false mismatch."""
+    versions = [os.urandom(64 * 1024), os.urandom(96 * 1024)]
+    key = "campaigns/c1/manifest.json"
+    store.put_bytes(versions[0], key=key)
+    stop = threading.Event()
+
+    def overwrite() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            store.put_bytes(versions[i % 2], key=key)
+
+    writer = threading.Thread(target=overwrite, daemon=True)
+    writer.start()
+    reads = {"get_bytes": 0, "get_file": 0, "open_read": 0}
+    deadline = time.monotonic() + 6
+    try:
+        for i in range(300):
+            if time.monotonic() > deadline:
+                break
+            if i % 3 == 0:
+                data = store.get_bytes(key)
+                reads["get_bytes"] += 1
+            elif i % 3 == 1:
+                store.get_file(key, tmp_path / "copy.bin")
+                data = (tmp_path / "copy.bin").read_bytes()
+                reads["get_file"] += 1
+            else:
+                with store.open_read(key) as reader:
+                    data = reader.read()
+                reads["open_read"] += 1
+            assert data in versions
+    finally:
+        stop.set()
+        writer.join(timeout=30)
+    assert all(n >= 10 for n in reads.values()), reads
 
 
 def test_truncated_object_is_detected(store: ArtifactStore):
