@@ -42,7 +42,11 @@ def put(
     settings = get_settings()
     tracker = None
     if kind is not None:
-        from lynx.db.tracking import Tracker
+        from lynx.db.models import BIOMETRIC_KINDS
+        from lynx.db.tracking import Tracker, biometric_without_subject_error
+
+        if kind in BIOMETRIC_KINDS and subject is None and job is None:
+            raise biometric_without_subject_error(kind, options=("--subject", "--job"))
 
         # Reach the database and check the owners before writing anything, so that a dead database
         # or a wrong id leaves no orphan object behind.

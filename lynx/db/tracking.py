@@ -415,8 +415,11 @@ class Tracker:
         campaign_id: int | None = None,
     ) -> Artifact:
         """Record that ``stored`` belongs to a job/subject/campaign. Owners missing from the call are
-        taken from the job, so retention finds every biometric artifact by its subject."""
+        taken from the job, so retention finds every biometric artifact by its subject; a biometric
+        kind without a subject or job is refused (``InputError``): nothing would ever purge it."""
         kind = _artifact_kind(kind)
+        if kind in BIOMETRIC_KINDS and subject_id is None and job_id is None:
+            raise biometric_without_subject_error(kind)
         with self.transaction() as session:
             if job_id is not None:
                 job = _get(session, Job, job_id)
@@ -674,6 +677,16 @@ def _campaign(session: Session, campaign: int | str) -> Campaign:
     if row is None:
         raise NotFoundError(f"no campaign named {campaign!r}")
     return row
+
+
+def biometric_without_subject_error(
+    kind: ArtifactKind, *, options: tuple[str, str] = ("subject_id", "job_id")
+) -> InputError:
+    """The ``InputError`` that refuses a biometric artifact nobody's retention would purge."""
+    return InputError(
+        f"artifact kind {kind.value!r} is biometric data: give the {options[0]} (or {options[1]}) "
+        "it belongs to, so that retention can purge it"
+    )
 
 
 def check_not_purged(subject: Subject) -> None:

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from lynx.db.models import JOB_TRANSITIONS, ArtifactKind, JobStatus, StageStatus
+from lynx.db.models import BIOMETRIC_KINDS, JOB_TRANSITIONS, ArtifactKind, JobStatus, StageStatus
 from lynx.db.tracking import ComputeCounts, Tracker
 from lynx.errors import IllegalTransitionError, InputError, NotFoundError
 from lynx.settings import LynxSettings
@@ -256,6 +256,17 @@ def test_artifacts_take_owners_from_their_job(tracker: Tracker, subject_id: int)
     assert len(tracker.list_artifacts(subject_id=subject_id)) == 2
     with pytest.raises(InputError, match="unknown artifact kind 'selfie'"):
         tracker.record_artifact(_stored("x"), kind="selfie", job_id=job.id)
+
+
+def test_biometric_artifact_needs_a_subject(tracker: Tracker):
+    campaign = tracker.get_or_create_campaign("c")
+    for kind in sorted(k.value for k in BIOMETRIC_KINDS):
+        with pytest.raises(InputError, match=f"'{kind}' is biometric data: give the subject_id"):
+            tracker.record_artifact(_stored("orphan"), kind=kind)
+        with pytest.raises(InputError, match="biometric"):
+            tracker.record_artifact(_stored("orphan"), kind=kind, campaign_id=campaign.id)
+    assert tracker.list_artifacts() == []
+    assert tracker.record_artifact(_stored("manifest"), kind="manifest").biometric is False
 
 
 def test_subject_reference_and_duplicates(tracker: Tracker):
