@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from lynx.db.models import ArtifactKind
+from lynx.store.base import MAX_PRESIGN_SECONDS
 
 app = typer.Typer(help="Artifact store: upload, download, list and share objects.", no_args_is_help=True)
 
@@ -92,7 +93,12 @@ def get(
 def url(
     key: Annotated[str, typer.Argument(help="Key of the object.")],
     expires: Annotated[
-        int | None, typer.Option(min=1, help="Lifetime in seconds (default LYNX_PRESIGN_EXPIRY_SECONDS).")
+        int | None,
+        typer.Option(
+            min=1,
+            max=MAX_PRESIGN_SECONDS,
+            help="Lifetime in seconds, at most 604800 (7 days); default LYNX_PRESIGN_EXPIRY_SECONDS.",
+        ),
     ] = None,
 ) -> None:
     """Print a download URL for KEY (S3: presigned GET; local store: a file:// URL)."""

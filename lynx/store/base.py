@@ -28,6 +28,7 @@ DEFAULT_CONTENT_TYPE = "application/octet-stream"
 # get_bytes() is for manifests, embeddings and other small things; videos go through files/streams.
 MAX_BYTES_IN_MEMORY = 64 * 1024 * 1024
 MAX_KEY_BYTES = 1024  # S3's limit on object names
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4 presigned URLs live at most 7 days
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -81,6 +82,12 @@ def validate_key(key: str, *, prefix: bool = False) -> str:
         if segment in ("", ".", ".."):
             raise InvalidKeyError(f"artifact key {shown!r} has an empty, '.' or '..' segment")
     return key
+
+
+def check_expiry(expires: int | None) -> None:
+    """Refuse a presigned URL lifetime S3 would not honour (``InputError``)."""
+    if expires is not None and not 1 <= expires <= MAX_PRESIGN_SECONDS:
+        raise InputError(f"a download URL lives 1 to {MAX_PRESIGN_SECONDS} seconds (7 days), not {expires}")
 
 
 def _has_control_chars(key: str) -> bool:

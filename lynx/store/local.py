@@ -36,7 +36,14 @@ from typing import BinaryIO
 from filelock import FileLock
 
 from lynx.errors import ArtifactNotFoundError, InvalidKeyError, ServiceUnavailableError
-from lynx.store.base import ArtifactStore, StoredObject, content_key, validate_key, write_hashed
+from lynx.store.base import (
+    ArtifactStore,
+    StoredObject,
+    check_expiry,
+    content_key,
+    validate_key,
+    write_hashed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +192,7 @@ class LocalArtifactStore(ArtifactStore):
         return iter(sorted(keys))
 
     def presigned_url(self, key: str, expires: int | None = None) -> str:
+        check_expiry(expires)  # unused here, but refused as S3 would refuse it
         self.stat(key)
         return self._object_path(key).as_uri()
 

@@ -38,6 +38,7 @@ from lynx.store.base import (
     ArtifactStore,
     HashingReader,
     StoredObject,
+    check_expiry,
     content_key,
     validate_key,
 )
@@ -209,6 +210,7 @@ class S3ArtifactStore(ArtifactStore):
             return  # no bucket yet: nothing stored
 
     def presigned_url(self, key: str, expires: int | None = None) -> str:
+        check_expiry(expires)
         self.stat(key)  # a URL to nothing helps nobody: say so now
         lifetime = timedelta(seconds=expires or self.default_expiry)
         with self._errors(key):

@@ -72,6 +72,9 @@ def test_store_put_get_url(lynx_cli, make_settings, store_backend: str, tmp_path
     with urllib.request.urlopen(url.stdout.strip(), timeout=10) as response:
         assert hashlib.sha256(response.read()).hexdigest() == sha
 
+    too_long = lynx_cli("store", "url", key, "--expires", "999999", settings=settings)
+    assert too_long.returncode == 2 and "604800" in too_long.stderr and "Traceback" not in too_long.stderr
+
     assert lynx_cli("store", "ls", "sha256/", settings=settings).stdout.split() == [key]
     missing = lynx_cli("store", "get", "sha256/00/nothing", str(tmp_path / "x"), settings=settings)
     assert "sha256/00/nothing" in _one_line_error(missing, "no artifact")

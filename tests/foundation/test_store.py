@@ -247,6 +247,16 @@ def test_presigned_url_downloads_same_bytes(store: ArtifactStore):
         assert "X-Amz-Signature=" in url and "X-Amz-Expires=60" in url
 
 
+def test_presigned_url_lives_at_most_seven_days(store: ArtifactStore):
+    stored = store.put_bytes(b"preview", key="previews/p.webp")
+    url = store.presigned_url(stored.key, expires=604800)
+    if store.location.startswith("s3://"):
+        assert "X-Amz-Expires=604800" in url
+    for expires in (604801, 999999, 0):
+        with pytest.raises(InputError, match=f"1 to 604800 seconds \\(7 days\\), not {expires}$"):
+            store.presigned_url(stored.key, expires=expires)
+
+
 def test_missing_object_gives_clear_error(store: ArtifactStore, tmp_path: Path):
     for call in (
         lambda: store.get_file("jobs/7/video.mp4", tmp_path / "v.mp4"),
