@@ -456,7 +456,10 @@ class LynxSettings(BaseSettings):
         """The URL to connect with (contains the password: never log it, use ``database_url_for_display``)."""
         if self.database_url is not None:
             return self.database_url.get_secret_value()
-        return f"sqlite:///{self.home / 'lynx.db'}"
+        from sqlalchemy.engine import URL
+
+        # Quoted, so a '?' or '#' in LYNX_HOME stays part of the path instead of starting a query.
+        return URL.create("sqlite", database=str(self.home / "lynx.db")).render_as_string(hide_password=False)
 
     @property
     def database_url_for_display(self) -> str:

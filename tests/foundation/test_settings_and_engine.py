@@ -32,6 +32,15 @@ def test_embedded_defaults_need_no_server(monkeypatch, tmp_path: Path):
     assert subject.id == 1 and (tmp_path / "home" / "lynx.db").is_file()
 
 
+@pytest.mark.parametrize("folder", ["what?now", "take#2", "a b%20c"])
+def test_embedded_database_stays_in_a_home_with_url_characters(make_settings, tmp_path: Path, folder: str):
+    home = tmp_path / folder / "home"
+    settings = make_settings(home=home)
+    Tracker.from_settings(settings).close()
+    assert (home / "lynx.db").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [folder]
+
+
 def test_environment_and_dotenv(monkeypatch, tmp_path: Path):
     (tmp_path / ".env").write_text(
         "LYNX_S3_BUCKET=from-dotenv\nLYNX_S3_SECRET_KEY=dotenv-secret\nLYNX_S3_SECURE=false\n"
