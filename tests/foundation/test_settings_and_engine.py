@@ -150,6 +150,25 @@ def test_unreachable_database_fails_fast_naming_the_setting(make_settings):
     assert "LYNX_DATABASE_URL" in message and "\n" not in message and DB_PASSWORD not in message
 
 
+@pytest.mark.parametrize(
+    ("user", "database", "reason"),
+    [
+        ("postgres", "lynx_no_such_db", 'database "lynx_no_such_db" does not exist'),
+        ("lynx_no_such_role", "postgres", 'role "lynx_no_such_role" does not exist'),
+    ],
+)
+def test_missing_database_or_refused_login_is_a_configuration_error(
+    make_settings, make_pg_database, user: str, database: str, reason: str
+):
+    url = f"postgresql+psycopg://{user}@127.0.0.1:5432/{database}"  # make_pg_database: the server is up
+    with pytest.raises(ConfigurationError) as caught:
+        Tracker.from_settings(make_settings(database_url=url))
+    assert not isinstance(caught.value, ServiceUnavailableError)  # not worth a retry
+    assert caught.value.setting == "LYNX_DATABASE_URL"
+    message = str(caught.value)
+    assert reason in message and "refused the connection" in message and "\n" not in message
+
+
 def test_database_that_goes_away_mid_run(make_settings, make_pg_database):
     import psycopg
 
