@@ -209,6 +209,32 @@ def test_workers_creating_the_same_job_at_once_get_one_job(
     assert len(tracker.list_jobs(campaign_id=campaign.id)) == 5
 
 
+def test_two_finishes_of_one_stage_run_exactly_one_wins(
+    tracking_settings: LynxSettings, tracker: Tracker, subject_id: int
+):
+    job, _ = tracker.get_or_create_job(subject_id=subject_id, prompt="finish race")
+    runs = [tracker.record_stage_start(job.id, "sample").id for _ in range(30)]
+    step = threading.Barrier(2, timeout=60)
+    winners: dict[int, list[int]] = {run_id: [] for run_id in runs}
+
+    def finish(mine: Tracker, index: int) -> None:
+        for run_id in runs:
+            step.wait()
+            try:
+                mine.record_stage_finish(run_id, metrics={"worker": index}, error_text=f"worker {index}")
+            except IllegalTransitionError:
+                continue
+            winners[run_id].append(index)
+
+    _run_at_once(tracking_settings, finish)
+
+    assert all(len(won) == 1 for won in winners.values()), winners
+    for run in tracker.stage_runs(job.id):
+        assert run.status is StageStatus.COMPLETED
+        [winner] = winners[run.id]
+        assert run.metrics == {"worker": winner} and run.error_text == f"worker {winner}"
+
+
 def test_stage_runs_record_timing_outputs_and_failures(tracker: Tracker, subject_id: int):
     job, _ = tracker.get_or_create_job(subject_id=subject_id, prompt="p")
     with tracker.stage(job.id, "embed_face", inputs=["sha256/aa/photo"], flow_run_id="fr-1") as stage:
