@@ -76,7 +76,8 @@ def validate_key(key: str, *, prefix: bool = False) -> str:
         raise InvalidKeyError(f"artifact key {shown!r} contains control or format characters")
     if len(key.encode("utf-8")) > MAX_KEY_BYTES:
         raise InvalidKeyError(f"artifact key is longer than {MAX_KEY_BYTES} bytes: {shown[:80]!r}...")
-    if body.startswith("/") or "\\" in body or re.match(r"[A-Za-z]:", body):
+    # A drive ("C:", "C:/x") is absolute on Windows; "a:foo" is an ordinary S3 key.
+    if body.startswith("/") or "\\" in body or re.match(r"[A-Za-z]:(/|\\|$)", body):
         raise InvalidKeyError(f"artifact key {shown!r} must be a relative path with '/' separators")
     for segment in body.split("/"):
         if segment in ("", ".", ".."):

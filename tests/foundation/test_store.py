@@ -194,6 +194,8 @@ def test_open_read_streams_in_chunks(store: ArtifactStore, big_file: Path):
         "",
         "trailing/",
         "C:/windows",
+        "C:",
+        "d:\\x",
         "x" * 1100,
     ],
 )
@@ -229,6 +231,12 @@ def test_keys_that_s3_accepts_coexist(store: ArtifactStore, keys: tuple[str, str
     for key in keys:
         store.delete(key)
     assert list(store.list()) == []
+
+
+def test_keys_with_a_colon_that_are_not_drives_are_fine(store: ArtifactStore):
+    for key in ("a:foo", "jobs/7/C:/frame.png", "ab:/x", "urn:lynx:1"):
+        assert store.get_bytes(store.put_bytes(key.encode(), key=key).key) == key.encode()
+    assert list(store.list()) == sorted(["a:foo", "ab:/x", "jobs/7/C:/frame.png", "urn:lynx:1"])
 
 
 def test_non_ascii_keys_are_fine(store: ArtifactStore):
