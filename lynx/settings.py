@@ -8,13 +8,14 @@ logs or Prefect parameters.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from lynx.errors import ConfigurationError
 
@@ -456,13 +457,15 @@ class LynxSettings(BaseSettings):
         """The URL to connect with (contains the password: never log it, use ``database_url_for_display``)."""
         if self.database_url is not None:
             return self.database_url.get_secret_value()
-        return f"sqlite:///{self.home / 'lynx.db'}"
+        from sqlalchemy.engine import URL
+
+        # Quoted, so a '?' or '#' in LYNX_HOME stays part of the path instead of starting a query.
+        return URL.create("sqlite", database=str(self.home / "lynx.db")).render_as_string(hide_password=False)
 
     @property
     def database_url_for_display(self) -> str:
-        from sqlalchemy.engine import make_url
-
-        return make_url(self.resolved_database_url).render_as_string(hide_password=True)
+        """The URL with its password masked, in the user part and in the query string alike."""
+        return display_database_url(self.resolved_database_url)
 
 
 def _in_models_dir(path: Path | None, folder: Path) -> Path | None:
@@ -472,6 +475,31 @@ def _in_models_dir(path: Path | None, folder: Path) -> Path | None:
     return folder / path
 
 
+#: Query keys that carry secrets: libpq's password, sslpassword and passfile, and any
+#: key naming a password, secret or token (drivers differ in what they accept).
+_SECRET_QUERY_KEYS = frozenset({"password", "sslpassword", "passfile"})
+
+
+def is_secret_query_key(key: str) -> bool:
+    key = key.lower()
+    return key in _SECRET_QUERY_KEYS or any(word in key for word in ("password", "secret", "token"))
+
+
+def display_database_url(raw_url: str) -> str:
+    """``raw_url`` safe to print: ``***`` for the password and every secret query value."""
+    from urllib.parse import quote_plus
+
+    from sqlalchemy.engine import make_url
+
+    url = make_url(raw_url)
+    shown = url.set(query={}).render_as_string(hide_password=True)
+    pairs = []
+    for key, values in url.query.items():
+        for value in (values,) if isinstance(values, str) else values:
+            pairs.append(f"{quote_plus(key)}={'***' if is_secret_query_key(key) else quote_plus(value)}")
+    return f"{shown}?{'&'.join(pairs)}" if pairs else shown
+
+
 def settings_error(err: ValidationError) -> ConfigurationError:
     """One line naming the LYNX_* variable(s) at fault; never the value (it may be a secret)."""
     prefix = LynxSettings.model_config.get("env_prefix", "")
@@ -479,6 +507,24 @@ def settings_error(err: ValidationError) -> ConfigurationError:
     names = [f"{prefix}{str(d['loc'][0]).upper()}" if d["loc"] else "settings" for d in errors]
     problems = "; ".join(f"{name}: {d['msg']}" for name, d in zip(names, errors, strict=True))
     return ConfigurationError(f"invalid setting {problems}", setting=names[0])
+
+
+def unparseable_setting_error(err: SettingsError) -> ConfigurationError:
+    """pydantic-settings' "error parsing value for field ..." as one line naming the variable.
+
+    It is raised before validation, when a list or object setting is not valid JSON.
+    """
+    prefix = LynxSettings.model_config.get("env_prefix", "")
+    found = re.search(r'field "(\w+)"', str(err))
+    if found is None:
+        return ConfigurationError(f"invalid settings: {err}")
+    name = f"{prefix}{found.group(1).upper()}"
+    if "error parsing value" not in str(err):
+        return ConfigurationError(f"invalid setting {name}: its value cannot be read", setting=name)
+    return ConfigurationError(
+        f'invalid setting {name}: not valid JSON (write lists and objects as JSON, e.g. ["a", "b"])',
+        setting=name,
+    )
 
 
 @lru_cache(maxsize=1)
@@ -491,3 +537,5 @@ def get_settings() -> LynxSettings:
         return LynxSettings()
     except ValidationError as err:
         raise settings_error(err) from None
+    except SettingsError as err:
+        raise unparseable_setting_error(err) from None

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from lynx.db.models import ArtifactKind
+from lynx.store.base import MAX_PRESIGN_SECONDS
 
 app = typer.Typer(help="Artifact store: upload, download, list and share objects.", no_args_is_help=True)
 
@@ -42,7 +43,11 @@ def put(
     settings = get_settings()
     tracker = None
     if kind is not None:
-        from lynx.db.tracking import Tracker
+        from lynx.db.models import BIOMETRIC_KINDS
+        from lynx.db.tracking import Tracker, biometric_without_subject_error
+
+        if kind in BIOMETRIC_KINDS and subject is None and job is None:
+            raise biometric_without_subject_error(kind, options=("--subject", "--job"))
 
         # Reach the database and check the owners before writing anything, so that a dead database
         # or a wrong id leaves no orphan object behind.
@@ -88,7 +93,12 @@ def get(
 def url(
     key: Annotated[str, typer.Argument(help="Key of the object.")],
     expires: Annotated[
-        int | None, typer.Option(min=1, help="Lifetime in seconds (default LYNX_PRESIGN_EXPIRY_SECONDS).")
+        int | None,
+        typer.Option(
+            min=1,
+            max=MAX_PRESIGN_SECONDS,
+            help="Lifetime in seconds, at most 604800 (7 days); default LYNX_PRESIGN_EXPIRY_SECONDS.",
+        ),
     ] = None,
 ) -> None:
     """Print a download URL for KEY (S3: presigned GET; local store: a file:// URL)."""

@@ -2,11 +2,14 @@
 
 Connection failures, at connect time or later, surface as one ``ServiceUnavailableError`` naming
 ``LYNX_DATABASE_URL`` and the URL without its password, within ``LYNX_DATABASE_CONNECT_TIMEOUT``.
+A server that answers but refuses us for good (no such database, login refused) is a
+``ConfigurationError`` instead: retrying would not help.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lynx.errors import ConfigurationError, ServiceUnavailableError
-from lynx.settings import LynxSettings
+from lynx.settings import LynxSettings, is_secret_query_key
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,11 @@ def make_engine(settings: LynxSettings) -> Engine:
             )
         connect_args["connect_timeout"] = settings.database_connect_timeout
         connect_args["application_name"] = "lynx"
+        # Secrets in the query string go to the driver directly, so the engine's URL (its repr,
+        # SQLAlchemy's and Alembic's logs) holds none of them.
+        secrets = {k: v for k, v in url.query.items() if is_secret_query_key(k) and isinstance(v, str)}
+        url = url.difference_update_query(secrets)
+        connect_args.update(secrets)
     try:
         engine = create_engine(url, connect_args=connect_args, **options)
     except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as err:
@@ -99,11 +107,33 @@ def _unavailable_error(shown_url: str):
         # No connection yet (connect failed) or the server went away: not our bug, say what to check.
         if context.connection is None or context.is_disconnect:
             reason = _first_line(context.original_exception)
+            if context.connection is None and _refused_by_configuration(context.original_exception):
+                # A missing database or refused login will not heal by retrying: fix the URL.
+                raise ConfigurationError(
+                    f"the tracking database at {shown_url} refused the connection: {reason}", setting=SETTING
+                ) from None
             raise ServiceUnavailableError(
                 f"cannot reach the tracking database at {shown_url}: {reason}", setting=SETTING
             ) from None
 
     return on_error
+
+
+#: SQLSTATEs of a connection the server refuses for good: invalid_catalog_name (no such database),
+#: invalid_password, invalid_authorization_specification (no such role, no pg_hba.conf entry).
+_CONFIGURATION_SQLSTATES = frozenset({"3D000", "28P01", "28000"})
+# libpq reports no SQLSTATE for a failed connection (psycopg's err.sqlstate is None there), only the
+# server's message: these are the messages of those SQLSTATEs, plus libpq's own for a missing password.
+_CONFIGURATION_MESSAGES = re.compile(
+    r'database ".*" does not exist|password authentication failed|role ".*" does not exist'
+    r"|no pg_hba\.conf entry|fe_sendauth: no password supplied"
+)
+
+
+def _refused_by_configuration(err: BaseException) -> bool:
+    if getattr(err, "sqlstate", None) in _CONFIGURATION_SQLSTATES:
+        return True
+    return _CONFIGURATION_MESSAGES.search(str(err)) is not None
 
 
 def _first_line(err: BaseException) -> str:

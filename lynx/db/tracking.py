@@ -356,18 +356,33 @@ class Tracker:
             raise IllegalTransitionError("a stage run cannot finish with status 'running'")
         with self.transaction() as session:
             run = _get(session, StageRun, stage_run_id)
-            if run.status is not StageStatus.RUNNING:
+            if run.status is StageStatus.RUNNING:
+                finished_at = utcnow()
+                # Compare-and-swap on the status: of two concurrent finishes exactly one wins.
+                swapped = session.execute(
+                    update(StageRun)
+                    .where(StageRun.id == stage_run_id, StageRun.status == StageStatus.RUNNING)
+                    .values(
+                        finished_at=finished_at,
+                        status=final,
+                        duration_s=(
+                            duration_s
+                            if duration_s is not None
+                            else (finished_at - run.started_at).total_seconds()
+                        ),
+                        output_keys=list(outputs),
+                        metrics=dict(metrics or {}),
+                        error_text=error_text,
+                    )
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+            else:
+                swapped = 0
+            session.refresh(run)
+            if swapped != 1:
                 raise IllegalTransitionError(
                     f"stage run {stage_run_id} ({run.stage}) already finished as {run.status.value}"
                 )
-            run.finished_at = utcnow()
-            run.status = final
-            run.duration_s = (
-                duration_s if duration_s is not None else (run.finished_at - run.started_at).total_seconds()
-            )
-            run.output_keys = list(outputs)
-            run.metrics = dict(metrics or {})
-            run.error_text = error_text
         return run
 
     @contextmanager
@@ -415,8 +430,11 @@ class Tracker:
         campaign_id: int | None = None,
     ) -> Artifact:
         """Record that ``stored`` belongs to a job/subject/campaign. Owners missing from the call are
-        taken from the job, so retention finds every biometric artifact by its subject."""
+        taken from the job, so retention finds every biometric artifact by its subject; a biometric
+        kind without a subject or job is refused (``InputError``): nothing would ever purge it."""
         kind = _artifact_kind(kind)
+        if kind in BIOMETRIC_KINDS and subject_id is None and job_id is None:
+            raise biometric_without_subject_error(kind)
         with self.transaction() as session:
             if job_id is not None:
                 job = _get(session, Job, job_id)
@@ -674,6 +692,16 @@ def _campaign(session: Session, campaign: int | str) -> Campaign:
     if row is None:
         raise NotFoundError(f"no campaign named {campaign!r}")
     return row
+
+
+def biometric_without_subject_error(
+    kind: ArtifactKind, *, options: tuple[str, str] = ("subject_id", "job_id")
+) -> InputError:
+    """The ``InputError`` that refuses a biometric artifact nobody's retention would purge."""
+    return InputError(
+        f"artifact kind {kind.value!r} is biometric data: give the {options[0]} (or {options[1]}) "
+        "it belongs to, so that retention can purge it"
+    )
 
 
 def check_not_purged(subject: Subject) -> None:

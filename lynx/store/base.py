@@ -28,6 +28,7 @@ DEFAULT_CONTENT_TYPE = "application/octet-stream"
 # get_bytes() is for manifests, embeddings and other small things; videos go through files/streams.
 MAX_BYTES_IN_MEMORY = 64 * 1024 * 1024
 MAX_KEY_BYTES = 1024  # S3's limit on object names
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4 presigned URLs live at most 7 days
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -75,12 +76,19 @@ def validate_key(key: str, *, prefix: bool = False) -> str:
         raise InvalidKeyError(f"artifact key {shown!r} contains control or format characters")
     if len(key.encode("utf-8")) > MAX_KEY_BYTES:
         raise InvalidKeyError(f"artifact key is longer than {MAX_KEY_BYTES} bytes: {shown[:80]!r}...")
-    if body.startswith("/") or "\\" in body or re.match(r"[A-Za-z]:", body):
+    # A drive ("C:", "C:/x") is absolute on Windows; "a:foo" is an ordinary S3 key.
+    if body.startswith("/") or "\\" in body or re.match(r"[A-Za-z]:(/|\\|$)", body):
         raise InvalidKeyError(f"artifact key {shown!r} must be a relative path with '/' separators")
     for segment in body.split("/"):
         if segment in ("", ".", ".."):
             raise InvalidKeyError(f"artifact key {shown!r} has an empty, '.' or '..' segment")
     return key
+
+
+def check_expiry(expires: int | None) -> None:
+    """Refuse a presigned URL lifetime S3 would not honour (``InputError``)."""
+    if expires is not None and not 1 <= expires <= MAX_PRESIGN_SECONDS:
+        raise InputError(f"a download URL lives 1 to {MAX_PRESIGN_SECONDS} seconds (7 days), not {expires}")
 
 
 def _has_control_chars(key: str) -> bool:
@@ -241,31 +249,37 @@ class ArtifactStore(ABC):
     @contextmanager
     def open_read(self, key: str) -> Iterator[BinaryIO]:
         """A streaming reader; reading to the end verifies the sha256 (``ChecksumMismatchError``)."""
-        expected = self.stat(key)
-        with self._open_raw(key) as raw, VerifyingReader(raw, expected, self.location) as reader:
+        validate_key(key)
+        with self._open_raw(key) as (expected, raw), VerifyingReader(raw, expected, self.location) as reader:
             yield reader  # type: ignore[misc]
 
     def get_file(self, key: str, dest: str | Path) -> StoredObject:
         """Download to ``dest`` through a verified temp file; ``dest`` only ever holds intact bytes."""
-        expected = self.stat(key)
-        with self._open_raw(key) as source:
+        validate_key(key)
+        with self._open_raw(key) as (expected, source):
             copy_verified(source, Path(dest), expected, self.location)
         return expected
 
     def get_bytes(self, key: str, *, max_bytes: int = MAX_BYTES_IN_MEMORY) -> bytes:
         """Read a small object into memory, verified."""
-        info = self.stat(key)
-        if info.size > max_bytes:
-            raise InputError(
-                f"artifact {key!r} is {info.size} bytes, more than get_bytes() reads into memory "
-                f"({max_bytes}); use get_file() or open_read()"
-            )
-        with self.open_read(key) as reader:
-            return reader.readall()
+        validate_key(key)
+        with self._open_raw(key) as (expected, raw):
+            if expected.size > max_bytes:
+                raise InputError(
+                    f"artifact {key!r} is {expected.size} bytes, more than get_bytes() reads into memory "
+                    f"({max_bytes}); use get_file() or open_read()"
+                )
+            with VerifyingReader(raw, expected, self.location) as reader:
+                return reader.readall()
 
     @abstractmethod
-    def _open_raw(self, key: str) -> AbstractContextManager[BinaryIO]:
-        """The object's bytes as a stream, unverified (callers verify)."""
+    def _open_raw(self, key: str) -> AbstractContextManager[tuple[StoredObject, BinaryIO]]:
+        """The object's checksum record and its bytes as a stream, unverified (callers verify).
+
+        The two come from one version of the object, even while another writer replaces it:
+        a separate ``stat`` could pair one version's checksum with the next one's bytes.
+        ``ArtifactNotFoundError`` if there is no object.
+        """
 
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[str]:

@@ -13,7 +13,9 @@ still read, and dropped when their key is rewritten or deleted.)
 
 A reader never sees a partial object: bytes are written and fsynced in ``tmp/`` (same filesystem),
 then renamed into place. Metadata and bytes are published together under a short lock so two
-writers of the same key cannot leave one's metadata beside the other's bytes. A put that fails
+writers of the same key cannot leave one's metadata beside the other's bytes, and a reader takes the
+record and opens the bytes under the same lock, so it never pairs one version's checksum with the
+next one's bytes. A put that fails
 leaves no folder or temp file behind, and a delete removes the folders it empties, so neither can
 block a later key.
 """
@@ -27,14 +29,21 @@ import logging
 import os
 import secrets
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 from filelock import FileLock
 
 from lynx.errors import ArtifactNotFoundError, InvalidKeyError, ServiceUnavailableError
-from lynx.store.base import ArtifactStore, StoredObject, content_key, validate_key, write_hashed
+from lynx.store.base import (
+    ArtifactStore,
+    StoredObject,
+    check_expiry,
+    content_key,
+    validate_key,
+    write_hashed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +62,8 @@ class LocalArtifactStore(ArtifactStore):
         self._records = self.root / "checksums"
         self._legacy_meta = self.root / "meta"
         self._tmp = self.root / "tmp"
-        self._lock = FileLock(str(self.root / "tmp" / "publish.lock"))
+        # Reads take this lock too, for a moment: poll often so a read waits for one publish, not 50 ms.
+        self._lock = FileLock(str(self.root / "tmp" / "publish.lock"), poll_interval=0.002)
 
     # --- writing -------------------------------------------------------------------------------
     def _put_stream(self, source: BinaryIO, size: int, key: str | None, content_type: str) -> StoredObject:
@@ -144,25 +154,29 @@ class LocalArtifactStore(ArtifactStore):
         _check_segments(key)
         if not self._object_path(key).is_file():
             raise ArtifactNotFoundError(f"no artifact {key!r} in {self.location}")
-        recorded = self._read_record(key)
-        if recorded is None:
-            raise ArtifactNotFoundError(
-                f"artifact {key!r} in {self.location} has no checksum record "
-                f"({self._record_path(key)} is missing); "
-                "store files with `lynx store put`, not by copying them in"
-            )
-        return StoredObject(key, recorded["sha256"], int(recorded["size"]), recorded["content_type"])
+        return self._stored(key, self._read_record(key))
 
     def exists(self, key: str) -> bool:
         validate_key(key)
         _check_segments(key)
         return self._object_path(key).is_file()
 
-    def _open_raw(self, key: str) -> AbstractContextManager[BinaryIO]:
-        try:
-            return open(self._object_path(key), "rb")
-        except FileNotFoundError:
-            raise ArtifactNotFoundError(f"no artifact {key!r} in {self.location}") from None
+    @contextmanager
+    def _open_raw(self, key: str) -> Iterator[tuple[StoredObject, BinaryIO]]:
+        _check_segments(key)
+        path = self._object_path(key)
+        if not path.is_file():
+            raise ArtifactNotFoundError(f"no artifact {key!r} in {self.location}")
+        # Writers replace the record and the bytes under this lock; an open file keeps the bytes
+        # it was opened on, so record and bytes read here belong together.
+        with self._service_errors("read from"), self._locked():
+            recorded = self._read_record(key)
+            try:
+                raw = open(path, "rb")
+            except FileNotFoundError:  # deleted since the check above
+                raise ArtifactNotFoundError(f"no artifact {key!r} in {self.location}") from None
+        with raw:
+            yield self._stored(key, recorded), raw
 
     def list(self, prefix: str = "") -> Iterator[str]:
         validate_key(prefix, prefix=True)
@@ -178,6 +192,7 @@ class LocalArtifactStore(ArtifactStore):
         return iter(sorted(keys))
 
     def presigned_url(self, key: str, expires: int | None = None) -> str:
+        check_expiry(expires)  # unused here, but refused as S3 would refuse it
         self.stat(key)
         return self._object_path(key).as_uri()
 
@@ -199,6 +214,15 @@ class LocalArtifactStore(ArtifactStore):
 
     def _legacy_meta_path(self, key: str) -> Path:
         return self._legacy_meta / f"{key}.json"
+
+    def _stored(self, key: str, recorded: dict | None) -> StoredObject:
+        if recorded is None:
+            raise ArtifactNotFoundError(
+                f"artifact {key!r} in {self.location} has no checksum record "
+                f"({self._record_path(key)} is missing); "
+                "store files with `lynx store put`, not by copying them in"
+            )
+        return StoredObject(key, recorded["sha256"], int(recorded["size"]), recorded["content_type"])
 
     def _read_record(self, key: str) -> dict | None:
         """The checksum record of ``key``: from ``checksums/``, else from an older store's ``meta/``."""

@@ -15,7 +15,7 @@ import hashlib
 import io
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import BinaryIO
@@ -38,6 +38,7 @@ from lynx.store.base import (
     ArtifactStore,
     HashingReader,
     StoredObject,
+    check_expiry,
     content_key,
     validate_key,
 )
@@ -169,20 +170,29 @@ class S3ArtifactStore(ArtifactStore):
                 info = self._client.stat_object(self.bucket, key)
         except ArtifactNotFoundError:
             return None
-        sha256 = (info.metadata or {}).get(f"x-amz-meta-{SHA256_METADATA}")
+        return self._stored(key, info.metadata, info.size, info.content_type)
+
+    def _stored(
+        self, key: str, headers: Mapping[str, str] | None, size: int | str | None, content_type: str | None
+    ) -> StoredObject:
+        sha256 = (headers or {}).get(f"x-amz-meta-{SHA256_METADATA}")
         if not sha256:
             raise ArtifactNotFoundError(
                 f"artifact {key!r} in {self.location} has no sha256 metadata; "
                 "store files with `lynx store put`, not with other S3 tools"
             )
-        return StoredObject(key, sha256, int(info.size or 0), info.content_type or DEFAULT_CONTENT_TYPE)
+        return StoredObject(key, sha256, int(size or 0), content_type or DEFAULT_CONTENT_TYPE)
 
     @contextmanager
-    def _open_raw(self, key: str) -> Iterator[BinaryIO]:
+    def _open_raw(self, key: str) -> Iterator[tuple[StoredObject, BinaryIO]]:
         with self._errors(key):
             response = self._client.get_object(self.bucket, key)
         try:
-            yield _ResponseReader(response, self, key)  # type: ignore[misc]
+            # The checksum comes with the bytes, in this response's headers: a separate stat could
+            # describe an earlier or later version of an overwritten key.
+            headers = response.headers
+            stored = self._stored(key, headers, headers.get("content-length"), headers.get("content-type"))
+            yield stored, _ResponseReader(response, self, key)  # type: ignore[misc]
         finally:
             response.close()
             response.release_conn()
@@ -200,6 +210,7 @@ class S3ArtifactStore(ArtifactStore):
             return  # no bucket yet: nothing stored
 
     def presigned_url(self, key: str, expires: int | None = None) -> str:
+        check_expiry(expires)
         self.stat(key)  # a URL to nothing helps nobody: say so now
         lifetime = timedelta(seconds=expires or self.default_expiry)
         with self._errors(key):

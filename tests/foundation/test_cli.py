@@ -53,8 +53,11 @@ def test_store_put_get_url(lynx_cli, make_settings, store_backend: str, tmp_path
     source = tmp_path / "portrait.jpg"
     source.write_bytes(b"\xff\xd8 not really a jpeg " * 1000)
     sha = hashlib.sha256(source.read_bytes()).hexdigest()
+    subject = _make_subject(settings)
 
-    put = lynx_cli("store", "put", str(source), "--kind", "reference_photo", settings=settings)
+    put = lynx_cli(
+        "store", "put", str(source), "--kind", "reference_photo", "--subject", str(subject), settings=settings
+    )
     assert put.returncode == 0, put.stderr
     assert f"key     sha256/{sha[:2]}/{sha}" in put.stdout and f"sha256  {sha}" in put.stdout
     key = f"sha256/{sha[:2]}/{sha}"
@@ -69,6 +72,9 @@ def test_store_put_get_url(lynx_cli, make_settings, store_backend: str, tmp_path
     with urllib.request.urlopen(url.stdout.strip(), timeout=10) as response:
         assert hashlib.sha256(response.read()).hexdigest() == sha
 
+    too_long = lynx_cli("store", "url", key, "--expires", "999999", settings=settings)
+    assert too_long.returncode == 2 and "604800" in too_long.stderr and "Traceback" not in too_long.stderr
+
     assert lynx_cli("store", "ls", "sha256/", settings=settings).stdout.split() == [key]
     missing = lynx_cli("store", "get", "sha256/00/nothing", str(tmp_path / "x"), settings=settings)
     assert "sha256/00/nothing" in _one_line_error(missing, "no artifact")
@@ -80,6 +86,29 @@ def store_backend(request) -> str:
     return request.param
 
 
+def _make_subject(settings: LynxSettings) -> int:
+    from lynx.db.tracking import Tracker
+
+    tracker = Tracker.from_settings(settings)
+    try:
+        return tracker.create_subject("Ada", consent_reference="form-1").id
+    finally:
+        tracker.close()
+
+
+def test_biometric_kind_without_subject_is_refused_before_upload(lynx_cli, make_settings, tmp_path: Path):
+    settings = make_settings()
+    source = tmp_path / "face.png"
+    source.write_bytes(b"png bytes")
+
+    result = lynx_cli("store", "put", str(source), "--kind", "reference_photo", settings=settings)
+    line = _one_line_error(result, "--subject")
+    assert "'reference_photo' is biometric data" in line and result.returncode == 4
+    artifacts = settings.resolved_artifacts_dir / "objects"
+    assert not artifacts.exists() or not any(p.is_file() for p in artifacts.rglob("*"))
+    assert lynx_cli("store", "put", str(source), "--kind", "manifest", settings=settings).returncode == 0
+
+
 def test_wrong_database_port_one_line_no_object_written(lynx_cli, make_settings, tmp_path: Path):
     port = free_port()
     url = f"postgresql+psycopg://postgres:{DB_PASSWORD}@127.0.0.1:{port}/lynx"
@@ -87,7 +116,8 @@ def test_wrong_database_port_one_line_no_object_written(lynx_cli, make_settings,
     source = tmp_path / "face.png"
     source.write_bytes(b"png bytes")
 
-    for args in (["db", "upgrade"], ["store", "put", str(source), "--kind", "reference_photo"]):
+    put = ["store", "put", str(source), "--kind", "reference_photo", "--subject", "1"]
+    for args in (["db", "upgrade"], put):
         result = lynx_cli(*args, settings=settings)
         line = _one_line_error(result, "LYNX_DATABASE_URL")
         assert result.returncode == 3
@@ -95,6 +125,17 @@ def test_wrong_database_port_one_line_no_object_written(lynx_cli, make_settings,
         assert DB_PASSWORD not in result.stderr + result.stdout
     artifacts = settings.resolved_artifacts_dir / "objects"
     assert not artifacts.exists() or not any(p.is_file() for p in artifacts.rglob("*"))
+
+
+@pytest.mark.parametrize("key", ["password", "sslpassword", "passfile", "api_token"])
+def test_password_in_the_query_string_is_never_printed(lynx_cli, make_settings, key: str):
+    port = free_port()
+    settings = make_settings(database_url=f"postgresql+psycopg://postgres@127.0.0.1:{port}/lynx?{key}={DB_PASSWORD}")
+    for args in (["db", "upgrade"], ["db", "current"]):
+        result = lynx_cli(*args, settings=settings)
+        line = _one_line_error(result, "LYNX_DATABASE_URL")
+        assert f"postgres@127.0.0.1:{port}/lynx?{key}=***" in line
+        assert DB_PASSWORD not in result.stderr + result.stdout
 
 
 def test_stopped_s3_server_one_line_no_row_written(lynx_cli, make_settings, tmp_path: Path):
@@ -107,8 +148,11 @@ def test_stopped_s3_server_one_line_no_row_written(lynx_cli, make_settings, tmp_
     settings = make_settings(store="s3", s3_endpoint=f"127.0.0.1:{port}")
     source = tmp_path / "face.png"
     source.write_bytes(b"png bytes")
+    subject = _make_subject(settings)
 
-    result = lynx_cli("store", "put", str(source), "--kind", "reference_photo", settings=settings)
+    result = lynx_cli(
+        "store", "put", str(source), "--kind", "reference_photo", "--subject", str(subject), settings=settings
+    )
     line = _one_line_error(result, "LYNX_S3_ENDPOINT")
     assert f"127.0.0.1:{port}" in line and result.returncode == 3
     assert S3_SECRET_KEY not in result.stderr + result.stdout

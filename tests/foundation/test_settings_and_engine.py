@@ -32,6 +32,15 @@ def test_embedded_defaults_need_no_server(monkeypatch, tmp_path: Path):
     assert subject.id == 1 and (tmp_path / "home" / "lynx.db").is_file()
 
 
+@pytest.mark.parametrize("folder", ["what?now", "take#2", "a b%20c"])
+def test_embedded_database_stays_in_a_home_with_url_characters(make_settings, tmp_path: Path, folder: str):
+    home = tmp_path / folder / "home"
+    settings = make_settings(home=home)
+    Tracker.from_settings(settings).close()
+    assert (home / "lynx.db").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [folder]
+
+
 def test_environment_and_dotenv(monkeypatch, tmp_path: Path):
     (tmp_path / ".env").write_text(
         "LYNX_S3_BUCKET=from-dotenv\nLYNX_S3_SECRET_KEY=dotenv-secret\nLYNX_S3_SECURE=false\n"
@@ -43,8 +52,20 @@ def test_environment_and_dotenv(monkeypatch, tmp_path: Path):
     assert settings.s3_secret_key.get_secret_value() == "dotenv-secret" and settings.s3_secure is False
 
 
-def test_secrets_never_in_repr_or_dumps(make_settings, pg_url: str):
-    settings = make_settings(store="s3", database_url=pg_url.replace("postgres@", f"postgres:{DB_PASSWORD}@"))
+def _with_password(url: str, where: str) -> str:
+    """``url`` carrying DB_PASSWORD in its user part or in a query key that names a secret."""
+    if where == "userinfo":
+        return url.replace("postgres@", f"postgres:{DB_PASSWORD}@")
+    return f"{url}?sslmode=disable&{where}={DB_PASSWORD}"
+
+
+PASSWORD_PLACES = ["userinfo", "password", "sslpassword", "passfile", "PGPASSWORD", "auth_token"]
+
+
+@pytest.mark.parametrize("where", PASSWORD_PLACES)
+def test_secrets_never_in_repr_or_dumps(make_settings, where: str):
+    url = _with_password(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/lynx", where)
+    settings = make_settings(store="s3", database_url=url)
     for shown in (
         repr(settings),
         str(settings),
@@ -52,12 +73,33 @@ def test_secrets_never_in_repr_or_dumps(make_settings, pg_url: str):
         str(settings.model_dump()),
         settings.database_url_for_display,
         repr(make_engine(settings)),
+        repr(make_engine(settings).url),
     ):
         assert DB_PASSWORD not in shown and S3_SECRET_KEY not in shown
+    assert "***" in settings.database_url_for_display
 
 
-def test_logs_carry_no_secrets(make_settings, pg_url: str, caplog: pytest.LogCaptureFixture):
-    settings = make_settings(store="s3", database_url=pg_url.replace("postgres@", f"postgres:{DB_PASSWORD}@"))
+def test_display_url_masks_only_secret_query_values(make_settings):
+    url = "postgresql+psycopg://u:pw@db.example:5432/lynx?sslmode=require&password=pw2&options=-c%20x%3Dy"
+    shown = make_settings(database_url=url).database_url_for_display
+    assert shown == "postgresql+psycopg://u:***@db.example:5432/lynx?sslmode=require&password=***&options=-c+x%3Dy"
+
+
+def test_query_string_password_still_reaches_the_driver(make_settings):
+    from sqlalchemy import event
+
+    url = _with_password(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/lynx", "password")
+    engine = make_engine(make_settings(database_url=url))
+    seen: dict[str, object] = {}
+    event.listen(engine, "do_connect", lambda _d, _r, _a, cparams: seen.update(cparams))
+    with pytest.raises(ServiceUnavailableError):
+        engine.connect()
+    assert seen["password"] == DB_PASSWORD and seen["sslmode"] == "disable"
+
+
+@pytest.mark.parametrize("where", ["userinfo", "password"])
+def test_logs_carry_no_secrets(make_settings, pg_url: str, caplog: pytest.LogCaptureFixture, where: str):
+    settings = make_settings(store="s3", database_url=_with_password(pg_url, where))
     with caplog.at_level(logging.DEBUG):
         logging.getLogger("sqlalchemy.engine").setLevel(logging.INFO)  # SQL and parameters too
         try:
@@ -72,7 +114,8 @@ def test_logs_carry_no_secrets(make_settings, pg_url: str, caplog: pytest.LogCap
                 store="s3",
                 s3_endpoint=f"127.0.0.1:{free_port()}",
                 s3_retries=0,
-                database_url=f"postgresql+psycopg://u:{DB_PASSWORD}@127.0.0.1:{free_port()}/x",
+                database_url=_with_password(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x",
+                                            where),
             )
             with pytest.raises(ServiceUnavailableError):
                 open_store(broken).check()
@@ -105,6 +148,25 @@ def test_unreachable_database_fails_fast_naming_the_setting(make_settings):
         f"cannot reach the tracking database at postgresql+psycopg://lynx:***@127.0.0.1:{port}"
     )
     assert "LYNX_DATABASE_URL" in message and "\n" not in message and DB_PASSWORD not in message
+
+
+@pytest.mark.parametrize(
+    ("user", "database", "reason"),
+    [
+        ("postgres", "lynx_no_such_db", 'database "lynx_no_such_db" does not exist'),
+        ("lynx_no_such_role", "postgres", 'role "lynx_no_such_role" does not exist'),
+    ],
+)
+def test_missing_database_or_refused_login_is_a_configuration_error(
+    make_settings, make_pg_database, user: str, database: str, reason: str
+):
+    url = f"postgresql+psycopg://{user}@127.0.0.1:5432/{database}"  # make_pg_database: the server is up
+    with pytest.raises(ConfigurationError) as caught:
+        Tracker.from_settings(make_settings(database_url=url))
+    assert not isinstance(caught.value, ServiceUnavailableError)  # not worth a retry
+    assert caught.value.setting == "LYNX_DATABASE_URL"
+    message = str(caught.value)
+    assert reason in message and "refused the connection" in message and "\n" not in message
 
 
 def test_database_that_goes_away_mid_run(make_settings, make_pg_database):
@@ -150,6 +212,18 @@ def test_invalid_setting_is_one_line_naming_the_variable_without_its_value(lynx_
     assert len(lines) == 1 and lines[0].startswith("lynx: error: invalid setting")
     assert "LYNX_S3_SECURE" in lines[0] and "LYNX_S3_PART_SIZE" in lines[0]
     assert "Traceback" not in result.stderr and "s3cr3t-ish" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("LYNX_DELIVER_RENDITIONS", "notjson"), ("LYNX_EVAL_RECOGNIZERS", "[")],
+)
+def test_setting_that_is_not_json_is_one_line_naming_the_variable(lynx_cli, name: str, value: str) -> None:
+    result = lynx_cli("db", "current", env={name: value})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"lynx: error: invalid setting {name}: not valid JSON "
+                     '(write lists and objects as JSON, e.g. ["a", "b"])'], result.stderr
 
 
 def test_sqlite_database_in_a_folder_that_cannot_be_made_names_the_setting(make_settings, tmp_path):

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -113,6 +114,45 @@ def test_checksum_mismatch_is_detected_and_dest_untouched(store: ArtifactStore, 
             pass
 
 
+def test_reads_during_an_overwrite_see_one_whole_version(store: ArtifactStore, tmp_path: Path):
+    """A key rewritten while it is read gives the old or the new bytes, never a false mismatch."""
+    versions = [os.urandom(64 * 1024), os.urandom(96 * 1024)]
+    key = "campaigns/c1/manifest.json"
+    store.put_bytes(versions[0], key=key)
+    stop = threading.Event()
+
+    def overwrite() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            store.put_bytes(versions[i % 2], key=key)
+
+    writer = threading.Thread(target=overwrite, daemon=True)
+    writer.start()
+    reads = {"get_bytes": 0, "get_file": 0, "open_read": 0}
+    deadline = time.monotonic() + 6
+    try:
+        for i in range(300):
+            if time.monotonic() > deadline:
+                break
+            if i % 3 == 0:
+                data = store.get_bytes(key)
+                reads["get_bytes"] += 1
+            elif i % 3 == 1:
+                store.get_file(key, tmp_path / "copy.bin")
+                data = (tmp_path / "copy.bin").read_bytes()
+                reads["get_file"] += 1
+            else:
+                with store.open_read(key) as reader:
+                    data = reader.read()
+                reads["open_read"] += 1
+            assert data in versions
+    finally:
+        stop.set()
+        writer.join(timeout=30)
+    assert all(n >= 10 for n in reads.values()), reads
+
+
 def test_truncated_object_is_detected(store: ArtifactStore):
     stored = store.put_bytes(b"0123456789", key="frames/f.bin")
     overwrite_bytes(store, stored, b"01234")
@@ -154,6 +194,8 @@ def test_open_read_streams_in_chunks(store: ArtifactStore, big_file: Path):
         "",
         "trailing/",
         "C:/windows",
+        "C:",
+        "d:\\x",
         "x" * 1100,
     ],
 )
@@ -191,6 +233,12 @@ def test_keys_that_s3_accepts_coexist(store: ArtifactStore, keys: tuple[str, str
     assert list(store.list()) == []
 
 
+def test_keys_with_a_colon_that_are_not_drives_are_fine(store: ArtifactStore):
+    for key in ("a:foo", "jobs/7/C:/frame.png", "ab:/x", "urn:lynx:1"):
+        assert store.get_bytes(store.put_bytes(key.encode(), key=key).key) == key.encode()
+    assert list(store.list()) == sorted(["a:foo", "ab:/x", "jobs/7/C:/frame.png", "urn:lynx:1"])
+
+
 def test_non_ascii_keys_are_fine(store: ArtifactStore):
     for key in ("café/naïve.mp4", "日本/動画.mp4", "emoji/🎬 take 2.mp4"):
         assert store.get_bytes(store.put_bytes(b"v", key=key).key) == b"v"
@@ -205,6 +253,16 @@ def test_presigned_url_downloads_same_bytes(store: ArtifactStore):
     assert hashlib.sha256(body).hexdigest() == stored.sha256
     if store.location.startswith("s3://"):
         assert "X-Amz-Signature=" in url and "X-Amz-Expires=60" in url
+
+
+def test_presigned_url_lives_at_most_seven_days(store: ArtifactStore):
+    stored = store.put_bytes(b"preview", key="previews/p.webp")
+    url = store.presigned_url(stored.key, expires=604800)
+    if store.location.startswith("s3://"):
+        assert "X-Amz-Expires=604800" in url
+    for expires in (604801, 999999, 0):
+        with pytest.raises(InputError, match=f"1 to 604800 seconds \\(7 days\\), not {expires}$"):
+            store.presigned_url(stored.key, expires=expires)
 
 
 def test_missing_object_gives_clear_error(store: ArtifactStore, tmp_path: Path):

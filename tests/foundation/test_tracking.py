@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from lynx.db.models import JOB_TRANSITIONS, ArtifactKind, JobStatus, StageStatus
+from lynx.db.models import BIOMETRIC_KINDS, JOB_TRANSITIONS, ArtifactKind, JobStatus, StageStatus
 from lynx.db.tracking import ComputeCounts, Tracker
 from lynx.errors import IllegalTransitionError, InputError, NotFoundError
 from lynx.settings import LynxSettings
@@ -209,6 +209,32 @@ def test_workers_creating_the_same_job_at_once_get_one_job(
     assert len(tracker.list_jobs(campaign_id=campaign.id)) == 5
 
 
+def test_two_finishes_of_one_stage_run_exactly_one_wins(
+    tracking_settings: LynxSettings, tracker: Tracker, subject_id: int
+):
+    job, _ = tracker.get_or_create_job(subject_id=subject_id, prompt="finish race")
+    runs = [tracker.record_stage_start(job.id, "sample").id for _ in range(30)]
+    step = threading.Barrier(2, timeout=60)
+    winners: dict[int, list[int]] = {run_id: [] for run_id in runs}
+
+    def finish(mine: Tracker, index: int) -> None:
+        for run_id in runs:
+            step.wait()
+            try:
+                mine.record_stage_finish(run_id, metrics={"worker": index}, error_text=f"worker {index}")
+            except IllegalTransitionError:
+                continue
+            winners[run_id].append(index)
+
+    _run_at_once(tracking_settings, finish)
+
+    assert all(len(won) == 1 for won in winners.values()), winners
+    for run in tracker.stage_runs(job.id):
+        assert run.status is StageStatus.COMPLETED
+        [winner] = winners[run.id]
+        assert run.metrics == {"worker": winner} and run.error_text == f"worker {winner}"
+
+
 def test_stage_runs_record_timing_outputs_and_failures(tracker: Tracker, subject_id: int):
     job, _ = tracker.get_or_create_job(subject_id=subject_id, prompt="p")
     with tracker.stage(job.id, "embed_face", inputs=["sha256/aa/photo"], flow_run_id="fr-1") as stage:
@@ -256,6 +282,17 @@ def test_artifacts_take_owners_from_their_job(tracker: Tracker, subject_id: int)
     assert len(tracker.list_artifacts(subject_id=subject_id)) == 2
     with pytest.raises(InputError, match="unknown artifact kind 'selfie'"):
         tracker.record_artifact(_stored("x"), kind="selfie", job_id=job.id)
+
+
+def test_biometric_artifact_needs_a_subject(tracker: Tracker):
+    campaign = tracker.get_or_create_campaign("c")
+    for kind in sorted(k.value for k in BIOMETRIC_KINDS):
+        with pytest.raises(InputError, match=f"'{kind}' is biometric data: give the subject_id"):
+            tracker.record_artifact(_stored("orphan"), kind=kind)
+        with pytest.raises(InputError, match="biometric"):
+            tracker.record_artifact(_stored("orphan"), kind=kind, campaign_id=campaign.id)
+    assert tracker.list_artifacts() == []
+    assert tracker.record_artifact(_stored("manifest"), kind="manifest").biometric is False
 
 
 def test_subject_reference_and_duplicates(tracker: Tracker):
