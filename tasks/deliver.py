@@ -180,25 +180,20 @@ def deliver_job(ticket: JobTicket, recorder: StageRecorder) -> JobTicket:
             face_scores=scores,
             workdir=Path(scratch),
         )
-    recorded: list[int] = []
+    recorded: dict[str, int] = {}  # key -> artifact row id
     try:
         files = [
             (StoredObject(f.key, f.sha256, f.size, f.content_type), _ARTIFACT_KIND[f.kind])
             for f in summary.files
         ]
-        recorded = [row.id for row in svc.tracker.record_job_outputs(files, job_id=ticket.job_id)]
+        recorded = {row.key: row.id for row in svc.tracker.record_job_outputs(files, job_id=ticket.job_id)}
         # Quality gate (LYNX_QUALITY_GATE_THRESHOLD): a video that does not look like its subject is
         # held for review (job -> needs_review, files kept for the reviewer) instead of completed.
         verdict = gate_job(ticket.job_id, settings=svc.settings, tracker=svc.tracker, store=svc.store)
         if not verdict.needs_review:
             svc.tracker.transition_job(ticket.job_id, JobStatus.COMPLETED)
     except BaseException:
-        for published in reversed(summary.files):  # a job that did not complete leaves no deliverable
-            svc.store.delete(published.key)
-        try:  # nor a row pointing at a deleted file (left live, the next delivery supersedes it)
-            svc.tracker.mark_artifacts_deleted(recorded)
-        except Exception:
-            log.warning("job %s: artifact rows %s not marked deleted", ticket.job_id, recorded, exc_info=True)
+        _withdraw(ticket.job_id, [published.key for published in reversed(summary.files)], recorded)
         raise
     recorder.output_keys += [published.key for published in summary.files]
     recorder.metrics.update(
@@ -210,6 +205,30 @@ def deliver_job(ticket: JobTicket, recorder: StageRecorder) -> JobTicket:
         quality_gate=verdict.to_dict(),
     )
     return ticket.model_copy(update={"status": "needs_review" if verdict.needs_review else "completed"})
+
+
+def _withdraw(job_id: int, keys: Sequence[str], recorded: dict[str, int]) -> None:
+    """Delete a job's published files and mark their rows deleted, as far as the services let us.
+
+    Runs while another error is on its way up: a failure here is logged, never raised, so the job's
+    error stays the real cause and one stuck file does not keep the others published.
+    """
+    svc = services()
+    deleted = []
+    for key in keys:  # a job that did not complete leaves no deliverable
+        try:
+            svc.store.delete(key)
+            deleted.append(key)
+        except Exception:
+            log.warning(
+                "job %s: could not remove %s while withdrawing its delivery", job_id, key, exc_info=True
+            )
+    # nor a row pointing at a deleted file; a file still there keeps its live row (and the log names it)
+    rows = [recorded[key] for key in deleted if key in recorded]
+    try:
+        svc.tracker.mark_artifacts_deleted(rows)
+    except Exception:
+        log.warning("job %s: artifact rows %s not marked deleted", job_id, rows, exc_info=True)
 
 
 @task(name="deliver", cache_policy=NONE, persist_result=False, retry_condition_fn=retry_on_transient)
