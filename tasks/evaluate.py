@@ -23,7 +23,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NONE
 
 from lynx.evaluation.evaluator import Evaluator, VideoResult, local_copy
-from lynx.evaluation.publish import EvaluationOutcome, outcome_of, publish_report, slug, video_rows
+from lynx.evaluation.publish import EvaluationOutcome, artifact_key, outcome_of, publish_report, video_rows
 from lynx.evaluation.recognizers import cached_evaluation_models
 from lynx.evaluation.report import render_report
 from lynx.evaluation.sources import EvaluationSource, collect_source
@@ -53,7 +53,7 @@ def score_videos(source: EvaluationSource, force: bool = False) -> list[VideoRes
     total = len(source.items)
     progress = create_progress_artifact(
         0.0,
-        key=f"lynx-eval-{slug(source.name)}-progress",
+        key=artifact_key("lynx-eval", source.name) + "-progress",
         description=f"Evaluating {total} videos of {source.name}",
     )
     results: list[VideoResult] = []
@@ -112,7 +112,7 @@ def evaluation_report(
         settings=svc.settings,
         report=report,
     )
-    key = f"lynx-eval-{slug(source.name)}"
+    key = artifact_key("lynx-eval", source.name)
     create_link_artifact(
         report.url,
         link_text=f"Evaluation report: {source.name}",
