@@ -7,11 +7,12 @@ from urllib.parse import urlparse
 from urllib.request import urlopen
 
 import pytest
+from prefect import flow
 from sqlalchemy import func, select
 
 from lynx.db.models import ArtifactKind, Evaluation, JobStatus
 from lynx.db.tracking import Tracker
-from lynx.evaluation.publish import artifact_key
+from lynx.evaluation.publish import EvaluationOutcome, artifact_key
 from lynx.settings import get_settings
 from lynx.store import open_store
 from tests.conftest import settings_env
@@ -133,6 +134,46 @@ def test_lookalike_names_get_their_own_valid_artifact_keys(prefect_harness, eval
         assert artifacts[evaluation].description == f"Identity similarity per video: videos of {name}"
         assert f"Evaluation report: {name}]" in artifacts[f"{evaluation}-report"].data
     assert artifact_key("campaign", "Été 2025").startswith("campaign-ete-2025-")
+
+
+@pytest.mark.parametrize("failures", [1, 10])
+def test_a_failing_artifact_call_never_publishes_the_report_twice(
+    prefect_harness, eval_settings, use_settings, monkeypatch, failures
+):
+    import tasks.evaluate
+    from flows.evaluate import _retrying
+    from lynx.evaluation.sources import EvaluationSource
+    from tasks.services import services
+
+    settings = use_settings(eval_settings(retry_delay_seconds=0))
+    campaign = services().tracker.get_or_create_campaign("winter")
+    real, calls = tasks.evaluate.create_link_artifact, []
+
+    def flaky_link(*args, **kwargs):  # the Prefect API drops out after the report is published
+        calls.append(1)
+        if len(calls) <= failures:
+            raise ConnectionError("connection reset by peer")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.evaluate, "create_link_artifact", flaky_link)
+    source = EvaluationSource(name="winter", description="no videos", items=[], campaign_id=campaign.id)
+
+    @flow
+    def report() -> EvaluationOutcome:  # the task as lynx-eval runs it: retried on transient errors
+        return _retrying(tasks.evaluate.evaluation_report)(source, [])
+
+    state = report(return_state=True)
+    assert state.is_completed(), state.message
+    outcome = state.result()
+    (recorded,) = services().tracker.list_artifacts(campaign_id=campaign.id, kind=ArtifactKind.REPORT)
+    assert recorded.key == outcome.report.key
+    assert list(open_store(settings).list("reports/eval/")) == [outcome.report.key]
+    key = artifact_key("lynx-eval", "winter")
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    assert {key, f"{key}-summary"} <= set(artifacts)  # the other artifacts are made either way
+    # a blip is retried in place; an API that stays down costs the link, not the evaluation
+    assert (f"{key}-report" in artifacts) == (failures < tasks.evaluate.ARTIFACT_ATTEMPTS)
+    assert len(calls) == min(failures + 1, tasks.evaluate.ARTIFACT_ATTEMPTS)
 
 
 def test_eval_videos_command(lynx_cli, eval_settings, clips, tmp_path):
