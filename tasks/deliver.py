@@ -86,10 +86,15 @@ def deliver_intermediate(
     if source.fps != spec.source_fps:  # the file knows the model's native rate best
         spec = DeliverySpec(**{**spec.model_dump(), "source_fps": source.fps})
     workdir = Path(workdir or Path(tempfile.gettempdir()) / "lynx-delivery")
+    prefix = (prefix or deliverable_prefix(provenance.campaign, provenance.job_id)).strip("/")
     result = build_deliverables(
-        iter_frames(intermediate), spec=spec, workdir=workdir, provenance=provenance, face_scores=face_scores
+        iter_frames(intermediate),
+        spec=spec,
+        workdir=workdir,
+        provenance=provenance,
+        face_scores=face_scores,
+        prefix=prefix,
     )
-    prefix = prefix or deliverable_prefix(provenance.campaign, provenance.job_id)
     try:
         publish_deliverables(result, store, prefix=prefix)
     finally:
