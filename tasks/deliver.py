@@ -134,15 +134,31 @@ SIMILARITY_FRAMES = 16
 
 
 def face_scores(video: Path, embedding_key: str, frames: int) -> tuple[list[float | None], float | None]:
-    """Per-frame resemblance to the reference (None where not scored or no face) and its mean."""
+    """Per-frame resemblance to the reference (None where not scored or no face) and its mean.
+
+    A reference embedded by another recogniser than the one configured now (LYNX_EMBEDDING_BACKEND or
+    LYNX_FACE_RECOGNIZER changed since the face stage) is not comparable: nothing is scored, the
+    poster falls back to the middle frame and the similarity is recorded as unknown, with a warning.
+    The video itself is fine, so the job is not failed for it.
+    """
     svc = services()
     with tempfile.TemporaryDirectory(dir=svc.workdir("faces")) as scratch:
         local = Path(scratch) / "embedding.npz"
         svc.store.get_file(embedding_key, local)
-        reference = load_embedding(local)["embedding"]
+        stored = load_embedding(local)
+    analyzer = cached_face_analyzer(svc.settings)
+    if stored["model"] != analyzer.embedder.name:
+        log.warning(
+            "reference %s was embedded by recogniser %r, not the configured %r (LYNX_EMBEDDING_BACKEND, "
+            "LYNX_FACE_RECOGNIZER): face similarity not scored, poster is the middle frame",
+            embedding_key,
+            stored["model"],
+            analyzer.embedder.name,
+        )
+        return [None] * frames, None
     stride = max(1, -(-frames // SIMILARITY_FRAMES))
     similarity = video_face_similarity(
-        iter_video_frames(video, stride), reference, cached_face_analyzer(svc.settings)
+        iter_video_frames(video, stride), stored["embedding"], analyzer, reference_model=stored["model"]
     )
     scores: list[float | None] = [None] * frames
     for index, score in enumerate(similarity.per_frame):
