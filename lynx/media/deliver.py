@@ -234,11 +234,9 @@ def _build(
         stream = gate.screen(itertools.chain([first], stream))
         upscaling = "none" if (width, height) == (source_w, source_h) else "lanczos"
         if spec.upscaler == "realesrgan" and height > source_h:
-            from lynx.media.realesrgan import RealEsrganUpscaler  # torch only when asked for
+            from lynx.media.realesrgan import cached_upscaler  # torch only when asked for
 
-            upscaler = RealEsrganUpscaler.from_file(
-                spec.realesrgan_weights, tile=spec.upscale_tile, overlap=spec.upscale_tile_overlap
-            )
+            upscaler = cached_upscaler(spec)
             upscaling = f"realesrgan x{upscaler.scale} ({spec.realesrgan_weights.name})"
             stream = upscaler.upscale_frames(stream, (width, height))
         mezzanine = write_lossless(
