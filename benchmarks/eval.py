@@ -118,8 +118,11 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="lynx-eval-bench-") as scratch:  # clip, weights, demo pack
+        run(args, Path(scratch))
 
-    folder = Path(tempfile.mkdtemp(prefix="lynx-eval-bench-"))
+
+def run(args: argparse.Namespace, folder: Path) -> None:
     base = LynxSettings(
         _env_file=None,
         home=folder / "home",

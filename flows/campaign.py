@@ -2,7 +2,7 @@
 
 Re-runnable: jobs completed by an earlier run are skipped, failed and cancelled ones are retried
 (attempt + 1). Faces, identity tokens and reference features are computed once per subject, text
-embeddings once per prompt; the table artifact ``campaign-<name>`` summarises every job.
+embeddings once per prompt; the table artifact ``campaign-<name>-<hash>`` summarises every job.
 """
 
 from __future__ import annotations

@@ -86,10 +86,15 @@ def deliver_intermediate(
     if source.fps != spec.source_fps:  # the file knows the model's native rate best
         spec = DeliverySpec(**{**spec.model_dump(), "source_fps": source.fps})
     workdir = Path(workdir or Path(tempfile.gettempdir()) / "lynx-delivery")
+    prefix = (prefix or deliverable_prefix(provenance.campaign, provenance.job_id)).strip("/")
     result = build_deliverables(
-        iter_frames(intermediate), spec=spec, workdir=workdir, provenance=provenance, face_scores=face_scores
+        iter_frames(intermediate),
+        spec=spec,
+        workdir=workdir,
+        provenance=provenance,
+        face_scores=face_scores,
+        prefix=prefix,
     )
-    prefix = prefix or deliverable_prefix(provenance.campaign, provenance.job_id)
     try:
         publish_deliverables(result, store, prefix=prefix)
     finally:
@@ -129,15 +134,31 @@ SIMILARITY_FRAMES = 16
 
 
 def face_scores(video: Path, embedding_key: str, frames: int) -> tuple[list[float | None], float | None]:
-    """Per-frame resemblance to the reference (None where not scored or no face) and its mean."""
+    """Per-frame resemblance to the reference (None where not scored or no face) and its mean.
+
+    A reference embedded by another recogniser than the one configured now (LYNX_EMBEDDING_BACKEND or
+    LYNX_FACE_RECOGNIZER changed since the face stage) is not comparable: nothing is scored, the
+    poster falls back to the middle frame and the similarity is recorded as unknown, with a warning.
+    The video itself is fine, so the job is not failed for it.
+    """
     svc = services()
     with tempfile.TemporaryDirectory(dir=svc.workdir("faces")) as scratch:
         local = Path(scratch) / "embedding.npz"
         svc.store.get_file(embedding_key, local)
-        reference = load_embedding(local)["embedding"]
+        stored = load_embedding(local)
+    analyzer = cached_face_analyzer(svc.settings)
+    if stored["model"] != analyzer.embedder.name:
+        log.warning(
+            "reference %s was embedded by recogniser %r, not the configured %r (LYNX_EMBEDDING_BACKEND, "
+            "LYNX_FACE_RECOGNIZER): face similarity not scored, poster is the middle frame",
+            embedding_key,
+            stored["model"],
+            analyzer.embedder.name,
+        )
+        return [None] * frames, None
     stride = max(1, -(-frames // SIMILARITY_FRAMES))
     similarity = video_face_similarity(
-        iter_video_frames(video, stride), reference, cached_face_analyzer(svc.settings)
+        iter_video_frames(video, stride), stored["embedding"], analyzer, reference_model=stored["model"]
     )
     scores: list[float | None] = [None] * frames
     for index, score in enumerate(similarity.per_frame):
@@ -180,25 +201,20 @@ def deliver_job(ticket: JobTicket, recorder: StageRecorder) -> JobTicket:
             face_scores=scores,
             workdir=Path(scratch),
         )
-    recorded: list[int] = []
+    recorded: dict[str, int] = {}  # key -> artifact row id
     try:
         files = [
             (StoredObject(f.key, f.sha256, f.size, f.content_type), _ARTIFACT_KIND[f.kind])
             for f in summary.files
         ]
-        recorded = [row.id for row in svc.tracker.record_job_outputs(files, job_id=ticket.job_id)]
+        recorded = {row.key: row.id for row in svc.tracker.record_job_outputs(files, job_id=ticket.job_id)}
         # Quality gate (LYNX_QUALITY_GATE_THRESHOLD): a video that does not look like its subject is
         # held for review (job -> needs_review, files kept for the reviewer) instead of completed.
         verdict = gate_job(ticket.job_id, settings=svc.settings, tracker=svc.tracker, store=svc.store)
         if not verdict.needs_review:
             svc.tracker.transition_job(ticket.job_id, JobStatus.COMPLETED)
     except BaseException:
-        for published in reversed(summary.files):  # a job that did not complete leaves no deliverable
-            svc.store.delete(published.key)
-        try:  # nor a row pointing at a deleted file (left live, the next delivery supersedes it)
-            svc.tracker.mark_artifacts_deleted(recorded)
-        except Exception:
-            log.warning("job %s: artifact rows %s not marked deleted", ticket.job_id, recorded, exc_info=True)
+        _withdraw(ticket.job_id, [published.key for published in reversed(summary.files)], recorded)
         raise
     recorder.output_keys += [published.key for published in summary.files]
     recorder.metrics.update(
@@ -210,6 +226,30 @@ def deliver_job(ticket: JobTicket, recorder: StageRecorder) -> JobTicket:
         quality_gate=verdict.to_dict(),
     )
     return ticket.model_copy(update={"status": "needs_review" if verdict.needs_review else "completed"})
+
+
+def _withdraw(job_id: int, keys: Sequence[str], recorded: dict[str, int]) -> None:
+    """Delete a job's published files and mark their rows deleted, as far as the services let us.
+
+    Runs while another error is on its way up: a failure here is logged, never raised, so the job's
+    error stays the real cause and one stuck file does not keep the others published.
+    """
+    svc = services()
+    deleted = []
+    for key in keys:  # a job that did not complete leaves no deliverable
+        try:
+            svc.store.delete(key)
+            deleted.append(key)
+        except Exception:
+            log.warning(
+                "job %s: could not remove %s while withdrawing its delivery", job_id, key, exc_info=True
+            )
+    # nor a row pointing at a deleted file; a file still there keeps its live row (and the log names it)
+    rows = [recorded[key] for key in deleted if key in recorded]
+    try:
+        svc.tracker.mark_artifacts_deleted(rows)
+    except Exception:
+        log.warning("job %s: artifact rows %s not marked deleted", job_id, rows, exc_info=True)
 
 
 @task(name="deliver", cache_policy=NONE, persist_result=False, retry_condition_fn=retry_on_transient)

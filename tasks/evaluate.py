@@ -10,6 +10,8 @@ The quality gate runs inside the deliver stage (``tasks/deliver.py`` calls ``gat
 from __future__ import annotations
 
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -23,12 +25,15 @@ from prefect.artifacts import (
 from prefect.cache_policies import NONE
 
 from lynx.evaluation.evaluator import Evaluator, VideoResult, local_copy
-from lynx.evaluation.publish import EvaluationOutcome, outcome_of, publish_report, slug, video_rows
+from lynx.evaluation.publish import EvaluationOutcome, artifact_key, outcome_of, publish_report, video_rows
 from lynx.evaluation.recognizers import cached_evaluation_models
 from lynx.evaluation.report import render_report
 from lynx.evaluation.sources import EvaluationSource, collect_source
 from tasks.policy import retry_on_transient
 from tasks.services import services
+
+#: Tries of each Prefect artifact of the report, LYNX_RETRY_DELAY_SECONDS apart (doubling).
+ARTIFACT_ATTEMPTS = 3
 
 
 @task(name="collect-videos", cache_policy=NONE, persist_result=False, retry_condition_fn=retry_on_transient)
@@ -53,7 +58,7 @@ def score_videos(source: EvaluationSource, force: bool = False) -> list[VideoRes
     total = len(source.items)
     progress = create_progress_artifact(
         0.0,
-        key=f"lynx-eval-{slug(source.name)}-progress",
+        key=artifact_key("lynx-eval", source.name) + "-progress",
         description=f"Evaluating {total} videos of {source.name}",
     )
     results: list[VideoResult] = []
@@ -79,7 +84,10 @@ def score_videos(source: EvaluationSource, force: bool = False) -> list[VideoRes
 def evaluation_report(
     source: EvaluationSource, results: list[VideoResult], report_dir: str | None = None
 ) -> EvaluationOutcome:
-    """Render the HTML report, upload it, and link it and a per-video table from Prefect artifacts."""
+    """Render the HTML report, upload it, and link it and a per-video table from Prefect artifacts.
+
+    Publishing is the last step that may fail the task; the artifacts after it retry on their own.
+    """
     svc = services()
     models = cached_evaluation_models(svc.settings)
     recognizers, gate_recognizer = models.names, models.resolve(svc.settings.quality_gate_recognizer)
@@ -112,22 +120,53 @@ def evaluation_report(
         settings=svc.settings,
         report=report,
     )
-    key = f"lynx-eval-{slug(source.name)}"
-    create_link_artifact(
-        report.url,
-        link_text=f"Evaluation report: {source.name}",
-        key=f"{key}-report",
-        description=f"Self-contained HTML report, stored as {report.key}",
-    )
-    create_table_artifact(
-        video_rows(results, recognizers=recognizers, gate_recognizer=gate_recognizer, settings=svc.settings),
-        key=key,
-        description=f"Identity similarity per video: {source.description}",
-    )
+    key = artifact_key("lynx-eval", source.name)
     lines = outcome.summary_lines()
-    create_markdown_artifact(
-        "\n".join([f"# {lines[0]}", "", "```", *lines[1:], "```"]),
-        key=f"{key}-summary",
-        description="Evaluation summary",
+    rows = video_rows(
+        results, recognizers=recognizers, gate_recognizer=gate_recognizer, settings=svc.settings
+    )
+    delay = svc.settings.retry_delay_seconds
+    _present(
+        "report link",
+        lambda: create_link_artifact(
+            report.url,
+            link_text=f"Evaluation report: {source.name}",
+            key=f"{key}-report",
+            description=f"Self-contained HTML report, stored as {report.key}",
+        ),
+        delay,
+    )
+    _present(
+        "per-video table",
+        lambda: create_table_artifact(
+            rows, key=key, description=f"Identity similarity per video: {source.description}"
+        ),
+        delay,
+    )
+    _present(
+        "summary",
+        lambda: create_markdown_artifact(
+            "\n".join([f"# {lines[0]}", "", "```", *lines[1:], "```"]),
+            key=f"{key}-summary",
+            description="Evaluation summary",
+        ),
+        delay,
     )
     return outcome
+
+
+def _present(what: str, create: Callable[[], object], delay: float) -> None:
+    """Create one Prefect artifact, retrying here, never by re-running the task: the report is
+    already uploaded and recorded, and a task retry would upload and record a second one. After
+    the last attempt the artifact is left out with a warning (the report itself is the record)."""
+    for attempt in range(1, ARTIFACT_ATTEMPTS + 1):
+        try:
+            create()
+            return
+        except Exception as err:
+            if attempt == ARTIFACT_ATTEMPTS:
+                get_run_logger().warning(
+                    "evaluation %s artifact not created after %d attempts: %s", what, attempt, err
+                )
+                return
+            time.sleep(delay * 2 ** (attempt - 1))

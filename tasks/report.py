@@ -14,6 +14,7 @@ from prefect.cache_policies import NONE
 
 from lynx.db.models import JobStatus, StageStatus
 from lynx.errors import LynxError
+from lynx.evaluation.publish import artifact_key
 from lynx.jobs import JobOutcome, JobTicket
 from tasks.services import services
 from tasks.tracking import latest_stage
@@ -103,11 +104,11 @@ def outcome_rows(outcomes: Sequence[JobOutcome]) -> list[dict[str, object]]:
 
 @task(name="report-campaign", cache_policy=NONE)
 def report_campaign(campaign: str, tickets: list[JobTicket]) -> list[JobOutcome]:
-    """Every ticket's outcome, as a table artifact 'campaign-<name>' and a compute summary."""
+    """Every ticket's outcome, as a table artifact 'campaign-<name>-<hash>' and a compute summary."""
     svc = services()
     outcomes = [ticket_outcome(ticket, current_flow_run=_flow_run_id()) for ticket in tickets]
-    key = "campaign-" + "".join(c if c.isalnum() else "-" for c in campaign.lower())
-    create_table_artifact(outcome_rows(outcomes), key=key[:100], description=f"Campaign {campaign}: jobs")
+    key = artifact_key("campaign", campaign)
+    create_table_artifact(outcome_rows(outcomes), key=key, description=f"Campaign {campaign}: jobs")
     summary = svc.tracker.campaign_summary(campaign)
     counts = "\n".join(
         f"| {kind} | {c.computed} | {c.reused} |" for kind, c in sorted(summary.compute.items())
@@ -116,7 +117,7 @@ def report_campaign(campaign: str, tickets: list[JobTicket]) -> list[JobOutcome]
     create_markdown_artifact(
         f"# Campaign {campaign}\n\n{done} of {len(outcomes)} jobs completed.\n\n"
         f"| result | computed | reused |\n| --- | --- | --- |\n{counts}\n",
-        key=(key + "-compute")[:100],
+        key=key + "-compute",
         description=f"Campaign {campaign}: what was computed and what was reused",
     )
     return outcomes

@@ -72,7 +72,23 @@ def bench(
     prompts = prompts or (20 if protocol == "paper" else 2)
     if protocol == "paper" and photos is None:
         raise InputError("--protocol paper needs --photos: a folder with one photo per subject (40)")
-    name = name or f"bench-{protocol}-{subjects}x{prompts}-{model}"
+    from lynx.evaluation.bench import BENCH_PROMPTS, default_campaign_name, folder_photos, read_prompts
+
+    available = read_prompts(prompts_file) if prompts_file else BENCH_PROMPTS
+    if len(available) < prompts:
+        raise InputError(f"{prompts_file or 'the built-in list'} has {len(available)} prompts, not {prompts}")
+    chosen_prompts = available[:prompts]
+    chosen_photos = folder_photos(photos, subjects) if photos is not None else None
+    generation = _generation(model, frames=frames, height=height, width=width, steps=steps, seed=seed)
+    name = name or default_campaign_name(
+        protocol=protocol,
+        model=model,
+        subjects=subjects,
+        photos=chosen_photos,
+        prompts=chosen_prompts,
+        generation=generation,
+        model_identity=_model_identity(settings) if model == "configured" else None,
+    )
     if model == "demo":
         from lynx.demo import DEMO_WARNING, demo_model_environment, ensure_demo_setup
 
@@ -82,10 +98,10 @@ def bench(
         settings,
         name=name,
         subjects=subjects,
-        prompts=prompts,
-        photos=photos,
-        prompts_file=prompts_file,
-        generation=_generation(model, frames=frames, height=height, width=width, steps=steps, seed=seed),
+        prompts=chosen_prompts,
+        photos=chosen_photos,
+        consent=f"lynx bench: photos from {photos.resolve()}" if photos is not None else None,
+        generation=generation,
     )
     from flows.bench import lynx_bench
 
@@ -104,41 +120,38 @@ def _generation(model: str, **overrides: int | None) -> dict[str, int]:
     return {**chosen, **{key: value for key, value in overrides.items() if value is not None}}
 
 
+def _model_identity(settings) -> dict[str, str]:
+    """Which configured model makes the videos (part of the default campaign name's hash)."""
+    return {
+        "base": str(settings.resolved_base_model_path),
+        "adapter": str(settings.resolved_adapter_path),
+        "variant": settings.model_variant,
+    }
+
+
 def _write_protocol(
     settings,
     *,
     name: str,
     subjects: int,
-    prompts: int,
-    photos: Path | None,
-    prompts_file: Path | None,
+    prompts: list[str],
+    photos: list[Path] | None,
+    consent: str | None,
     generation: dict[str, int],
 ) -> Path:
-    from lynx.evaluation.bench import (
-        BENCH_PROMPTS,
-        SAMPLE_CONSENT,
-        folder_photos,
-        read_prompts,
-        sample_photos,
-        write_campaign_file,
-    )
+    from lynx.evaluation.bench import SAMPLE_CONSENT, sample_photos, write_campaign_file
     from lynx.evaluation.publish import slug
     from lynx.faces import cached_face_analyzer
 
     folder = settings.home / "bench" / slug(name)
-    available = read_prompts(prompts_file) if prompts_file else BENCH_PROMPTS
-    if len(available) < prompts:
-        raise InputError(f"{prompts_file or 'the built-in list'} has {len(available)} prompts, not {prompts}")
-    if photos is not None:
-        chosen, consent = folder_photos(photos, subjects), f"lynx bench: photos from {photos.resolve()}"
-    else:
-        chosen = sample_photos(folder / "photos", subjects, cached_face_analyzer(settings))
+    if photos is None:
+        photos = sample_photos(folder / "photos", subjects, cached_face_analyzer(settings))
         consent = SAMPLE_CONSENT
     return write_campaign_file(
         folder / "campaign.yaml",
         name=name,
-        photos=chosen,
-        prompts=available[:prompts],
+        photos=photos,
+        prompts=prompts,
         settings=generation,
         consent_reference=consent,
     )

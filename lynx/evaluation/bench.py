@@ -9,6 +9,8 @@ real ``lynx-campaign`` and ``lynx-eval`` flows (``flows/bench.py``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,6 +116,35 @@ def folder_photos(folder: Path, count: int) -> list[Path]:
     if len(photos) < count:
         raise InputError(f"{folder} holds {len(photos)} photos; the protocol needs {count} subjects")
     return photos[:count]
+
+
+def default_campaign_name(
+    *,
+    protocol: str,
+    model: str,
+    subjects: int,
+    photos: Sequence[Path] | None,
+    prompts: Sequence[str],
+    generation: dict[str, Any],
+    model_identity: dict[str, str] | None = None,
+) -> str:
+    """``bench-<protocol>-<N>x<M>-<model>-<hash>``: the hash covers everything that changes the
+    videos (photo bytes, prompts, generation settings and seed, which model), so a protocol that
+    differs in any of them is another campaign and its evaluation never mixes in the other's jobs.
+    ``photos`` None means the first ``subjects`` of the bundled sample."""
+    protocol_spec = {
+        "protocol": protocol,
+        "subjects": subjects,
+        "model": model,
+        "model_identity": model_identity or {},
+        "photos": "bundled sample"
+        if photos is None
+        else [hashlib.sha256(Path(photo).read_bytes()).hexdigest() for photo in photos],
+        "prompts": list(prompts),
+        "generation": generation,
+    }
+    digest = hashlib.sha256(json.dumps(protocol_spec, sort_keys=True, default=str).encode()).hexdigest()
+    return f"bench-{protocol}-{subjects}x{len(prompts)}-{model}-{digest[:8]}"
 
 
 def sample_photos(folder: Path, count: int, analyzer: FaceAnalyzer) -> list[Path]:

@@ -8,7 +8,9 @@ metrics it shows are the same rows (see ``records``).
 
 from __future__ import annotations
 
+import hashlib
 import re
+import unicodedata
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -68,8 +70,18 @@ class EvaluationOutcome(BaseModel):
 
 
 def slug(name: str) -> str:
-    """Lower-case letters, digits and dashes: safe in store keys, folder names and Prefect artifact keys."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:80] or "evaluation"
+    """Lower-case ASCII letters, digits and dashes: safe in store keys, folder names and Prefect
+    artifact keys ("Été 2025" -> "ete-2025"). Many names share a slug: see ``artifact_key``."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    return re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")[:80] or "evaluation"
+
+
+def artifact_key(prefix: str, name: str) -> str:
+    """The Prefect artifact key of ``name`` (a campaign, an evaluation): readable slug, then a hash of
+    the exact name, since Prefect keeps one history per key and names like "Spring 2025" and
+    "spring-2025" (or two sharing their first 60 characters) must not write into each other's."""
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{prefix}-{slug(name)[:60]}-{digest}"
 
 
 def outcome_of(

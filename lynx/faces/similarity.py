@@ -47,10 +47,22 @@ def video_face_similarity(
     analyzer: FaceAnalyzer,
     *,
     stride: int = 1,
+    reference_model: str | None = None,
 ) -> FaceSimilarity:
-    """Compare every ``stride``-th RGB frame's largest face with ``reference_embedding``."""
+    """Compare every ``stride``-th RGB frame's largest face with ``reference_embedding``.
+
+    ``reference_model`` names the recogniser that made the reference; when given it must be the
+    analyzer's: two recognisers of the same width still embed into unrelated spaces.
+    """
     if stride < 1:
         raise ValueError("stride must be at least 1")
+    if reference_model is not None and reference_model != analyzer.embedder.name:
+        raise ConfigurationError(
+            f"the reference embedding was made by recogniser {reference_model!r}, not "
+            f"{analyzer.embedder.name!r}; embed the reference and the video with the same "
+            "LYNX_EMBEDDING_BACKEND and LYNX_FACE_RECOGNIZER",
+            setting="LYNX_EMBEDDING_BACKEND",
+        )
     reference = np.asarray(reference_embedding, dtype=np.float32).ravel()
     if reference.shape[0] != analyzer.embedder.dim:
         raise ConfigurationError(

@@ -90,8 +90,11 @@ class DeliveredFile(BaseModel):
             probe=probe,
         )
 
-    def manifest_entry(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"path"})
+    def manifest_entry(self, prefix: str | None = None) -> dict[str, Any]:
+        entry = self.model_dump(mode="json", exclude={"path"})
+        if prefix:  # where publishing puts it, so the manifest says where every file is
+            entry["key"] = f"{prefix}/{self.name}"
+        return entry
 
 
 class DeliveryResult(BaseModel):
@@ -164,17 +167,21 @@ def build_deliverables(
     provenance: Provenance,
     face_scores: Sequence[float | None] | None = None,
     safety_checker: SafetyChecker | None = None,
+    prefix: str | None = None,
 ) -> DeliveryResult:
     """Build, verify and describe every deliverable of one video.
 
     ``frames`` are uint8 (or float [0, 1]) RGB ``[H, W, 3]`` frames at ``spec.source_fps``, streamed:
     a generator is consumed once and never held in memory. ``face_scores`` (one per frame, None where
     no face was found) pick the poster. ``safety_checker`` replaces the classifier named in the spec.
+    ``prefix``, the store prefix the files will be published under, adds each output's ``key`` to the
+    manifest (``publish_deliverables`` then refuses any other prefix).
     """
     staging = Path(workdir) / f"delivery-{provenance.job_id}-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
+    prefix = prefix.strip("/") if prefix else None
     try:
-        return _build(frames, spec, staging, provenance, face_scores, safety_checker)
+        return _build(frames, spec, staging, provenance, face_scores, safety_checker, prefix)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -187,6 +194,7 @@ def _build(
     provenance: Provenance,
     face_scores: Sequence[float | None] | None,
     safety_checker: SafetyChecker | None,
+    prefix: str | None,
 ) -> DeliveryResult:
     steps = _Steps()
     work = staging / ".work"
@@ -226,11 +234,9 @@ def _build(
         stream = gate.screen(itertools.chain([first], stream))
         upscaling = "none" if (width, height) == (source_w, source_h) else "lanczos"
         if spec.upscaler == "realesrgan" and height > source_h:
-            from lynx.media.realesrgan import RealEsrganUpscaler  # torch only when asked for
+            from lynx.media.realesrgan import cached_upscaler  # torch only when asked for
 
-            upscaler = RealEsrganUpscaler.from_file(
-                spec.realesrgan_weights, tile=spec.upscale_tile, overlap=spec.upscale_tile_overlap
-            )
+            upscaler = cached_upscaler(spec)
             upscaling = f"realesrgan x{upscaler.scale} ({spec.realesrgan_weights.name})"
             stream = upscaler.upscale_frames(stream, (width, height))
         mezzanine = write_lossless(
@@ -377,7 +383,7 @@ def _build(
             poster=poster.model_dump(mode="json"),
             safety=verdict.model_dump(mode="json"),
             software={**provenance.software, "ffmpeg": ffmpeg_version(exe)},
-            outputs=[f.manifest_entry() for f in delivered],
+            outputs=[f.manifest_entry(prefix) for f in delivered],
         )
         manifest_path = write_manifest(manifest, staging / MANIFEST_NAME)
         delivered.append(DeliveredFile.of(manifest_path, "manifest", "application/json", None))

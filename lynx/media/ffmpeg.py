@@ -25,6 +25,9 @@ from lynx.media.errors import EncodingError
 _SETTING = "LYNX_FFMPEG_BINARY"
 # Keep ffmpeg quiet but not silent: errors only, so its stderr fits in memory and is all signal.
 _QUIET = ("-hide_banner", "-nostdin", "-loglevel", "error")
+# Prefect stops a timed-out task by raising in its thread, which only happens between bytecodes: a
+# wait blocked in C for a whole encode would not see it, so waits wake up this often.
+_WAKE_SECONDS = 0.5
 
 
 def ffmpeg_exe(override: Path | None = None) -> str:
@@ -66,11 +69,27 @@ def _last_words(stderr: str, what: str) -> str:
 
 
 def run_ffmpeg(stream: ffmpeg.nodes.OutputStream, *, exe: str, what: str) -> None:
-    """Run a complete ffmpeg-python graph; ``what`` says in the error what we were making."""
+    """Run a complete ffmpeg-python graph; ``what`` says in the error what we were making.
+
+    Any exception while it runs (a stage timeout or cancellation raised in this thread, Ctrl-C)
+    kills ffmpeg: left running it would keep encoding into a staging folder that is being removed.
+    """
+    process = (
+        stream.global_args(*_QUIET).overwrite_output().run_async(cmd=exe, pipe_stdout=True, pipe_stderr=True)
+    )
     try:
-        stream.global_args(*_QUIET).overwrite_output().run(cmd=exe, capture_stdout=True, capture_stderr=True)
-    except ffmpeg.Error as err:
-        raise EncodingError(_last_words(err.stderr.decode(errors="replace"), what)) from None
+        while True:
+            try:
+                _, stderr = process.communicate(timeout=_WAKE_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                continue  # nothing lost; waking lets an exception sent to this thread be raised
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    if process.returncode != 0:
+        raise EncodingError(_last_words(stderr.decode(errors="replace"), what))
 
 
 class RawVideoPipe:

@@ -4,7 +4,8 @@ It answers, for anyone who finds the files later: what is this (AI-generated, wh
 seed, prompt), how was it made (every generation and delivery setting, every input and asset with
 its sha256, software versions) and are these the right bytes (every output with sha256 and size).
 Output names are relative to the manifest's own location ("beside the files"), so the manifest
-stays valid wherever the folder is uploaded.
+stays valid wherever the folder is copied; when the publish prefix is known each output also
+carries the store ``key`` it was published under.
 """
 
 from __future__ import annotations

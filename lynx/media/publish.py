@@ -53,6 +53,12 @@ def publish_deliverables(result: DeliveryResult, store: ArtifactStoreLike, *, pr
         raise PublishError(
             "the delivery result and its manifest list different files; rebuild the deliverables"
         )
+    misplaced = [e["key"] for e in listed.values() if "key" in e and e["key"] != f"{prefix}/{e['name']}"]
+    if misplaced:
+        raise PublishError(
+            f"the manifest places {misplaced[0]} elsewhere than prefix {prefix!r}; "
+            "rebuild the deliverables for this prefix"
+        )
     uploaded: list[str] = []
     stored: list[Any] = []
     try:

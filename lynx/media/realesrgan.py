@@ -16,8 +16,9 @@ files wrap the dict in ``params_ema`` (GAN models) or ``params``. Values are RGB
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,7 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lynx.errors import ModelWeightsError
+from lynx.faces.runtime import cached_per_configuration
 from lynx.media.resize import resize_frame
+
+if TYPE_CHECKING:
+    from lynx.media.spec import DeliverySpec
 
 _SETTING = "LYNX_DELIVER_REALESRGAN_WEIGHTS"
 # ESRGAN scales every residual branch down before adding it back; it keeps the deep trunk stable.
@@ -339,3 +344,21 @@ class RealEsrganUpscaler:
         """Enlarge every frame and resize it to ``size`` (width, height), one frame at a time."""
         for frame in frames:
             yield resize_frame(self.enlarge(frame), size)
+
+
+def _upscaler_configuration(spec: DeliverySpec) -> Hashable:
+    path = Path(spec.realesrgan_weights)
+    try:
+        stat = path.stat()
+    except OSError:  # missing: loading says so clearly, and a failed load is not cached
+        return str(path), None, None, spec.upscale_tile, spec.upscale_tile_overlap
+    # The file's size and mtime: weights replaced in place are loaded again.
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size, spec.upscale_tile, spec.upscale_tile_overlap
+
+
+@cached_per_configuration(_upscaler_configuration)
+def cached_upscaler(spec: DeliverySpec) -> RealEsrganUpscaler:
+    """The spec's upscaler, loaded once per process and weights file: a worker delivers many jobs."""
+    return RealEsrganUpscaler.from_file(
+        spec.realesrgan_weights, tile=spec.upscale_tile, overlap=spec.upscale_tile_overlap
+    )

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from lynx.errors import ConfigurationError
+from lynx.media import realesrgan
 from lynx.media.deliver import build_deliverables
 from lynx.media.errors import AudioError, DeliveryInputError, EncodingError, SafetyBlockedError
 from lynx.media.probe import probe_image
@@ -145,7 +146,8 @@ def test_float_video_array_is_accepted(tmp_path: Path, provenance: Provenance) -
     assert result.master.probe.frames == 9 and result.manifest["video"]["upscaling"] == "none"
 
 
-def test_realesrgan_upscale_end_to_end(tmp_path: Path, provenance: Provenance) -> None:
+def test_realesrgan_upscale_end_to_end(tmp_path: Path, provenance: Provenance, monkeypatch) -> None:
+    load = realesrgan.load_realesrgan
     torch.manual_seed(0)
     weights = tmp_path / "realesr-tiny-x4.pth"
     torch.save({"params": SRVGGNetCompact(num_feat=8, num_conv=2).state_dict()}, weights)
@@ -158,10 +160,16 @@ def test_realesrgan_upscale_end_to_end(tmp_path: Path, provenance: Provenance) -
         preset="veryfast",
     )
     work = tmp_path / "work"
-    result = build_deliverables(synthetic_frames(9, 48, 64), spec=spec, workdir=work, provenance=provenance)
-    assert (result.master.probe.width, result.master.probe.height) == (170, 128)
-    assert result.manifest["video"]["upscaling"] == "realesrgan x4 (realesr-tiny-x4.pth)"
-    assert [a["role"] for a in result.manifest["assets"]] == ["upscaler_weights"]
+    loads = []
+    monkeypatch.setattr(realesrgan, "load_realesrgan", lambda *a, **k: loads.append(a) or load(*a, **k))
+    for _ in range(2):  # two jobs of one worker: the weights are loaded once
+        result = build_deliverables(
+            synthetic_frames(9, 48, 64), spec=spec, workdir=work, provenance=provenance
+        )
+        assert (result.master.probe.width, result.master.probe.height) == (170, 128)
+        assert result.manifest["video"]["upscaling"] == "realesrgan x4 (realesr-tiny-x4.pth)"
+        assert [a["role"] for a in result.manifest["assets"]] == ["upscaler_weights"]
+    assert loads == [(weights,)]
 
     # A target below the source is a plain downscale: the learned model is not used.
     spec = spec.model_copy(update={"height": 32})

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
+import threading
+import time
 from fractions import Fraction
 from pathlib import Path
 
 import av
+import ffmpeg as ffmpeg_lib
 import numpy as np
+import psutil
 import pytest
 
 from lynx.media.codecs import H264, RENDITIONS
@@ -20,7 +25,7 @@ from lynx.media.encode import (
     encode_video,
 )
 from lynx.media.errors import VerificationError
-from lynx.media.ffmpeg import fps_fraction
+from lynx.media.ffmpeg import fps_fraction, run_ffmpeg
 from lynx.media.intermediate import LosslessVideo, iter_frames, write_lossless
 from lynx.media.probe import mp4_top_level_boxes
 from lynx.media.resize import output_size
@@ -229,3 +234,45 @@ def test_ntsc_rates_are_exact_fractions() -> None:
     assert fps_fraction(23.976) == Fraction(24000, 1001) and fps_fraction(29.97) == Fraction(30000, 1001)
     assert fps_fraction(24) == 24 and fps_fraction(16) == 16 and fps_fraction(12.5) == Fraction(25, 2)
     assert converted_frame_count(81, 16, 23.976) == 120  # floor(80 * 24000/1001/16) + 1
+
+
+def _ffmpeg_children() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if "ffmpeg" in p.name()]
+
+
+def _raise_in_thread(thread: threading.Thread, error: type[BaseException]) -> None:
+    """Raise ``error`` inside ``thread``, the way Prefect stops a timed-out or cancelled task."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(error))
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, TimeoutError])
+def test_an_encode_interrupted_in_its_thread_leaves_no_ffmpeg_running(
+    tmp_path: Path, ffmpeg: str, error: type[BaseException]
+) -> None:
+    # A ten-minute source read at its native rate (-re): ffmpeg is still encoding when interrupted.
+    source = ffmpeg_lib.input("testsrc=size=64x64:rate=10:duration=600", f="lavfi", re=None)
+    output = ffmpeg_lib.output(source, str(tmp_path / "long.mp4"), vcodec="libx264", preset="ultrafast")
+    raised: list[BaseException] = []
+
+    def encode() -> None:
+        try:
+            run_ffmpeg(output, exe=ffmpeg, what="encoding long.mp4")
+        except BaseException as err:  # the test looks at what came out
+            raised.append(err)
+
+    worker = threading.Thread(target=encode, daemon=True)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "long.mp4").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _ffmpeg_children(), "ffmpeg did not start encoding"
+        _raise_in_thread(worker, error)
+        worker.join(timeout=10)
+
+        assert not worker.is_alive()
+        assert [type(err) for err in raised] == [error]
+        assert not _ffmpeg_children()
+    finally:  # never leave a ten-minute encode behind, whatever failed
+        for leftover in _ffmpeg_children():
+            leftover.kill()

@@ -104,7 +104,30 @@ def test_task_delivers_an_intermediate_and_cleans_up(
     with store.open_read(summary.manifest_key) as handle:
         manifest = json.load(handle)
     assert manifest["source"]["fps"] == 24.0 and manifest["video"]["frames"] == 13
+    # the manifest says where every file is: its keys are the uploaded objects, manifest aside
+    assert sorted(entry["key"] for entry in manifest["outputs"]) == sorted(
+        key for key in store.keys() if key != summary.manifest_key
+    )
+    assert all(store.stat(e["key"]).sha256 == e["sha256"] for e in manifest["outputs"])
     assert list((tmp_path / "work").iterdir()) == []  # staging removed once published
+
+
+def test_a_manifest_made_for_another_prefix_is_not_published(
+    tmp_path: Path, provenance: Provenance, store: RecordingStore
+) -> None:
+    result = build_deliverables(
+        synthetic_frames(5, 32, 48),
+        spec=DeliverySpec(preset="veryfast"),
+        workdir=tmp_path / "work",
+        provenance=provenance,
+        prefix=PREFIX + "/",
+    )
+    assert {entry["key"] for entry in result.manifest["outputs"]} == {
+        f"{PREFIX}/{f.name}" for f in result.files if f.kind != "manifest"
+    }
+    with pytest.raises(PublishError, match="elsewhere than prefix 'deliverables/other/job-0001'"):
+        publish_deliverables(result, store, prefix="deliverables/other/job-0001")
+    assert store.keys() == []
 
 
 def test_task_with_corrupt_audio_uploads_nothing(

@@ -6,6 +6,7 @@ shapes), not from our modules, so a renamed layer in our code fails these tests.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,15 @@ import torch
 from safetensors.torch import save_file
 
 from lynx.errors import ModelWeightsError
-from lynx.media.realesrgan import RealEsrganUpscaler, RRDBNet, SRVGGNetCompact, load_realesrgan, tiled_forward
+from lynx.media.realesrgan import (
+    RealEsrganUpscaler,
+    RRDBNet,
+    SRVGGNetCompact,
+    cached_upscaler,
+    load_realesrgan,
+    tiled_forward,
+)
+from lynx.media.spec import DeliverySpec
 
 from .conftest import synthetic_frames
 
@@ -141,3 +150,22 @@ def test_upscaler_output_is_exactly_the_target_size(tmp_path: Path) -> None:
     out = list(upscaler.upscale_frames(synthetic_frames(3, 48, 80), (126, 76)))
     assert [f.shape for f in out] == [(76, 126, 3)] * 3
     assert all(f.dtype == np.uint8 for f in out)
+
+
+def test_the_upscaler_is_loaded_once_per_process_and_weights_file(tmp_path: Path) -> None:
+    weights = tmp_path / "x4.pth"
+    torch.save({"params": official_srvgg_state(feat=8, convs=2)}, weights)
+    spec = DeliverySpec(
+        upscaler="realesrgan", realesrgan_weights=weights, upscale_tile=32, upscale_tile_overlap=4
+    )
+    first = cached_upscaler(spec)
+    assert cached_upscaler(DeliverySpec(**spec.model_dump())) is first
+    assert cached_upscaler(spec.model_copy(update={"upscale_tile": 64})).tile == 64
+
+    # weights replaced in place are new weights
+    replaced = {name: value + 1 for name, value in official_srvgg_state(feat=8, convs=2).items()}
+    torch.save({"params": replaced}, weights)
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    second = cached_upscaler(spec)
+    assert second is not first
+    assert torch.equal(second.model.body[0].bias, replaced["body.0.bias"])

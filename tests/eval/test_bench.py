@@ -10,6 +10,7 @@ from lynx.evaluation.bench import (
     BENCH_PROMPTS,
     PAPER_PROMPTS,
     SAMPLE_CONSENT,
+    default_campaign_name,
     folder_photos,
     read_prompts,
     sample_photos,
@@ -69,3 +70,36 @@ def test_campaign_file_is_a_valid_campaign(tmp_path):
     assert [p.text for p in spec.prompts] == BENCH_PROMPTS[:2]
     assert (spec.settings.frames, spec.settings.steps, spec.settings.seed) == (5, 2, 42)
     assert len(spec.requests()) == 4
+
+
+def test_default_campaign_name_is_one_per_protocol(tmp_path):
+    photos = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
+    for photo in photos:
+        photo.write_bytes(photo.name.encode())
+    protocol = dict(
+        protocol="small",
+        model="demo",
+        subjects=2,
+        photos=None,
+        prompts=BENCH_PROMPTS[:2],
+        generation={"frames": 17, "height": 128, "width": 128, "steps": 8, "seed": 42},
+    )
+    name = default_campaign_name(**protocol)
+    assert name.startswith("bench-small-2x2-demo-") and len(name) == len("bench-small-2x2-demo-") + 8
+    assert default_campaign_name(**{**protocol, "prompts": list(BENCH_PROMPTS[:2])}) == name
+
+    generation = protocol["generation"]
+    variants = [
+        {"generation": {**generation, "seed": 7}},
+        {"generation": {**generation, "frames": 33}},
+        {"generation": {**generation, "height": 256}},
+        {"generation": {**generation, "steps": 4}},
+        {"prompts": [BENCH_PROMPTS[0], BENCH_PROMPTS[5]]},
+        {"photos": photos},
+        {"model": "configured", "model_identity": {"base": "/models/wan", "adapter": "/models/lynx_full"}},
+    ]
+    names = [default_campaign_name(**{**protocol, **change}) for change in variants]
+    assert len({name, *names}) == len(variants) + 1
+    # the photos count by their bytes, not their names
+    photos[1].write_bytes(b"another person")
+    assert default_campaign_name(**{**protocol, "photos": photos}) != names[5]

@@ -7,10 +7,12 @@ from urllib.parse import urlparse
 from urllib.request import urlopen
 
 import pytest
+from prefect import flow
 from sqlalchemy import func, select
 
 from lynx.db.models import ArtifactKind, Evaluation, JobStatus
 from lynx.db.tracking import Tracker
+from lynx.evaluation.publish import EvaluationOutcome, artifact_key
 from lynx.settings import get_settings
 from lynx.store import open_store
 from tests.conftest import settings_env
@@ -78,21 +80,18 @@ def test_campaign_flow_records_reports_and_is_idempotent(
         assert recorded.key == report.key and not recorded.biometric
 
         artifacts = _artifacts(state.state_details.flow_run_id)
-        assert set(artifacts) == {
-            "lynx-eval-autumn",
-            "lynx-eval-autumn-report",
-            "lynx-eval-autumn-summary",
-            "lynx-eval-autumn-progress",
-        }
-        link = artifacts["lynx-eval-autumn-report"]  # Prefect stores links as markdown
+        key = artifact_key("lynx-eval", "autumn")
+        assert key.startswith("lynx-eval-autumn-")
+        assert set(artifacts) == {key, f"{key}-report", f"{key}-summary", f"{key}-progress"}
+        link = artifacts[f"{key}-report"]  # Prefect stores links as markdown
         assert link.data == f"[Evaluation report: autumn]({report.url})"
-        table = artifacts["lynx-eval-autumn"]
+        table = artifacts[key]
         assert table.type == "table"
         rows = json.loads(table.data)
         assert [row["prompt"] for row in rows] == ["walks", "talks"]
         assert rows[1]["gate"].startswith("review: identity similarity")
-        assert "needs review: 1" in artifacts["lynx-eval-autumn-summary"].data
-        assert artifacts["lynx-eval-autumn-progress"].data == 100.0
+        assert "needs review: 1" in artifacts[f"{key}-summary"].data
+        assert artifacts[f"{key}-progress"].data == 100.0
 
         again = lynx_eval(campaign="autumn")
         assert (again.evaluated, again.reused) == (2, 2)
@@ -100,6 +99,81 @@ def test_campaign_flow_records_reports_and_is_idempotent(
         with tracker.transaction() as session:
             assert session.scalar(select(func.count()).select_from(Evaluation)) == 2
         assert len(tracker.list_artifacts(campaign_id=campaign.id, kind=ArtifactKind.REPORT)) == 2
+
+
+LOOKALIKE_NAMES = ["Spring 2025", "spring-2025", "Été 2025", "ete 2025", "x" * 80 + "-a", "x" * 80 + "-b"]
+
+
+def test_lookalike_names_get_their_own_valid_artifact_keys(prefect_harness, eval_settings, use_settings):
+    from prefect import flow
+
+    from lynx.evaluation.sources import EvaluationSource
+    from tasks.evaluate import evaluation_report
+    from tasks.report import report_campaign
+    from tasks.services import services
+
+    use_settings(eval_settings())
+    for name in LOOKALIKE_NAMES:
+        services().tracker.get_or_create_campaign(name)
+
+    @flow
+    def report_all() -> None:
+        for name in LOOKALIKE_NAMES:
+            report_campaign(name, [])
+            evaluation_report(EvaluationSource(name=name, description=f"videos of {name}", items=[]), [])
+
+    state = report_all(return_state=True)
+    assert state.is_completed(), state.message
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    # six names, each with its own campaign table + compute summary and eval table + link + summary
+    assert len(artifacts) == 5 * len(LOOKALIKE_NAMES)
+    for name in LOOKALIKE_NAMES:
+        campaign, evaluation = artifact_key("campaign", name), artifact_key("lynx-eval", name)
+        assert artifacts[campaign].description == f"Campaign {name}: jobs"
+        assert f"Campaign {name}\n" in artifacts[f"{campaign}-compute"].data
+        assert artifacts[evaluation].description == f"Identity similarity per video: videos of {name}"
+        assert f"Evaluation report: {name}]" in artifacts[f"{evaluation}-report"].data
+    assert artifact_key("campaign", "Été 2025").startswith("campaign-ete-2025-")
+
+
+@pytest.mark.parametrize("failures", [1, 10])
+def test_a_failing_artifact_call_never_publishes_the_report_twice(
+    prefect_harness, eval_settings, use_settings, monkeypatch, failures
+):
+    import tasks.evaluate
+    from flows.evaluate import _retrying
+    from lynx.evaluation.sources import EvaluationSource
+    from tasks.services import services
+
+    settings = use_settings(eval_settings(retry_delay_seconds=0))
+    campaign = services().tracker.get_or_create_campaign("winter")
+    real, calls = tasks.evaluate.create_link_artifact, []
+
+    def flaky_link(*args, **kwargs):  # the Prefect API drops out after the report is published
+        calls.append(1)
+        if len(calls) <= failures:
+            raise ConnectionError("connection reset by peer")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.evaluate, "create_link_artifact", flaky_link)
+    source = EvaluationSource(name="winter", description="no videos", items=[], campaign_id=campaign.id)
+
+    @flow
+    def report() -> EvaluationOutcome:  # the task as lynx-eval runs it: retried on transient errors
+        return _retrying(tasks.evaluate.evaluation_report)(source, [])
+
+    state = report(return_state=True)
+    assert state.is_completed(), state.message
+    outcome = state.result()
+    (recorded,) = services().tracker.list_artifacts(campaign_id=campaign.id, kind=ArtifactKind.REPORT)
+    assert recorded.key == outcome.report.key
+    assert list(open_store(settings).list("reports/eval/")) == [outcome.report.key]
+    key = artifact_key("lynx-eval", "winter")
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    assert {key, f"{key}-summary"} <= set(artifacts)  # the other artifacts are made either way
+    # a blip is retried in place; an API that stays down costs the link, not the evaluation
+    assert (f"{key}-report" in artifacts) == (failures < tasks.evaluate.ARTIFACT_ATTEMPTS)
+    assert len(calls) == min(failures + 1, tasks.evaluate.ARTIFACT_ATTEMPTS)
 
 
 def test_eval_videos_command(lynx_cli, eval_settings, clips, tmp_path):

@@ -64,7 +64,8 @@ def test_bench_command_with_the_demo_model(lynx_cli, flow_env, tmp_path, tiny_mo
     assert done.returncode == 0, done.stderr[-3000:]
     assert "RANDOM weights" in done.stderr
     outcome = json.loads(done.stdout.strip().splitlines()[-1])
-    assert outcome["name"] == "bench-small-1x1-demo" and outcome["jobs_by_status"] == {"completed": 1}
+    assert outcome["name"].startswith("bench-small-1x1-demo-")  # and the protocol's hash
+    assert outcome["jobs_by_status"] == {"completed": 1}
     assert outcome["evaluation"]["evaluated"] == 1 and outcome["evaluation"]["report"]["path"].endswith(
         ".html"
     )

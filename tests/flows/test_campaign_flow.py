@@ -10,6 +10,7 @@ from prefect import get_client
 
 from flows.campaign import lynx_campaign
 from lynx.db.models import JobStatus
+from lynx.evaluation.publish import artifact_key
 from tasks.services import services
 from tests.flows.conftest import TINY_SETTINGS
 
@@ -60,7 +61,9 @@ def test_two_subjects_three_prompts_compute_each_thing_once_and_rerun_samples_no
     assert computed["sample"] == (6, 0)
 
     with get_client(sync_client=True) as client:
-        table = next(a for a in client.read_latest_artifacts(limit=100) if a.key == "campaign-reuse")
+        table = next(
+            a for a in client.read_latest_artifacts(limit=100) if a.key == artifact_key("campaign", "reuse")
+        )
     assert table.type == "table" and "a man reading in a park" in table.data
 
     again = lynx_campaign(name="reuse")  # by name: the spec stored by the first run
@@ -136,7 +139,9 @@ def test_a_purged_subject_fails_its_requests_alone_and_its_photo_is_not_stored_a
     assert any(hashlib.sha256(photos["astronaut"].read_bytes()).hexdigest() in key for key in keys)
     assert not any(hashlib.sha256(photos["hanks"].read_bytes()).hexdigest() in key for key in keys)
     with get_client(sync_client=True) as client:
-        table = next(a for a in client.read_latest_artifacts(limit=100) if a.key == "campaign-purged")
+        table = next(
+            a for a in client.read_latest_artifacts(limit=100) if a.key == artifact_key("campaign", "purged")
+        )
     assert "was purged" in table.data
 
 
