@@ -160,7 +160,9 @@ def _load_recognizer(
     preprocessing = spec.preprocessing
     if preprocessing is None and pack.recognizer is not None and pack.path / pack.recognizer.file == path:
         preprocessing = pack.recognizer.preprocessing  # the pack's own file keeps its metadata
-    return OnnxArcFaceEmbedder(path, providers=providers, preprocessing=preprocessing, setting=SETTING)
+    return OnnxArcFaceEmbedder(
+        path, providers=providers, preprocessing=preprocessing, setting=SETTING, device=settings.face_device
+    )
 
 
 def _setup(
