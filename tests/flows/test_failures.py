@@ -346,3 +346,44 @@ def test_impossible_generation_settings_are_refused_before_anything_runs(field, 
 
     with pytest.raises(ValidationError, match="4k\\+1|multiple of 16"):
         GenerationSettings(**{field: value})
+
+
+def test_an_unknown_gpu_deployment_fails_the_job_at_stage_gpu_naming_the_setting(flow_env, photos):
+    flow_env(gpu_deployment="lynx-gpu/does-not-exist")
+    outcome = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
+    assert (outcome.status, outcome.error_stage) == ("failed", "gpu")
+    assert "'lynx-gpu/does-not-exist'" in outcome.error_text and "LYNX_GPU_DEPLOYMENT" in outcome.error_text
+    assert "\n" not in outcome.error_text
+    tracker = services().tracker
+    job = tracker.get_job(outcome.job_id)
+    assert (job.status, job.error_stage) == (JobStatus.FAILED, "gpu")
+    assert StageStatus.RUNNING not in {r.status for r in tracker.stage_runs(outcome.job_id)}
+
+
+def test_a_failed_gpu_hand_off_fails_its_batch_alone_and_the_campaign_is_reported(
+    flow_env, photos, tmp_path, monkeypatch
+):
+    import tasks.gpu
+    from flows.campaign import lynx_campaign
+    from tests.flows.test_campaign_flow import write_campaign
+
+    flow_env(gpu_batch_size=1)
+    real, calls = tasks.gpu.run_in_process, []
+
+    def first_hand_off_breaks(batch, gpu_flow):  # as a Prefect API error in one batch's hand-off
+        calls.append(batch.job_ids)
+        if len(calls) == 1:
+            raise RuntimeError("the Prefect API answered 503")
+        return real(batch, gpu_flow)
+
+    monkeypatch.setattr(tasks.gpu, "run_in_process", first_hand_off_breaks)
+    subjects = {"astronaut": str(photos["astronaut"]), "tom": str(photos["hanks"])}
+    outcomes = lynx_campaign(str(write_campaign(tmp_path, "handoff", subjects, ["a person smiling"])))
+
+    assert len(calls) == 2
+    by_job = {o.job_id: o for o in outcomes}
+    broken, fine = by_job[calls[0][0]], by_job[calls[1][0]]
+    assert (broken.status, broken.error_stage) == ("failed", "gpu")
+    assert broken.error_text == "GPU hand-off failed: RuntimeError: the Prefect API answered 503"
+    assert fine.status == "completed" and fine.master_key
+    assert services().tracker.get_job(broken.job_id).status is JobStatus.FAILED
