@@ -119,6 +119,25 @@ def test_missing_model_weights_fail_the_job_at_stage_model_naming_the_setting(fl
     assert "sample" not in {r.stage for r in services().tracker.stage_runs(outcome.job_id)}
 
 
+def test_a_model_load_past_its_timeout_fails_the_jobs_at_stage_model_naming_the_setting(
+    flow_env, photos, monkeypatch
+):
+    flow_env(model_load_timeout=1)
+    import tasks.model
+
+    def slow_load(settings):  # as the 14B model on a slow disk; sleeps in steps the timeout can break
+        for _ in range(50):
+            time.sleep(0.1)
+        raise AssertionError("the timeout did not stop the load")
+
+    monkeypatch.setattr(tasks.model, "loaded_model", slow_load)
+    outcome = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
+    assert (outcome.status, outcome.error_stage) == ("failed", "model"), outcome.error_text
+    assert outcome.error_text.startswith("loading the model timed out after")
+    assert "LYNX_MODEL_LOAD_TIMEOUT" in outcome.error_text
+    assert "sample" not in {r.stage for r in services().tracker.stage_runs(outcome.job_id)}
+
+
 def test_a_delivery_failure_publishes_nothing(flow_env, photos, tmp_path):
     logo = tmp_path / "logo.png"
     logo.write_text("not an image")
