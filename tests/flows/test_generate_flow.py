@@ -68,6 +68,26 @@ def test_sampling_progress_artifact_reaches_100_percent(flow_env, photos):
     assert float(progress[0].data) == 100.0
 
 
+def test_a_progress_artifact_the_api_refuses_does_not_stop_the_sampling(prefect_harness, caplog):
+    from prefect import flow
+
+    from tasks.sample import SamplingProgress
+
+    @flow
+    def samples() -> list[int]:
+        progress = SamplingProgress(job_id=7, steps=3)
+        with get_client(sync_client=True) as client:  # gone under the sampler: updates get a 404
+            client.delete_artifact(progress.artifact_id)
+        done = []
+        for step in range(3):
+            progress(step, 3, timestep=0.0)
+            done.append(step)
+        return done
+
+    assert samples() == [0, 1, 2]
+    assert [r for r in caplog.records if "progress artifact not updated" in r.getMessage()]
+
+
 def test_a_subject_id_makes_a_rerun_return_the_completed_job_whether_photo_is_path_or_key(flow_env, photos):
     flow_env()
     first = lynx(str(photos["hanks"]), "a man smiling", settings=TINY_SETTINGS, subject_id="tom")
