@@ -227,8 +227,10 @@ class LynxSettings(BaseSettings):
     )
     gpu_deployment_timeout: float | None = Field(
         default=None, gt=0,
-        description="Seconds to wait for one GPU flow run (queueing included) before giving its jobs up "
-        "as failed. Unset: wait as long as it takes.",
+        description="Seconds to wait for one GPU flow run (queueing included) before cancelling it and "
+        "giving its jobs up as failed. Unset: what its stages may take, LYNX_MODEL_LOAD_TIMEOUT plus, per "
+        "job, twice LYNX_REFERENCE_TIMEOUT (reference, text), LYNX_SAMPLE_TIMEOUT and "
+        "LYNX_DECODE_TIMEOUT, plus 10 minutes for the run to start.",
     )
     gpu_pool: str = Field(
         default="lynx-gpu",

@@ -25,6 +25,7 @@ from lynx.db.models import JobStatus, StageStatus
 from lynx.errors import ConfigurationError
 from lynx.jobs import GpuBatchRequest, GpuJobResult, JobTicket
 from lynx.settings import LynxSettings
+from tasks.policy import gpu_run_timeout
 from tasks.services import services
 from tasks.tracking import close_open_stages, error_text, fail_job, latest_stage, request_cancellation
 
@@ -89,10 +90,11 @@ def run_on_gpu_pool(batch: GpuBatchRequest, settings: LynxSettings) -> str | Non
     """Run the batch as a run of LYNX_GPU_DEPLOYMENT; returns why it did not complete, if it did not."""
     from prefect.deployments import run_deployment
 
+    timeout = gpu_run_timeout(settings, len(batch.jobs))
     run = run_deployment(
         settings.gpu_deployment,
         parameters={"batch": batch.model_dump(mode="json")},
-        timeout=settings.gpu_deployment_timeout,
+        timeout=timeout,
         flow_run_name=f"gpu-jobs-{'-'.join(map(str, batch.job_ids[:8]))}",
     )
     if run.state is not None and run.state.is_completed():
@@ -103,7 +105,7 @@ def run_on_gpu_pool(batch: GpuBatchRequest, settings: LynxSettings) -> str | Non
         except Exception:  # best effort: its jobs are failed either way
             log.warning("could not cancel GPU flow run %s", run.name, exc_info=True)
         return (
-            f"GPU flow run {run.name} did not finish within {settings.gpu_deployment_timeout:.0f} s "
+            f"GPU flow run {run.name} did not finish within {timeout:.0f} s "
             "(setting: LYNX_GPU_DEPLOYMENT_TIMEOUT)"
         )
     return _state_text(run.name, run.state)
@@ -205,5 +207,11 @@ def _result_or_failed(ticket: JobTicket, problem: str | None) -> JobTicket:
 
 @task(name="gpu-stages", cache_policy=NONE, persist_result=False)
 def run_gpu_batch(tickets: list[JobTicket], gpu_flow: Flow) -> list[JobTicket]:
-    """One GPU flow run for a batch (under the GPU pool's concurrency limit); tickets come back updated."""
+    """One GPU flow run for a batch (under the GPU pool's concurrency limit); tickets come back updated.
+
+    Not ``configured()`` like the stages: a retry would start a second GPU run for jobs the first
+    may still be running (and ``run_batch`` raises nothing to retry on), and a task timeout would
+    also count the wait for a GPU slot behind a campaign's earlier batches. The wait for the run
+    itself is bounded by ``gpu_run_timeout`` (LYNX_GPU_DEPLOYMENT_TIMEOUT).
+    """
     return run_batch(tickets, gpu_flow)

@@ -406,3 +406,35 @@ def test_a_failed_gpu_hand_off_fails_its_batch_alone_and_the_campaign_is_reporte
     assert broken.error_text == "GPU hand-off failed: RuntimeError: the Prefect API answered 503"
     assert fine.status == "completed" and fine.master_key
     assert services().tracker.get_job(broken.job_id).status is JobStatus.FAILED
+
+
+def test_a_gpu_run_is_waited_for_as_long_as_its_stages_may_take_unless_set(monkeypatch):
+    from lynx.settings import LynxSettings
+    from tasks.policy import GPU_QUEUE_MARGIN_S, gpu_run_timeout
+
+    monkeypatch.delenv("LYNX_GPU_DEPLOYMENT_TIMEOUT", raising=False)
+    settings = LynxSettings(model_load_timeout=100, reference_timeout=10, sample_timeout=50, decode_timeout=5)
+    assert gpu_run_timeout(settings, jobs=2) == 100 + 2 * (10 + 10 + 50 + 5) + GPU_QUEUE_MARGIN_S
+    assert gpu_run_timeout(settings) == 100 + settings.gpu_batch_size * 75 + GPU_QUEUE_MARGIN_S
+    assert gpu_run_timeout(settings.model_copy(update={"gpu_deployment_timeout": 30.0}), jobs=2) == 30.0
+
+
+def test_reading_a_campaign_is_retried_after_a_transient_error(flow_env, photos, tmp_path, monkeypatch):
+    import tasks.campaign
+    from flows.campaign import lynx_campaign
+    from tests.flows.test_campaign_flow import write_campaign
+
+    flow_env(task_retries=1)
+    real, calls = tasks.campaign.read_campaign_spec, []
+
+    def flaky(campaign_file, name):  # the artifact store did not answer the first time
+        calls.append(1)
+        if len(calls) == 1:
+            raise ServiceUnavailableError("cannot reach S3 at minio:9000", setting="LYNX_S3_ENDPOINT")
+        return real(campaign_file, name)
+
+    monkeypatch.setattr(tasks.campaign, "read_campaign_spec", flaky)
+    path = write_campaign(tmp_path, "flaky", {"ghost": str(tmp_path / "missing.jpg")}, ["a person"])
+    [outcome] = lynx_campaign(str(path))
+    assert len(calls) == 2
+    assert (outcome.status, outcome.error_stage) == ("failed", "submit")  # no photo: nothing more runs
