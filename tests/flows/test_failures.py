@@ -138,6 +138,23 @@ def test_a_model_load_past_its_timeout_fails_the_jobs_at_stage_model_naming_the_
     assert "sample" not in {r.stage for r in services().tracker.stage_runs(outcome.job_id)}
 
 
+@pytest.mark.parametrize(
+    "setting,value,named",
+    [
+        ("deliver_preset", "warp-speed", "LYNX_DELIVER_PRESET"),
+        ("quality_gate_recognizer", "no-such-recogniser", "LYNX_QUALITY_GATE_RECOGNIZER"),
+    ],
+)
+def test_impossible_delivery_settings_fail_the_job_at_submit_before_any_gpu_stage(
+    flow_env, photos, setting, value, named
+):
+    flow_env(**{setting: value}, quality_gate_threshold=0.5)
+    outcome = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
+    assert (outcome.status, outcome.error_stage) == ("failed", "submit")
+    assert named in outcome.error_text and "\n" not in outcome.error_text
+    assert [r.stage for r in services().tracker.stage_runs(outcome.job_id)] == ["submit"]
+
+
 def test_a_delivery_failure_publishes_nothing(flow_env, photos, tmp_path):
     logo = tmp_path / "logo.png"
     logo.write_text("not an image")
