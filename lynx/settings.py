@@ -252,7 +252,8 @@ class LynxSettings(BaseSettings):
         description="First retry delay in seconds; it doubles with every further retry.",
     )
     face_timeout: float = Field(
-        default=300, gt=0, description="Seconds allowed for the submit and face stages of one job."
+        default=300, gt=0, description="Seconds allowed for the submit and face stages of one job, for "
+        "reading a campaign file and for a run's report."
     )
     reference_timeout: float = Field(
         default=900, gt=0, description="Seconds allowed for the reference stage (identity tokens, reference "
