@@ -9,7 +9,8 @@ as `lynx demo` does), once per GPU batch size, side by side in one process, each
 tracking database and artifact store (SQLite + local folder, or PostgreSQL with --postgres).
 
 Model time is read from the run records: model loading, identity/reference/text encoding that was
-really computed, sampling and decoding (the decode stage records `model_seconds`). Everything else
+really computed, sampling and the VAE decode (the decode stage records them as `model_seconds`;
+encoding and storing the frames count as orchestration). Everything else
 is what the pipeline adds around the model: Prefect task and flow runs, tracking rows, artifact
 uploads and downloads, face analysis, delivery (ffmpeg encoding and verification), reports.
 """
@@ -171,7 +172,7 @@ def main() -> None:
     print()
     print(
         "| GPU batch size | jobs | wall s | model load s | model compute s | delivery s | face s "
-        "| other stage work s | outside stages s | overhead per job s: (wall - model) / jobs |"
+        "| other stage work s | outside stages s | overhead per job s: (wall - model - load) / jobs |"
     )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for size, r in results.items():

@@ -26,7 +26,7 @@ def lynx_campaign(campaign_file: str | None = None, name: str | None = None) -> 
     """Run (or re-run) a campaign: ``campaign_file`` is a YAML/JSON file on the worker or an
     artifact-store key; with only ``name``, the spec stored by its last run is used."""
     # Step 1: read and validate the campaign
-    spec = read_campaign(campaign_file, name)
+    spec = configured(read_campaign, "submit")(campaign_file, name)
     # Step 2: upload photos, register subjects and jobs (completed skipped, failed retried)
     tickets = configured(submit_jobs, "submit")(spec.requests(), spec.model_dump(mode="json"))
     # Step 3: face stage for every job (computed once per subject, reused by its other jobs)
@@ -38,4 +38,4 @@ def lynx_campaign(campaign_file: str | None = None, name: str | None = None) -> 
         for job in run.result():
             configured(deliver_stage, "deliver")(job)
     # Step 6: summary table of every job (this run's and earlier runs')
-    return report_campaign(spec.name, tickets)
+    return configured(report_campaign, "report")(spec.name, tickets)

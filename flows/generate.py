@@ -51,4 +51,4 @@ def lynx(
     # Step 4: deliver: upscale, encode, verify, publish
     configured(deliver_stage, "deliver")(ticket)
     # Step 5: the outcome, with a link to the deliverable
-    return report_job(ticket)
+    return configured(report_job, "report")(ticket)

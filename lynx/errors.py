@@ -83,3 +83,15 @@ class JobFailedError(LynxError):
     """A generation job ran and failed; the message names the stage and the reason."""
 
     exit_code = 8
+
+
+class JobNeedsReviewError(LynxError):
+    """A job's video was made but held for review (quality gate); its files are kept."""
+
+    exit_code = 9
+
+
+class JobRunningElsewhereError(LynxError):
+    """The job is being run by another live flow run; this run did nothing for it."""
+
+    exit_code = 10

@@ -78,12 +78,8 @@ def resolve_attention_backend(value: str, device: torch.device, dtype: torch.dty
     return "native"
 
 
-def load_lynx_pipeline(settings: LynxSettings | None = None) -> LynxPipeline:
-    """Load the pipeline the settings describe, placed and configured for the device.
-
-    Raises ``ModelWeightsError`` / ``ConfigurationError`` naming the LYNX_* setting to fix.
-    """
-    settings = settings or get_settings()
+def check_model_paths(settings: LynxSettings) -> None:
+    """Raise ``ModelWeightsError`` naming the setting when the base or adapter folder is missing."""
     base = settings.resolved_base_model_path
     adapter = settings.resolved_adapter_path
     if not base.is_dir():
@@ -96,6 +92,17 @@ def load_lynx_pipeline(settings: LynxSettings | None = None) -> LynxPipeline:
             f"Lynx adapter folder not found: {adapter} (lynx_full or lynx_lite from ByteDance/lynx)",
             setting="LYNX_ADAPTER_PATH",
         )
+
+
+def load_lynx_pipeline(settings: LynxSettings | None = None) -> LynxPipeline:
+    """Load the pipeline the settings describe, placed and configured for the device.
+
+    Raises ``ModelWeightsError`` / ``ConfigurationError`` naming the LYNX_* setting to fix.
+    """
+    settings = settings or get_settings()
+    check_model_paths(settings)
+    base = settings.resolved_base_model_path
+    adapter = settings.resolved_adapter_path
     device = resolve_device(settings.device)
     if settings.cpu_offload and device.type != "cuda":
         raise ConfigurationError(

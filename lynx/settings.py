@@ -228,8 +228,10 @@ class LynxSettings(BaseSettings):
     )
     gpu_deployment_timeout: float | None = Field(
         default=None, gt=0,
-        description="Seconds to wait for one GPU flow run (queueing included) before giving its jobs up "
-        "as failed. Unset: wait as long as it takes.",
+        description="Seconds to wait for one GPU flow run (queueing included) before cancelling it and "
+        "giving its jobs up as failed. Unset: what its stages may take, LYNX_MODEL_LOAD_TIMEOUT plus, per "
+        "job, twice LYNX_REFERENCE_TIMEOUT (reference, text), LYNX_SAMPLE_TIMEOUT and "
+        "LYNX_DECODE_TIMEOUT, plus 10 minutes for the run to start.",
     )
     gpu_pool: str = Field(
         default="lynx-gpu",
@@ -251,7 +253,8 @@ class LynxSettings(BaseSettings):
         description="First retry delay in seconds; it doubles with every further retry.",
     )
     face_timeout: float = Field(
-        default=300, gt=0, description="Seconds allowed for the submit and face stages of one job."
+        default=300, gt=0, description="Seconds allowed for the submit and face stages of one job, for "
+        "reading a campaign file and for a run's report."
     )
     reference_timeout: float = Field(
         default=900, gt=0, description="Seconds allowed for the reference stage (identity tokens, reference "

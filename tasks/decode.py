@@ -31,6 +31,8 @@ def decode_job(job: GpuJob, recorder: Any) -> GpuJob:
     svc = services()
     started = time.monotonic()
     frames = job.model.pipe.decode_latents(job.latents, output_type="np")[0]
+    # Model time is the VAE decode only; encoding, upload and the tracking row are orchestration.
+    job.timings["decode"] = time.monotonic() - started
     fps = job.model.pipe.default_fps
     with tempfile.TemporaryDirectory(dir=svc.workdir("decode")) as scratch:
         video = write_lossless(
@@ -39,7 +41,6 @@ def decode_job(job: GpuJob, recorder: Any) -> GpuJob:
         stored = svc.store.put_file(video.path, key=intermediate_key(job), content_type="video/x-matroska")
     svc.tracker.record_artifact(stored, kind=ArtifactKind.FRAMES, job_id=job.job_id)
     job.intermediate_key = stored.key
-    job.timings["decode"] = time.monotonic() - started
     recorder.output_keys.append(stored.key)
     recorder.metrics.update(
         frames=video.frames,

@@ -25,8 +25,9 @@ from lynx.db.models import JobStatus, StageStatus
 from lynx.errors import ConfigurationError
 from lynx.jobs import GpuBatchRequest, GpuJobResult, JobTicket
 from lynx.settings import LynxSettings
+from tasks.policy import gpu_run_timeout
 from tasks.services import services
-from tasks.tracking import close_open_stages, fail_job, latest_stage, request_cancellation
+from tasks.tracking import close_open_stages, error_text, fail_job, latest_stage, request_cancellation
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,11 @@ def run_on_gpu_pool(batch: GpuBatchRequest, settings: LynxSettings) -> str | Non
     """Run the batch as a run of LYNX_GPU_DEPLOYMENT; returns why it did not complete, if it did not."""
     from prefect.deployments import run_deployment
 
+    timeout = gpu_run_timeout(settings, len(batch.jobs))
     run = run_deployment(
         settings.gpu_deployment,
         parameters={"batch": batch.model_dump(mode="json")},
-        timeout=settings.gpu_deployment_timeout,
+        timeout=timeout,
         flow_run_name=f"gpu-jobs-{'-'.join(map(str, batch.job_ids[:8]))}",
     )
     if run.state is not None and run.state.is_completed():
@@ -103,7 +105,7 @@ def run_on_gpu_pool(batch: GpuBatchRequest, settings: LynxSettings) -> str | Non
         except Exception:  # best effort: its jobs are failed either way
             log.warning("could not cancel GPU flow run %s", run.name, exc_info=True)
         return (
-            f"GPU flow run {run.name} did not finish within {settings.gpu_deployment_timeout:.0f} s "
+            f"GPU flow run {run.name} did not finish within {timeout:.0f} s "
             "(setting: LYNX_GPU_DEPLOYMENT_TIMEOUT)"
         )
     return _state_text(run.name, run.state)
@@ -143,13 +145,8 @@ def gpu_result(ticket: JobTicket, problem: str | None) -> JobTicket:
     return ticket.model_copy(update={"video": video})
 
 
-def run_batch(tickets: list[JobTicket], gpu_flow: Flow) -> list[JobTicket]:
-    """Run the GPU stages for the active tickets as one GPU flow run; returns every ticket updated."""
-    settings = services().settings
-    active = [ticket for ticket in tickets if ticket.active]
-    if not active:
-        return tickets
-    batch = GpuBatchRequest(jobs=[ticket.for_gpu() for ticket in active], variant=active[0].settings.variant)
+def hand_off(batch: GpuBatchRequest, gpu_flow: Flow, settings: LynxSettings) -> str | None:
+    """Run the batch's GPU stages (on the GPU pool or here); returns why they did not complete."""
     if settings.gpu_deployment and not _api_url():
         raise ConfigurationError(
             "LYNX_GPU_DEPLOYMENT is set but no Prefect server is configured (PREFECT_API_URL)",
@@ -157,15 +154,64 @@ def run_batch(tickets: list[JobTicket], gpu_flow: Flow) -> list[JobTicket]:
         )
     with gpu_slot(settings.gpu_pool):
         if settings.gpu_deployment:
-            problem = run_on_gpu_pool(batch, settings)
-        else:
-            problem = run_in_process(batch, gpu_flow)
+            return run_on_gpu_pool(batch, settings)
+        return run_in_process(batch, gpu_flow)
+
+
+def hand_off_error(err: BaseException, settings: LynxSettings) -> str:
+    """One line for an error that kept the batch from reaching (or coming back from) the GPU stages."""
+    from prefect.exceptions import ObjectNotFound
+
+    if isinstance(err, ObjectNotFound) and settings.gpu_deployment:
+        # Prefect's own message is empty ("None"): name what was looked up and where it is set.
+        return (
+            f"GPU deployment {settings.gpu_deployment!r} not found on the Prefect server "
+            "(setting: LYNX_GPU_DEPLOYMENT)"
+        )
+    return f"GPU hand-off failed: {error_text(err)}"
+
+
+def run_batch(tickets: list[JobTicket], gpu_flow: Flow) -> list[JobTicket]:
+    """Run the GPU stages for the active tickets as one GPU flow run; returns every ticket updated.
+
+    Whatever goes wrong here fails this batch's jobs at stage 'gpu' with the reason; it is never
+    raised, so a campaign's other batches are still delivered and reported.
+    """
+    settings = services().settings
+    active = [ticket for ticket in tickets if ticket.active]
+    if not active:
+        return tickets
+    batch = GpuBatchRequest(jobs=[ticket.for_gpu() for ticket in active], variant=active[0].settings.variant)
+    try:
+        problem = hand_off(batch, gpu_flow, settings)
+    except Exception as err:
+        problem = hand_off_error(err, settings)
+        log.warning("GPU hand-off of jobs %s failed", batch.job_ids, exc_info=True)
     if problem:
         log.error("%s", problem)
-    return [gpu_result(ticket, problem) if ticket.active else ticket for ticket in tickets]
+    return [_result_or_failed(ticket, problem) if ticket.active else ticket for ticket in tickets]
+
+
+def _result_or_failed(ticket: JobTicket, problem: str | None) -> JobTicket:
+    try:
+        return gpu_result(ticket, problem)
+    except Exception as err:  # the tracking database did not answer: this job fails, the others go on
+        text = problem or f"the GPU stages' results could not be read: {error_text(err)}"
+        log.warning("job %s: reading its GPU results failed", ticket.job_id, exc_info=True)
+        try:
+            fail_job(ticket.job_id, "gpu", text)
+        except Exception:  # recorded by the next run's submit (a job left running by a gone run)
+            log.warning("job %s could not be marked failed", ticket.job_id, exc_info=True)
+        return ticket.as_failed("gpu", text)
 
 
 @task(name="gpu-stages", cache_policy=NONE, persist_result=False)
 def run_gpu_batch(tickets: list[JobTicket], gpu_flow: Flow) -> list[JobTicket]:
-    """One GPU flow run for a batch (under the GPU pool's concurrency limit); tickets come back updated."""
+    """One GPU flow run for a batch (under the GPU pool's concurrency limit); tickets come back updated.
+
+    Not ``configured()`` like the stages: a retry would start a second GPU run for jobs the first
+    may still be running (and ``run_batch`` raises nothing to retry on), and a task timeout would
+    also count the wait for a GPU slot behind a campaign's earlier batches. The wait for the run
+    itself is bounded by ``gpu_run_timeout`` (LYNX_GPU_DEPLOYMENT_TIMEOUT).
+    """
     return run_batch(tickets, gpu_flow)

@@ -5,7 +5,8 @@ settings): completed jobs are handed back as they are, failed and cancelled ones
 their attempt counter raised, and a job left 'running' by a run that died is retried too. A subject
 whose photo cannot be found still gets its jobs, failed at this stage with the reason, and a purged
 subject's requests come back failed at this stage with the reason (no job is recorded for them), so
-one bad row never stops a campaign.
+one bad row never stops a campaign. Settings a later stage would refuse (delivery, the quality
+gate's recogniser) fail every job here, before any GPU time is spent on videos that cannot ship.
 """
 
 from __future__ import annotations
@@ -20,8 +21,16 @@ from prefect.cache_policies import NONE
 
 from lynx.db.models import JobStatus, Subject
 from lynx.db.tracking import check_not_purged
-from lynx.errors import IllegalTransitionError, InputError, InvalidKeyError, LynxError, NotFoundError
+from lynx.errors import (
+    ConfigurationError,
+    IllegalTransitionError,
+    InputError,
+    InvalidKeyError,
+    LynxError,
+    NotFoundError,
+)
 from lynx.jobs import GenerationRequest, JobTicket, SubjectSpec
+from lynx.settings import LynxSettings
 from lynx.store import StoredObject, validate_key
 from tasks.policy import retry_on_transient
 from tasks.services import services
@@ -74,6 +83,23 @@ def register_subject(spec: SubjectSpec) -> tuple[Subject, LynxError | None]:
     if photo is not None and subject.reference_sha256 != photo.sha256:
         subject = tracker.set_subject_reference(subject.id, photo)
     return subject, problem
+
+
+def check_run_settings(settings: LynxSettings) -> ConfigurationError | None:
+    """What the later stages' settings would refuse, found now rather than after the GPU minutes:
+    the delivery spec, and with the quality gate on, the recogniser it reads (loaded once here,
+    the delivery stage finds it in the process cache)."""
+    from lynx.media.spec import DeliverySpec
+
+    try:
+        DeliverySpec.from_settings(settings)
+        if settings.quality_gate_threshold is not None:
+            from lynx.evaluation.recognizers import cached_evaluation_models
+
+            cached_evaluation_models(settings).resolve(settings.quality_gate_recognizer)
+    except ConfigurationError as err:
+        return err
+    return None
 
 
 def _owner(job_id: int, attempt: int) -> Literal["this run", "alive", "gone"]:
@@ -197,6 +223,9 @@ def submit_requests(
         raise InputError(f"one submission belongs to one campaign, got {sorted(map(str, names))}")
     name = names.pop() if names else None
     campaign_id = tracker.get_or_create_campaign(name, spec=campaign_spec).id if name else None
+    misconfigured = check_run_settings(services().settings)
+    if misconfigured is not None:
+        log.error("jobs fail at submit, settings of a later stage are invalid: %s", misconfigured)
     tickets = []
     for subject_spec, group in itertools.groupby(requests, key=lambda request: request.subject):
         subject_requests = list(group)
@@ -205,6 +234,7 @@ def submit_requests(
         except InputError as err:  # this subject's requests fail, the others go on
             tickets += [refused(request, None, campaign_id, err) for request in subject_requests]
             continue
+        problem = misconfigured or problem
         tickets += [register_job(request, subject, problem, campaign_id) for request in subject_requests]
     return tickets
 

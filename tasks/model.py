@@ -11,6 +11,7 @@ one job passes through the stages of one flow run; only their stored forms leave
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import threading
 import time
@@ -24,6 +25,7 @@ from lynx.errors import ConfigurationError
 from lynx.faces.embedders import ARCFACE_IR_SE50_NAME
 from lynx.jobs import GpuBatchRequest, GpuJobSpec, Variant
 from lynx.settings import LynxSettings
+from tasks.policy import stage_timeout, timeout_setting
 from tasks.services import services
 from tasks.tracking import error_text, run_stage
 
@@ -158,6 +160,13 @@ def load_batch_model(batch: GpuBatchRequest) -> ModelHandle:
         model, reused = loaded_model(_model_settings(svc.settings, batch.variant))
     except Exception as err:  # missing weights, bad settings: every job of the batch fails with it
         return ModelHandle(error=error_text(err))
+    except asyncio.CancelledError:  # how the task's timeout arrives; a cancelled run is let go
+        elapsed = time.monotonic() - started
+        if elapsed < stage_timeout("model", svc.settings) * 0.99:
+            raise
+        return ModelHandle(
+            error=f"loading the model timed out after {elapsed:.0f} s (setting: {timeout_setting('model')})"
+        )
     svc.tracker.record_compute_event(
         "model_load",
         model.version,

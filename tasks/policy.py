@@ -27,7 +27,12 @@ _TIMEOUT_SETTING = {
     "sample": "sample_timeout",
     "decode": "decode_timeout",
     "deliver": "deliver_timeout",
+    "report": "face_timeout",
 }
+# The stages one job passes through in a GPU flow run (after the batch's model load).
+_GPU_JOB_STAGES = ("reference", "text", "sample", "decode")
+# Slack on a GPU run's stage timeouts for its worker to pick it up and start (queueing).
+GPU_QUEUE_MARGIN_S = 600.0
 
 
 def is_transient(err: BaseException) -> bool:
@@ -63,6 +68,17 @@ def longest_stage_timeout(settings: LynxSettings | None = None) -> float:
 
 def timeout_setting(stage: str) -> str:
     return f"LYNX_{_TIMEOUT_SETTING[stage].upper()}"
+
+
+def gpu_run_timeout(settings: LynxSettings | None = None, jobs: int | None = None) -> float:
+    """Seconds to wait for one GPU flow run of ``jobs`` jobs (default LYNX_GPU_BATCH_SIZE):
+    LYNX_GPU_DEPLOYMENT_TIMEOUT, or what a live run can take by its stage timeouts, plus queueing."""
+    settings = settings or get_settings()
+    if settings.gpu_deployment_timeout is not None:
+        return float(settings.gpu_deployment_timeout)
+    per_job = sum(stage_timeout(stage, settings) for stage in _GPU_JOB_STAGES)
+    jobs = jobs or settings.gpu_batch_size
+    return stage_timeout("model", settings) + jobs * per_job + GPU_QUEUE_MARGIN_S
 
 
 def configured(task: T, stage: str, settings: LynxSettings | None = None) -> T:

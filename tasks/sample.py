@@ -7,6 +7,7 @@ so the UI shows how far each video is; updates are sent at most every ``PROGRESS
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -19,25 +20,44 @@ from tasks.policy import retry_on_transient
 from tasks.services import services
 from tasks.tracking import run_stage
 
+log = logging.getLogger(__name__)
+
 PROGRESS_INTERVAL = 1.0
 
 
 class SamplingProgress:
-    """The pipeline's ``progress_callback``, turned into a Prefect progress artifact (0-100 %)."""
+    """The pipeline's ``progress_callback``, turned into a Prefect progress artifact (0-100 %).
+
+    Best effort: the artifact only shows how far a video is, so an API error is logged once and
+    later updates are skipped; the sampling goes on.
+    """
 
     def __init__(self, job_id: int, steps: int) -> None:
-        self.artifact_id = create_progress_artifact(
-            progress=0.0,
-            key=f"sampling-job-{job_id}",
-            description=f"Job {job_id}: denoising steps done out of {steps}",
-        )
+        self.job_id = job_id
+        self.artifact_id = None
+        try:
+            self.artifact_id = create_progress_artifact(
+                progress=0.0,
+                key=f"sampling-job-{job_id}",
+                description=f"Job {job_id}: denoising steps done out of {steps}",
+            )
+        except Exception:
+            log.warning("job %s: no progress artifact (the sampling goes on)", job_id, exc_info=True)
         self._last = time.monotonic()
 
     def __call__(self, step_index: int, num_steps: int, timestep: float) -> None:
+        if self.artifact_id is None:
+            return
         now = time.monotonic()
         last_step = step_index + 1 == num_steps
         if last_step or now - self._last >= PROGRESS_INTERVAL:
-            update_progress_artifact(self.artifact_id, progress=100.0 * (step_index + 1) / num_steps)
+            try:
+                update_progress_artifact(self.artifact_id, progress=100.0 * (step_index + 1) / num_steps)
+            except Exception:
+                log.warning(
+                    "job %s: progress artifact not updated (the sampling goes on)", self.job_id, exc_info=True
+                )
+                self.artifact_id = None
             self._last = now
 
 

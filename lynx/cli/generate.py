@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from lynx.errors import InputError, JobFailedError
+from lynx.errors import InputError, JobFailedError, JobNeedsReviewError, JobRunningElsewhereError
 from lynx.settings import LynxSettings, get_settings
 
 if TYPE_CHECKING:
@@ -43,16 +43,36 @@ def use_embedded_prefect(settings: LynxSettings, *, verbose: bool) -> None:
 
 
 def run_job(image: Path, prompt: str, generation: GenerationSettings, subject: str | None) -> JobOutcome:
-    """Run the `lynx` flow here and turn a failed job into a one-line error."""
+    """Run the `lynx` flow here; a job that ended without a video to hand over is a one-line error.
+
+    A video held for review comes back like a completed one (its files are kept for the reviewer).
+    """
     if not image.is_file():
         raise InputError(f"image {image} does not exist or is not a file")
+    settings = get_settings()
+    if (
+        not settings.gpu_deployment
+    ):  # the model loads here: missing weights fail now, not after the face stage
+        from lynx.model_loading import check_model_paths
+
+        variant = generation.variant
+        check_model_paths(settings.model_copy(update={"model_variant": variant}) if variant else settings)
     from flows.generate import lynx
 
     outcome = lynx(image=str(image.resolve()), prompt=prompt, settings=generation, subject_id=subject)
-    if outcome.status != "completed":
-        job = f"job {outcome.job_id}" if outcome.job_id is not None else "request"  # None: refused
-        raise JobFailedError(f"{job} {outcome.status} at stage {outcome.error_stage}: {outcome.error_text}")
-    return outcome
+    if outcome.status in ("completed", "needs_review"):
+        return outcome
+    job = f"job {outcome.job_id}" if outcome.job_id is not None else "request"  # None: refused
+    if outcome.status == "running":
+        raise JobRunningElsewhereError(
+            f"{job} is being run by another flow run that is still live; nothing was done here "
+            "(run the command again once that run has ended)"
+        )
+    if outcome.status == "cancelled":
+        raise JobFailedError(
+            f"{job} was cancelled" + (f": {outcome.error_text}" if outcome.error_text else "")
+        )
+    raise JobFailedError(f"{job} failed at stage {outcome.error_stage}: {outcome.error_text}")
 
 
 def fetch_deliverables(outcome: JobOutcome, out: Path) -> list[Path]:
@@ -71,14 +91,21 @@ def fetch_deliverables(outcome: JobOutcome, out: Path) -> list[Path]:
 
 
 def report(outcome: JobOutcome, files: list[Path], seconds: float) -> None:
+    """Print where the files are; a video held for review then exits with JobNeedsReviewError."""
     master = next(path for path in files if path.name == "master.mp4")
-    typer.echo(f"job {outcome.job_id} completed in {seconds:.1f} s")
-    typer.echo(f"deliverable: {master}")
+    held = outcome.status == "needs_review"
+    typer.echo(f"job {outcome.job_id} {'held for review' if held else 'completed'} in {seconds:.1f} s")
+    typer.echo(f"deliverable{' (held for review)' if held else ''}: {master}")
     for path in files:
         if path != master:
             typer.echo(f"  also: {path}")
     if outcome.similarity is not None:
         typer.echo(f"face resemblance to the photo (cosine, sampled frames): {outcome.similarity:.3f}")
+    if held:
+        raise JobNeedsReviewError(
+            f"job {outcome.job_id} needs review ({outcome.error_text}); its video is held for a reviewer, "
+            f"files in {master.parent}"
+        )
 
 
 @app.command()
@@ -103,7 +130,12 @@ def generate(
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's run logs.")] = False,
 ) -> None:
-    """Generate one video of the person in --image doing what --prompt says, on this machine."""
+    """Generate one video of the person in --image doing what --prompt says, on this machine.
+
+    Exit status: 0 completed; 8 the job failed or was cancelled; 9 the video was made but the
+    quality gate held it for review (its files are still copied into --out); 10 another live run
+    is working on the same job.
+    """
     from pydantic import ValidationError
 
     from lynx.jobs import GenerationSettings
@@ -149,6 +181,7 @@ def demo(
 
     settings = get_settings()
     use_embedded_prefect(settings, verbose=verbose)
+    typer.echo(f"warning: {DEMO_WARNING}")  # before the first minute is spent, and again at the end
     started = time.monotonic()
     typer.echo("lynx demo: checking the demo face pack and the tiny demo model (built on first use)...")
     model_dir = ensure_demo_setup(settings)

@@ -69,6 +69,39 @@ def test_generate_fails_with_one_line_when_the_photo_has_no_face(lynx_cli, confi
     assert not (tmp_path / "out").exists()
 
 
+def test_generate_with_the_video_held_for_review_keeps_its_files_and_exits_9(
+    lynx_cli, configured_env, photos, tmp_path
+):
+    env = {**configured_env, "LYNX_QUALITY_GATE_THRESHOLD": "0.5"}  # the tiny model paints no face
+    out = tmp_path / "out"
+    result = lynx_cli(
+        "generate", "--image", str(photos["astronaut"]), "--prompt", "x", *TINY_ARGS,
+        "--out", str(out), env=env,
+    )
+    assert result.returncode == 9, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "None" not in lines[0], result.stderr
+    assert lines[0].startswith("lynx: error: job 1 needs review (quality gate: no face found")
+    assert f"files in {out}" in lines[0]
+    assert f"deliverable (held for review): {out / 'master.mp4'}" in result.stdout
+    assert (out / "master.mp4").is_file()
+
+
+def test_generate_with_missing_weights_fails_before_submitting_naming_the_setting(
+    lynx_cli, configured_env, photos, tmp_path
+):
+    env = {**configured_env, "LYNX_BASE_MODEL_PATH": str(tmp_path / "no-weights-here")}
+    result = lynx_cli(
+        "generate", "--image", str(photos["astronaut"]), "--prompt", "x", *TINY_ARGS,
+        "--out", str(tmp_path / "out"), env=env, timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lynx: error: Wan2.1 base model folder not found")
+    assert "LYNX_BASE_MODEL_PATH" in lines[0]
+    assert not (tmp_path / "home" / "lynx.db").exists()  # nothing was submitted
+
+
 def test_generate_with_the_database_down_is_one_line_naming_the_setting(
     lynx_cli, configured_env, photos, tmp_path
 ):
@@ -113,3 +146,4 @@ def test_demo_builds_what_is_missing_and_warns_that_the_model_is_random(lynx_cli
     assert f"deliverable: {tmp_path / 'demo-out' / 'master.mp4'}" in result.stdout
     assert (tmp_path / "demo-out" / "master.mp4").is_file()
     assert "RANDOM weights" in result.stdout and "noise" in result.stdout
+    assert result.stdout.startswith("warning: the demo model has RANDOM weights")  # said first, too

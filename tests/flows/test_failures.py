@@ -119,6 +119,42 @@ def test_missing_model_weights_fail_the_job_at_stage_model_naming_the_setting(fl
     assert "sample" not in {r.stage for r in services().tracker.stage_runs(outcome.job_id)}
 
 
+def test_a_model_load_past_its_timeout_fails_the_jobs_at_stage_model_naming_the_setting(
+    flow_env, photos, monkeypatch
+):
+    flow_env(model_load_timeout=1)
+    import tasks.model
+
+    def slow_load(settings):  # as the 14B model on a slow disk; sleeps in steps the timeout can break
+        for _ in range(50):
+            time.sleep(0.1)
+        raise AssertionError("the timeout did not stop the load")
+
+    monkeypatch.setattr(tasks.model, "loaded_model", slow_load)
+    outcome = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
+    assert (outcome.status, outcome.error_stage) == ("failed", "model"), outcome.error_text
+    assert outcome.error_text.startswith("loading the model timed out after")
+    assert "LYNX_MODEL_LOAD_TIMEOUT" in outcome.error_text
+    assert "sample" not in {r.stage for r in services().tracker.stage_runs(outcome.job_id)}
+
+
+@pytest.mark.parametrize(
+    "setting,value,named",
+    [
+        ("deliver_preset", "warp-speed", "LYNX_DELIVER_PRESET"),
+        ("quality_gate_recognizer", "no-such-recogniser", "LYNX_QUALITY_GATE_RECOGNIZER"),
+    ],
+)
+def test_impossible_delivery_settings_fail_the_job_at_submit_before_any_gpu_stage(
+    flow_env, photos, setting, value, named
+):
+    flow_env(**{setting: value}, quality_gate_threshold=0.5)
+    outcome = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
+    assert (outcome.status, outcome.error_stage) == ("failed", "submit")
+    assert named in outcome.error_text and "\n" not in outcome.error_text
+    assert [r.stage for r in services().tracker.stage_runs(outcome.job_id)] == ["submit"]
+
+
 def test_a_delivery_failure_publishes_nothing(flow_env, photos, tmp_path):
     logo = tmp_path / "logo.png"
     logo.write_text("not an image")
@@ -346,3 +382,76 @@ def test_impossible_generation_settings_are_refused_before_anything_runs(field, 
 
     with pytest.raises(ValidationError, match="4k\\+1|multiple of 16"):
         GenerationSettings(**{field: value})
+
+
+def test_an_unknown_gpu_deployment_fails_the_job_at_stage_gpu_naming_the_setting(flow_env, photos):
+    flow_env(gpu_deployment="lynx-gpu/does-not-exist")
+    outcome = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
+    assert (outcome.status, outcome.error_stage) == ("failed", "gpu")
+    assert "'lynx-gpu/does-not-exist'" in outcome.error_text and "LYNX_GPU_DEPLOYMENT" in outcome.error_text
+    assert "\n" not in outcome.error_text
+    tracker = services().tracker
+    job = tracker.get_job(outcome.job_id)
+    assert (job.status, job.error_stage) == (JobStatus.FAILED, "gpu")
+    assert StageStatus.RUNNING not in {r.status for r in tracker.stage_runs(outcome.job_id)}
+
+
+def test_a_failed_gpu_hand_off_fails_its_batch_alone_and_the_campaign_is_reported(
+    flow_env, photos, tmp_path, monkeypatch
+):
+    import tasks.gpu
+    from flows.campaign import lynx_campaign
+    from tests.flows.test_campaign_flow import write_campaign
+
+    flow_env(gpu_batch_size=1)
+    real, calls = tasks.gpu.run_in_process, []
+
+    def first_hand_off_breaks(batch, gpu_flow):  # as a Prefect API error in one batch's hand-off
+        calls.append(batch.job_ids)
+        if len(calls) == 1:
+            raise RuntimeError("the Prefect API answered 503")
+        return real(batch, gpu_flow)
+
+    monkeypatch.setattr(tasks.gpu, "run_in_process", first_hand_off_breaks)
+    subjects = {"astronaut": str(photos["astronaut"]), "tom": str(photos["hanks"])}
+    outcomes = lynx_campaign(str(write_campaign(tmp_path, "handoff", subjects, ["a person smiling"])))
+
+    assert len(calls) == 2
+    by_job = {o.job_id: o for o in outcomes}
+    broken, fine = by_job[calls[0][0]], by_job[calls[1][0]]
+    assert (broken.status, broken.error_stage) == ("failed", "gpu")
+    assert broken.error_text == "GPU hand-off failed: RuntimeError: the Prefect API answered 503"
+    assert fine.status == "completed" and fine.master_key
+    assert services().tracker.get_job(broken.job_id).status is JobStatus.FAILED
+
+
+def test_a_gpu_run_is_waited_for_as_long_as_its_stages_may_take_unless_set(monkeypatch):
+    from lynx.settings import LynxSettings
+    from tasks.policy import GPU_QUEUE_MARGIN_S, gpu_run_timeout
+
+    monkeypatch.delenv("LYNX_GPU_DEPLOYMENT_TIMEOUT", raising=False)
+    settings = LynxSettings(model_load_timeout=100, reference_timeout=10, sample_timeout=50, decode_timeout=5)
+    assert gpu_run_timeout(settings, jobs=2) == 100 + 2 * (10 + 10 + 50 + 5) + GPU_QUEUE_MARGIN_S
+    assert gpu_run_timeout(settings) == 100 + settings.gpu_batch_size * 75 + GPU_QUEUE_MARGIN_S
+    assert gpu_run_timeout(settings.model_copy(update={"gpu_deployment_timeout": 30.0}), jobs=2) == 30.0
+
+
+def test_reading_a_campaign_is_retried_after_a_transient_error(flow_env, photos, tmp_path, monkeypatch):
+    import tasks.campaign
+    from flows.campaign import lynx_campaign
+    from tests.flows.test_campaign_flow import write_campaign
+
+    flow_env(task_retries=1)
+    real, calls = tasks.campaign.read_campaign_spec, []
+
+    def flaky(campaign_file, name):  # the artifact store did not answer the first time
+        calls.append(1)
+        if len(calls) == 1:
+            raise ServiceUnavailableError("cannot reach S3 at minio:9000", setting="LYNX_S3_ENDPOINT")
+        return real(campaign_file, name)
+
+    monkeypatch.setattr(tasks.campaign, "read_campaign_spec", flaky)
+    path = write_campaign(tmp_path, "flaky", {"ghost": str(tmp_path / "missing.jpg")}, ["a person"])
+    [outcome] = lynx_campaign(str(path))
+    assert len(calls) == 2
+    assert (outcome.status, outcome.error_stage) == ("failed", "submit")  # no photo: nothing more runs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prefect import get_client
 
 from flows.generate import lynx
@@ -66,6 +68,44 @@ def test_sampling_progress_artifact_reaches_100_percent(flow_env, photos):
         progress = [a for a in artifact if a.key == f"sampling-job-{outcome.job_id}"]
     assert progress and progress[0].type == "progress"
     assert float(progress[0].data) == 100.0
+
+
+def test_a_progress_artifact_the_api_refuses_does_not_stop_the_sampling(prefect_harness, caplog):
+    from prefect import flow
+
+    from tasks.sample import SamplingProgress
+
+    @flow
+    def samples() -> list[int]:
+        progress = SamplingProgress(job_id=7, steps=3)
+        with get_client(sync_client=True) as client:  # gone under the sampler: updates get a 404
+            client.delete_artifact(progress.artifact_id)
+        done = []
+        for step in range(3):
+            progress(step, 3, timestep=0.0)
+            done.append(step)
+        return done
+
+    assert samples() == [0, 1, 2]
+    assert [r for r in caplog.records if "progress artifact not updated" in r.getMessage()]
+
+
+def test_model_seconds_count_the_model_not_the_encode_and_upload_of_its_frames(flow_env, photos, monkeypatch):
+    import tasks.decode
+
+    flow_env()
+    write = tasks.decode.write_lossless
+
+    def slow_write(*args, **kwargs):  # as a slow FFV1 encode of a long video
+        time.sleep(3)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.decode, "write_lossless", slow_write)
+    outcome = lynx(str(photos["astronaut"]), "a person walking", settings=TINY_SETTINGS)
+    assert outcome.status == "completed", outcome.error_text
+    rows = {r.stage: r for r in services().tracker.stage_runs(outcome.job_id)}
+    model_seconds = rows["decode"].metrics["model_seconds"]
+    assert 0 < model_seconds < rows["sample"].duration_s + rows["decode"].duration_s - 3
 
 
 def test_a_subject_id_makes_a_rerun_return_the_completed_job_whether_photo_is_path_or_key(flow_env, photos):
