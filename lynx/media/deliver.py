@@ -3,7 +3,8 @@
 ``build_deliverables`` reads top to bottom as the steps of the stage:
 
 1. check the assets (audio, logo, classifiers) before any frame is touched;
-2. stream the frames through the safety gate (and Real-ESRGAN) into a lossless mezzanine;
+2. stream the frames through the safety gate (and Real-ESRGAN, unless the decode stage already
+   did: ``upscaled_by``) into a lossless mezzanine;
 3. enforce the safety verdict;
 4. encode the H.264 master, then each rendition, verifying each file as it is made;
 5. cut the previews from the master (poster, animated WebP, contact sheet) and verify them;
@@ -56,7 +57,7 @@ from lynx.media.probe import MediaProbe
 from lynx.media.provenance import Provenance, sha256_file
 from lynx.media.resize import output_size
 from lynx.media.safety import OnnxImageClassifierSafety, SafetyChecker, SafetyGate, SafetyVerdict
-from lynx.media.spec import DeliverySpec
+from lynx.media.spec import DeliverySpec, Upscaled
 from lynx.media.verify import VideoExpectation, verify_animation, verify_image, verify_video
 
 logger = logging.getLogger(__name__)
@@ -159,6 +160,31 @@ def _checker_for(spec: DeliverySpec) -> SafetyChecker | None:
     )
 
 
+def learned_upscale(
+    frames: Iterable[np.ndarray], source_size: tuple[int, int], spec: DeliverySpec
+) -> tuple[Iterable[np.ndarray], Upscaled | None]:
+    """The frames through Real-ESRGAN to the spec's size, when the spec asks for it and it enlarges.
+
+    Lazy like the frames (one in memory at a time); what was done comes back for the manifest.
+    Otherwise the frames come back untouched: ffmpeg's Lanczos resizes them when encoding.
+    """
+    source_w, source_h = source_size
+    width, height = output_size(source_w, source_h, spec.height)
+    weights = spec.realesrgan_weights
+    if spec.upscaler != "realesrgan" or weights is None or height <= source_h:
+        return frames, None
+    from lynx.media.realesrgan import cached_upscaler  # torch only when asked for
+
+    upscaler = cached_upscaler(spec)
+    done = Upscaled(
+        label=f"realesrgan x{upscaler.scale} ({weights.name})",
+        weights=_asset_entry("upscaler_weights", weights) or {},
+        source_width=source_w,
+        source_height=source_h,
+    )
+    return upscaler.upscale_frames(frames, (width, height)), done
+
+
 def build_deliverables(
     frames: np.ndarray | Iterable[np.ndarray],
     *,
@@ -168,6 +194,7 @@ def build_deliverables(
     face_scores: Sequence[float | None] | None = None,
     safety_checker: SafetyChecker | None = None,
     prefix: str | None = None,
+    upscaled_by: Upscaled | None = None,
 ) -> DeliveryResult:
     """Build, verify and describe every deliverable of one video.
 
@@ -175,13 +202,15 @@ def build_deliverables(
     a generator is consumed once and never held in memory. ``face_scores`` (one per frame, None where
     no face was found) pick the poster. ``safety_checker`` replaces the classifier named in the spec.
     ``prefix``, the store prefix the files will be published under, adds each output's ``key`` to the
-    manifest (``publish_deliverables`` then refuses any other prefix).
+    manifest (``publish_deliverables`` then refuses any other prefix). ``upscaled_by`` says the
+    frames were already enlarged by a learned upscaler (the pipeline's decode stage does it on the
+    GPU), so the manifest names it and its weights; frames at the target size are not upscaled again.
     """
     staging = Path(workdir) / f"delivery-{provenance.job_id}-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     prefix = prefix.strip("/") if prefix else None
     try:
-        return _build(frames, spec, staging, provenance, face_scores, safety_checker, prefix)
+        return _build(frames, spec, staging, provenance, face_scores, safety_checker, prefix, upscaled_by)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -195,6 +224,7 @@ def _build(
     face_scores: Sequence[float | None] | None,
     safety_checker: SafetyChecker | None,
     prefix: str | None,
+    upscaled_by: Upscaled | None,
 ) -> DeliveryResult:
     steps = _Steps()
     work = staging / ".work"
@@ -231,16 +261,16 @@ def _build(
             raise DeliveryInputError("no frames to deliver: the video is empty")
         source_h, source_w = first.shape[:2]
         width, height = output_size(source_w, source_h, spec.height)
-        stream = gate.screen(itertools.chain([first], stream))
+        screened, upscaled = learned_upscale(
+            gate.screen(itertools.chain([first], stream)), (source_w, source_h), spec
+        )
         upscaling = "none" if (width, height) == (source_w, source_h) else "lanczos"
-        if spec.upscaler == "realesrgan" and height > source_h:
-            from lynx.media.realesrgan import cached_upscaler  # torch only when asked for
-
-            upscaler = cached_upscaler(spec)
-            upscaling = f"realesrgan x{upscaler.scale} ({spec.realesrgan_weights.name})"
-            stream = upscaler.upscale_frames(stream, (width, height))
+        if upscaled is not None:
+            upscaling = upscaled.label
+        if upscaled_by is not None:  # before delivery; at the target size what is done here is "none"
+            upscaling = upscaled_by.label if upscaling == "none" else f"{upscaled_by.label}, then {upscaling}"
         mezzanine = write_lossless(
-            stream, work / "mezzanine.mkv", spec.source_fps, ffmpeg_binary=spec.ffmpeg_binary
+            screened, work / "mezzanine.mkv", spec.source_fps, ffmpeg_binary=spec.ffmpeg_binary
         )
 
     # 3. Safety before anything is encoded for delivery.
@@ -352,23 +382,21 @@ def _build(
 
     # 6. The manifest, last: it lists every verified output with its checksum.
     with steps.step("manifest"):
+        upscalers = [u.weights for u in (upscaled_by, upscaled) if u is not None]
         assets = [
-            _asset_entry(role, path)
-            for role, path in (
-                ("audio", spec.audio),
-                ("watermark", spec.watermark),
-                ("upscaler_weights", spec.realesrgan_weights if upscaling.startswith("realesrgan") else None),
-                ("safety_model", spec.safety_model),
-            )
+            _asset_entry("audio", spec.audio),
+            _asset_entry("watermark", spec.watermark),
+            *(w for i, w in enumerate(upscalers) if w not in upscalers[:i]),  # once if both used one file
+            _asset_entry("safety_model", spec.safety_model),
         ]
         manifest = build_manifest(
             provenance=provenance,
             delivery=spec.model_dump(mode="json"),
             assets=[a for a in assets if a is not None],
-            source={
+            source={  # what the model made: before any upscale, even one done before delivery
                 "frames": mezzanine.frames,
-                "width": source_w,
-                "height": source_h,
+                "width": upscaled_by.source_width if upscaled_by else source_w,
+                "height": upscaled_by.source_height if upscaled_by else source_h,
                 "fps": spec.source_fps,
             },
             video={

@@ -11,6 +11,8 @@ Choices made here:
   number.
 - A target smaller than the source is a downscale with the resampler (Real-ESRGAN is skipped: a
   learned upscaler has nothing to add there).
+- In the pipeline Real-ESRGAN runs in the GPU decode stage, before the lossless intermediate is
+  written; ``Upscaled`` is what that stage tells the deliver stage, for the manifest.
 """
 
 from __future__ import annotations
@@ -43,6 +45,17 @@ def setting_name(field: str) -> str | None:
 
 def _bad(field: str, message: str) -> InvalidDeliverySpecError:
     return InvalidDeliverySpecError(message, setting=setting_name(field))
+
+
+class Upscaled(BaseModel):
+    """A learned upscale already applied to the frames handed to delivery (by the GPU decode stage)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    label: str = Field(description="As the manifest's video.upscaling: 'realesrgan x4 (<weights file>)'.")
+    weights: dict[str, Any] = Field(description="The manifest's upscaler_weights asset entry.")
+    source_width: int = Field(gt=0, description="Size of the frames the model made, before upscaling.")
+    source_height: int = Field(gt=0)
 
 
 class DeliverySpec(BaseModel):

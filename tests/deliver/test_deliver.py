@@ -12,7 +12,7 @@ from PIL import Image
 
 from lynx.errors import ConfigurationError
 from lynx.media import realesrgan
-from lynx.media.deliver import build_deliverables
+from lynx.media.deliver import build_deliverables, learned_upscale
 from lynx.media.errors import AudioError, DeliveryInputError, EncodingError, SafetyBlockedError
 from lynx.media.probe import probe_image
 from lynx.media.provenance import Provenance, sha256_file
@@ -179,6 +179,53 @@ def test_realesrgan_upscale_end_to_end(tmp_path: Path, provenance: Provenance, m
         32,
         "lanczos",
     )
+
+
+def test_frames_upscaled_before_delivery_are_not_upscaled_again_and_the_manifest_names_it(
+    tmp_path: Path, provenance: Provenance, monkeypatch
+) -> None:
+    torch.manual_seed(0)
+    weights = tmp_path / "realesr-tiny-x4.pth"
+    torch.save({"params": SRVGGNetCompact(num_feat=8, num_conv=2).state_dict()}, weights)
+    spec = DeliverySpec(
+        height=128, upscaler="realesrgan", realesrgan_weights=weights, upscale_tile=0, preset="veryfast"
+    )
+    enlarged = []
+    enlarge = realesrgan.RealEsrganUpscaler.enlarge
+    monkeypatch.setattr(
+        realesrgan.RealEsrganUpscaler,
+        "enlarge",
+        lambda self, frame: enlarged.append(1) or enlarge(self, frame),
+    )
+    # as the decode stage does, on the GPU: the frames reach delivery at the target size
+    frames, upscaled = learned_upscale(synthetic_frames(9, 48, 64), (64, 48), spec)
+    assert upscaled is not None and upscaled.label == "realesrgan x4 (realesr-tiny-x4.pth)"
+    result = build_deliverables(
+        frames, spec=spec, workdir=tmp_path / "work", provenance=provenance, upscaled_by=upscaled
+    )
+    assert len(enlarged) == 9  # once per frame, before delivery only
+    assert (result.master.probe.width, result.master.probe.height) == (170, 128)
+    manifest = result.manifest
+    assert manifest["video"]["upscaling"] == "realesrgan x4 (realesr-tiny-x4.pth)"
+    assert (manifest["source"]["width"], manifest["source"]["height"]) == (64, 48)
+    assert manifest["assets"] == [
+        {
+            "role": "upscaler_weights",
+            "file": weights.name,
+            "sha256": sha256_file(weights),
+            "size": weights.stat().st_size,
+        }
+    ]
+
+    # a larger target at delivery (settings changed in between) is Lanczos on top, and says so
+    frames, upscaled = learned_upscale(synthetic_frames(9, 48, 64), (64, 48), spec)
+    bigger = DeliverySpec(height=256, preset="veryfast")
+    result = build_deliverables(
+        frames, spec=bigger, workdir=tmp_path / "work", provenance=provenance, upscaled_by=upscaled
+    )
+    assert result.master.probe.height == 256
+    assert result.manifest["video"]["upscaling"] == "realesrgan x4 (realesr-tiny-x4.pth), then lanczos"
+    assert [a["role"] for a in result.manifest["assets"]] == ["upscaler_weights"]
 
 
 def _assert_nothing_left(workdir: Path) -> None:
