@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from lynx.media.spec import Upscaled
+
 Variant = Literal["full", "lite"]
 JobState = Literal["completed", "failed", "cancelled", "needs_review", "running"]
 
@@ -207,6 +209,9 @@ class GpuJobResult(BaseModel):
     fps: float | None = None
     variant: Variant | None = None
     model_version: str | None = None
+    upscaled: Upscaled | None = Field(
+        default=None, description="Real-ESRGAN run by the decode stage: the intermediate is at delivery size."
+    )
     error_stage: str | None = None
     error_text: str | None = None
 

@@ -38,7 +38,7 @@ from lynx.media.intermediate import iter_frames, lossless_info
 from lynx.media.provenance import InputArtifact, ModelInfo, Provenance
 from lynx.media.publish import deliverable_prefix, publish_deliverables
 from lynx.media.safety import SafetyVerdict
-from lynx.media.spec import DeliverySpec
+from lynx.media.spec import DeliverySpec, Upscaled
 from lynx.store import StoredObject
 from tasks.face import load_embedding
 from tasks.policy import retry_on_transient
@@ -80,8 +80,12 @@ def deliver_intermediate(
     prefix: str | None = None,
     face_scores: Sequence[float | None] | None = None,
     workdir: Path | None = None,
+    upscaled_by: Upscaled | None = None,
 ) -> DeliverySummary:
-    """Build, verify and publish the deliverables of one intermediate video."""
+    """Build, verify and publish the deliverables of one intermediate video.
+
+    ``upscaled_by``: the learned upscale the decode stage already applied to the intermediate.
+    """
     source = lossless_info(intermediate)
     if source.fps != spec.source_fps:  # the file knows the model's native rate best
         spec = DeliverySpec(**{**spec.model_dump(), "source_fps": source.fps})
@@ -94,6 +98,7 @@ def deliver_intermediate(
         provenance=provenance,
         face_scores=face_scores,
         prefix=prefix,
+        upscaled_by=upscaled_by,
     )
     try:
         publish_deliverables(result, store, prefix=prefix)
@@ -200,6 +205,7 @@ def deliver_job(ticket: JobTicket, recorder: StageRecorder) -> JobTicket:
             prefix=deliverable_prefix(ticket.campaign, str(ticket.job_id)),
             face_scores=scores,
             workdir=Path(scratch),
+            upscaled_by=video.upscaled,
         )
     recorded: dict[str, int] = {}  # key -> artifact row id
     try:
@@ -254,6 +260,9 @@ def _withdraw(job_id: int, keys: Sequence[str], recorded: dict[str, int]) -> Non
 
 @task(name="deliver", cache_policy=NONE, persist_result=False, retry_condition_fn=retry_on_transient)
 def deliver_stage(ticket: JobTicket) -> JobTicket:
-    """Upscale, encode, verify and publish one job's deliverables (stage row 'deliver')."""
+    """Encode, verify and publish one job's deliverables (stage row 'deliver').
+
+    Upscaled here only with Lanczos (in the encode) or when the decode stage did not already do it.
+    """
     inputs = [ticket.video.intermediate_key] if ticket.video and ticket.video.intermediate_key else []
     return run_stage(ticket, "deliver", lambda recorder: deliver_job(ticket, recorder), inputs=inputs)

@@ -141,6 +141,7 @@ def gpu_result(ticket: JobTicket, problem: str | None) -> JobTicket:
         fps=metrics.get("fps"),
         variant=metrics.get("variant"),
         model_version=metrics.get("model_version"),
+        upscaled=metrics.get("upscaled"),
     )
     return ticket.model_copy(update={"video": video})
 
