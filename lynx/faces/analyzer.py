@@ -22,10 +22,9 @@ from lynx.faces.embedders import ArcFaceIRSE50Embedder, OnnxArcFaceEmbedder
 from lynx.faces.pack import FacePack, PackModel
 from lynx.faces.runtime import (
     cached_per_configuration,
-    check_session_device,
     onnx_providers,
-    session_options,
     torch_device,
+    zoo_model,
 )
 from lynx.faces.types import DetectedFace, FaceDetector, FaceEmbedder
 from lynx.faces.yunet import YuNetDetector
@@ -290,13 +289,10 @@ def _manifest_detector(
             score_threshold=settings.face_detection_threshold,
         )
     if model.kind == "insightface":
-        from insightface.model_zoo import model_zoo
-
-        routed = model_zoo.get_model(str(path), providers=providers, sess_options=session_options())
+        routed = zoo_model(path, providers, settings.face_device)
         if getattr(routed, "taskname", None) != "detection":
             raise ModelWeightsError(f"{path} is not a face detector insightface recognises",
                                     setting="LYNX_FACE_PACK")
-        check_session_device(routed.session, settings.face_device, path)
         return InsightFaceDetector(
             routed, input_size=settings.face_detector_size, score_threshold=settings.face_detection_threshold
         )
@@ -309,7 +305,6 @@ def _route_insightface_pack(
 ) -> tuple[FaceDetector, OnnxArcFaceEmbedder | None]:
     """Let insightface's model zoo recognise the pack's detector and recogniser (as FaceAnalysis
     does); other models (landmarks, gender/age) are skipped."""
-    from insightface.model_zoo import model_zoo
     from insightface.model_zoo.arcface_onnx import ArcFaceONNX
 
     detector = recognizer = None
@@ -317,11 +312,11 @@ def _route_insightface_pack(
         if detector is not None and (recognizer is not None or not find_recognizer):
             break
         try:
-            model = model_zoo.get_model(str(path), providers=providers, sess_options=session_options())
+            model = zoo_model(path, providers, settings.face_device)
+        except ConfigurationError:  # the session check's own error names LYNX_FACE_DEVICE
+            raise
         except Exception as err:  # a damaged file: say which one
             raise ModelWeightsError(f"cannot load {path} ({err})", setting="LYNX_FACE_PACK") from err
-        if model is not None:
-            check_session_device(model.session, settings.face_device, path)
         task = getattr(model, "taskname", None)
         if task == "detection" and detector is None:
             detector = InsightFaceDetector(

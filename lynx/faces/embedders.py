@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from lynx.errors import ModelWeightsError
-from lynx.faces.runtime import check_session_device, session_options
+from lynx.errors import ConfigurationError, ModelWeightsError
+from lynx.faces.runtime import zoo_model
 from lynx.faces.types import l2_normalise
 
 ARCFACE_IR_SE50_NAME = "arcface_ir_se50"
@@ -53,17 +53,18 @@ class OnnxArcFaceEmbedder:
         setting: str = "LYNX_FACE_RECOGNIZER",
         device: str = "auto",
     ) -> None:
-        from insightface.model_zoo import model_zoo
         from insightface.model_zoo.arcface_onnx import ArcFaceONNX
 
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise ModelWeightsError(f"recognition model {self.model_path} does not exist", setting=setting)
-        options: dict[str, Any] = {"providers": providers, "sess_options": session_options()}
+        options: dict[str, Any] = {}
         if preprocessing is not None:
             options |= {"model_task": "recognition", "model_metadata": {"preprocessing": preprocessing}}
         try:
-            model = model_zoo.get_model(str(self.model_path), **options)
+            model = zoo_model(self.model_path, providers, device, **options)
+        except ConfigurationError:  # the session check's own error names LYNX_FACE_DEVICE
+            raise
         except Exception as err:  # onnx/onnxruntime raise many types for a damaged file
             raise ModelWeightsError(
                 f"cannot load recognition model {self.model_path}: {err}", setting=setting
@@ -74,7 +75,6 @@ class OnnxArcFaceEmbedder:
                 f"{type(model).__name__ if model is not None else 'an unknown model'})",
                 setting=setting,
             )
-        check_session_device(model.session, device, self.model_path)
         self._attach(model, setting)
 
     @classmethod

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Hashable, Iterable
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import onnxruntime
 
@@ -92,6 +92,21 @@ def check_session_device(session: onnxruntime.InferenceSession, device: str, mod
             "fix the CUDA install or use LYNX_FACE_DEVICE=auto",
             setting="LYNX_FACE_DEVICE",
         )
+
+
+def zoo_model(path: str | Path, providers: list[str], device: str, **options: Any) -> Any:
+    """Load ``path`` through insightface's model zoo with our session options (``options`` go to
+    ``get_model``), refusing a session that fell back to CPU when ``device`` is 'cuda'.
+
+    Returns what ``get_model`` returns, None for a model the zoo does not recognise. Errors from
+    loading a damaged file propagate unchanged; the device check raises ConfigurationError.
+    """
+    from insightface.model_zoo import model_zoo  # heavy; only the ONNX face backends need it
+
+    model = model_zoo.get_model(str(path), providers=providers, sess_options=session_options(), **options)
+    if model is not None:
+        check_session_device(model.session, device, path)
+    return model
 
 
 def torch_device(device: str) -> str:

