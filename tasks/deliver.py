@@ -162,9 +162,7 @@ def face_scores(video: Path, embedding_key: str, frames: int) -> tuple[list[floa
         )
         return [None] * frames, None
     stride = max(1, -(-frames // SIMILARITY_FRAMES))
-    similarity = video_face_similarity(
-        iter_video_frames(video, stride), stored["embedding"], analyzer, reference_model=stored["model"]
-    )
+    similarity = video_face_similarity(iter_video_frames(video, stride), stored["embedding"], analyzer)
     scores: list[float | None] = [None] * frames
     for index, score in enumerate(similarity.per_frame):
         if index * stride < frames:
