@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from lynx.errors import ConfigurationError
+from lynx.media import deliver as media_deliver
 from lynx.media import realesrgan
 from lynx.media.deliver import build_deliverables, learned_upscale
 from lynx.media.errors import AudioError, DeliveryInputError, EncodingError, SafetyBlockedError
@@ -226,6 +228,30 @@ def test_frames_upscaled_before_delivery_are_not_upscaled_again_and_the_manifest
     assert result.master.probe.height == 256
     assert result.manifest["video"]["upscaling"] == "realesrgan x4 (realesr-tiny-x4.pth), then lanczos"
     assert [a["role"] for a in result.manifest["assets"]] == ["upscaler_weights"]
+
+
+def test_the_upscaler_weights_are_hashed_once_per_version_of_the_file(tmp_path: Path, monkeypatch) -> None:
+    torch.manual_seed(0)
+    weights = tmp_path / "realesr-tiny-x4.pth"
+    torch.save({"params": SRVGGNetCompact(num_feat=8, num_conv=2).state_dict()}, weights)
+    spec = DeliverySpec(height=128, upscaler="realesrgan", realesrgan_weights=weights, upscale_tile=0)
+    hashed = []
+    monkeypatch.setattr(
+        media_deliver, "sha256_file", lambda path, **kw: hashed.append(path) or sha256_file(path, **kw)
+    )
+    for _ in range(3):  # three jobs of one worker
+        _frames, upscaled = learned_upscale(synthetic_frames(2, 48, 64), (64, 48), spec)
+        assert upscaled is not None and upscaled.weights["sha256"] == sha256_file(weights)
+    assert hashed == [weights]
+
+    # weights replaced in place are hashed again, as they are loaded again
+    torch.manual_seed(1)
+    torch.save({"params": SRVGGNetCompact(num_feat=8, num_conv=2).state_dict()}, weights)
+    before = weights.stat()
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
+    _frames, upscaled = learned_upscale(synthetic_frames(2, 48, 64), (64, 48), spec)
+    assert upscaled is not None and upscaled.weights["sha256"] == sha256_file(weights)
+    assert hashed == [weights, weights]
 
 
 def _assert_nothing_left(workdir: Path) -> None:
