@@ -36,7 +36,7 @@ from lynx.media.deliver import build_deliverables
 from lynx.media.errors import DeliveryInputError
 from lynx.media.intermediate import iter_frames, lossless_info
 from lynx.media.provenance import InputArtifact, ModelInfo, Provenance
-from lynx.media.publish import deliverable_prefix, publish_deliverables
+from lynx.media.publish import deliverable_prefix, publish_deliverables, withdraw
 from lynx.media.safety import SafetyVerdict
 from lynx.media.spec import DeliverySpec, Upscaled
 from lynx.store import StoredObject
@@ -162,9 +162,7 @@ def face_scores(video: Path, embedding_key: str, frames: int) -> tuple[list[floa
         )
         return [None] * frames, None
     stride = max(1, -(-frames // SIMILARITY_FRAMES))
-    similarity = video_face_similarity(
-        iter_video_frames(video, stride), stored["embedding"], analyzer, reference_model=stored["model"]
-    )
+    similarity = video_face_similarity(iter_video_frames(video, stride), stored["embedding"], analyzer)
     scores: list[float | None] = [None] * frames
     for index, score in enumerate(similarity.per_frame):
         if index * stride < frames:
@@ -237,19 +235,10 @@ def deliver_job(ticket: JobTicket, recorder: StageRecorder) -> JobTicket:
 def _withdraw(job_id: int, keys: Sequence[str], recorded: dict[str, int]) -> None:
     """Delete a job's published files and mark their rows deleted, as far as the services let us.
 
-    Runs while another error is on its way up: a failure here is logged, never raised, so the job's
-    error stays the real cause and one stuck file does not keep the others published.
+    Like ``withdraw``, this logs a failure and never raises: the job's error stays the real cause.
     """
     svc = services()
-    deleted = []
-    for key in keys:  # a job that did not complete leaves no deliverable
-        try:
-            svc.store.delete(key)
-            deleted.append(key)
-        except Exception:
-            log.warning(
-                "job %s: could not remove %s while withdrawing its delivery", job_id, key, exc_info=True
-            )
+    deleted = withdraw(svc.store, keys)  # a job that did not complete leaves no deliverable
     # nor a row pointing at a deleted file; a file still there keeps its live row (and the log names it)
     rows = [recorded[key] for key in deleted if key in recorded]
     try:

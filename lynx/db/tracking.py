@@ -356,28 +356,25 @@ class Tracker:
             raise IllegalTransitionError("a stage run cannot finish with status 'running'")
         with self.transaction() as session:
             run = _get(session, StageRun, stage_run_id)
-            if run.status is StageStatus.RUNNING:
-                finished_at = utcnow()
-                # Compare-and-swap on the status: of two concurrent finishes exactly one wins.
-                swapped = session.execute(
-                    update(StageRun)
-                    .where(StageRun.id == stage_run_id, StageRun.status == StageStatus.RUNNING)
-                    .values(
-                        finished_at=finished_at,
-                        status=final,
-                        duration_s=(
-                            duration_s
-                            if duration_s is not None
-                            else (finished_at - run.started_at).total_seconds()
-                        ),
-                        output_keys=list(outputs),
-                        metrics=dict(metrics or {}),
-                        error_text=error_text,
-                    )
-                    .execution_options(synchronize_session=False)
-                ).rowcount
-            else:
-                swapped = 0
+            finished_at = utcnow()
+            # Compare-and-swap on the status: of two concurrent finishes exactly one wins.
+            swapped = session.execute(
+                update(StageRun)
+                .where(StageRun.id == stage_run_id, StageRun.status == StageStatus.RUNNING)
+                .values(
+                    finished_at=finished_at,
+                    status=final,
+                    duration_s=(
+                        duration_s
+                        if duration_s is not None
+                        else (finished_at - run.started_at).total_seconds()
+                    ),
+                    output_keys=list(outputs),
+                    metrics=dict(metrics or {}),
+                    error_text=error_text,
+                )
+                .execution_options(synchronize_session=False)
+            ).rowcount
             session.refresh(run)
             if swapped != 1:
                 raise IllegalTransitionError(

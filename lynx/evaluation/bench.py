@@ -26,6 +26,7 @@ from lynx.evaluation.publish import EvaluationOutcome
 from lynx.faces import FaceAnalyzer
 from lynx.images import load_image
 from lynx.jobs import JobOutcome
+from lynx.media.provenance import sha256_file
 
 PAPER_SUBJECTS, PAPER_PROMPTS = 40, 20
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -137,9 +138,7 @@ def default_campaign_name(
         "subjects": subjects,
         "model": model,
         "model_identity": model_identity or {},
-        "photos": "bundled sample"
-        if photos is None
-        else [hashlib.sha256(Path(photo).read_bytes()).hexdigest() for photo in photos],
+        "photos": "bundled sample" if photos is None else [sha256_file(Path(photo)) for photo in photos],
         "prompts": list(prompts),
         "generation": generation,
     }

@@ -133,7 +133,8 @@ class _Steps:
         logger.info("deliverables: %s took %.2f s", name, self.timings[name])
 
 
-def _asset_entry(role: str, path: Path | None) -> dict[str, Any] | None:
+def asset_entry(role: str, path: Path | None) -> dict[str, Any] | None:
+    """The manifest's record of an input file (hashed in full), or None without one."""
     if path is None:
         return None
     return {"role": role, "file": path.name, "sha256": sha256_file(path), "size": path.stat().st_size}
@@ -173,12 +174,12 @@ def learned_upscale(
     weights = spec.realesrgan_weights
     if spec.upscaler != "realesrgan" or weights is None or height <= source_h:
         return frames, None
-    from lynx.media.realesrgan import cached_upscaler  # torch only when asked for
+    from lynx.media.realesrgan import cached_upscaler, cached_weights_entry  # torch only when asked for
 
     upscaler = cached_upscaler(spec)
     done = Upscaled(
         label=f"realesrgan x{upscaler.scale} ({weights.name})",
-        weights=_asset_entry("upscaler_weights", weights) or {},
+        weights=cached_weights_entry(spec),
         source_width=source_w,
         source_height=source_h,
     )
@@ -384,10 +385,10 @@ def _build(
     with steps.step("manifest"):
         upscalers = [u.weights for u in (upscaled_by, upscaled) if u is not None]
         assets = [
-            _asset_entry("audio", spec.audio),
-            _asset_entry("watermark", spec.watermark),
+            asset_entry("audio", spec.audio),
+            asset_entry("watermark", spec.watermark),
             *(w for i, w in enumerate(upscalers) if w not in upscalers[:i]),  # once if both used one file
-            _asset_entry("safety_model", spec.safety_model),
+            asset_entry("safety_model", spec.safety_model),
         ]
         manifest = build_manifest(
             provenance=provenance,

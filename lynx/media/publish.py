@@ -9,6 +9,7 @@ sha256 and size. Any failure deletes what this call uploaded and raises.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -78,10 +79,23 @@ def publish_deliverables(result: DeliveryResult, store: ArtifactStoreLike, *, pr
             stored.append(obj)
             logger.info("published %s (%d bytes)", key, item.size)
     except BaseException:
-        for key in reversed(uploaded):
-            try:
-                store.delete(key)
-            except Exception:  # keep rolling back; the original error is the one to report
-                logger.exception("could not remove %s while undoing a failed publish", key)
+        withdraw(store, reversed(uploaded))
         raise
     return stored
+
+
+def withdraw(store: ArtifactStoreLike, keys: Iterable[str]) -> list[str]:
+    """Delete ``keys`` from the store, going on past any that fail; returns the keys it deleted.
+
+    Runs while another error is on its way up: a failure here is logged, never raised, so that error
+    stays the one reported and one stuck file does not keep the others published.
+    """
+    deleted = []
+    for key in keys:
+        try:
+            store.delete(key)
+        except Exception:
+            logger.warning("could not remove %s from the artifact store", key, exc_info=True)
+        else:
+            deleted.append(key)
+    return deleted

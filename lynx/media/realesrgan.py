@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 
 from lynx.errors import ModelWeightsError
 from lynx.faces.runtime import cached_per_configuration
+from lynx.media.deliver import asset_entry
 from lynx.media.resize import resize_frame
 
 if TYPE_CHECKING:
@@ -362,3 +363,9 @@ def cached_upscaler(spec: DeliverySpec) -> RealEsrganUpscaler:
     return RealEsrganUpscaler.from_file(
         spec.realesrgan_weights, tile=spec.upscale_tile, overlap=spec.upscale_tile_overlap
     )
+
+
+@cached_per_configuration(_upscaler_configuration)
+def cached_weights_entry(spec: DeliverySpec) -> dict[str, Any]:
+    """The manifest's entry for the spec's weights file: hashed once per version of it, like the model."""
+    return asset_entry("upscaler_weights", Path(spec.realesrgan_weights)) or {}

@@ -15,7 +15,8 @@ A reader never sees a partial object: bytes are written and fsynced in ``tmp/`` 
 then renamed into place. Metadata and bytes are published together under a short lock so two
 writers of the same key cannot leave one's metadata beside the other's bytes, and a reader takes the
 record and opens the bytes under the same lock, so it never pairs one version's checksum with the
-next one's bytes. A put that fails
+next one's bytes. (A store nobody can write, such as a read-only mount, has no writers: it is read
+without the lock.) A put that fails
 leaves no folder or temp file behind, and a delete removes the folders it empties, so neither can
 block a later key.
 """
@@ -163,20 +164,16 @@ class LocalArtifactStore(ArtifactStore):
 
     @contextmanager
     def _open_raw(self, key: str) -> Iterator[tuple[StoredObject, BinaryIO]]:
-        _check_segments(key)
-        path = self._object_path(key)
-        if not path.is_file():
-            raise ArtifactNotFoundError(f"no artifact {key!r} in {self.location}")
         # Writers replace the record and the bytes under this lock; an open file keeps the bytes
         # it was opened on, so record and bytes read here belong together.
-        with self._service_errors("read from"), self._locked():
-            recorded = self._read_record(key)
+        with self._service_errors("read from"), self._read_locked():
+            expected = self.stat(key)
             try:
-                raw = open(path, "rb")
-            except FileNotFoundError:  # deleted since the check above
+                raw = open(self._object_path(key), "rb")
+            except FileNotFoundError:  # removed behind the store's back
                 raise ArtifactNotFoundError(f"no artifact {key!r} in {self.location}") from None
         with raw:
-            yield self._stored(key, recorded), raw
+            yield expected, raw
 
     def list(self, prefix: str = "") -> Iterator[str]:
         validate_key(prefix, prefix=True)
@@ -238,6 +235,22 @@ class LocalArtifactStore(ArtifactStore):
         self._tmp.mkdir(parents=True, exist_ok=True)
         with self._lock:
             yield
+
+    @contextmanager
+    def _read_locked(self) -> Iterator[None]:
+        """The publish lock, unless this store cannot be written (read-only mount, no write access)."""
+        try:
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
+        except OSError as err:
+            if err.errno not in (errno.EROFS, errno.EACCES):
+                raise
+            yield  # a store nobody can write has no writers to wait for
+            return
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     @contextmanager
     def _service_errors(self, action: str) -> Iterator[None]:

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from lynx.errors import ConfigurationError
+from lynx.media import deliver as media_deliver
 from lynx.media import realesrgan
 from lynx.media.deliver import build_deliverables, learned_upscale
 from lynx.media.errors import AudioError, DeliveryInputError, EncodingError, SafetyBlockedError
 from lynx.media.probe import probe_image
 from lynx.media.provenance import Provenance, sha256_file
-from lynx.media.realesrgan import SRVGGNetCompact
 from lynx.media.spec import DeliverySpec
 
 from .conftest import flat_frames, synthetic_frames
+from .upscaler import count_enlarged, tiny_realesrgan_weights
 
 
 def test_full_delivery(tmp_path: Path, provenance: Provenance, make_audio, logo_png: Path) -> None:
@@ -148,9 +149,7 @@ def test_float_video_array_is_accepted(tmp_path: Path, provenance: Provenance) -
 
 def test_realesrgan_upscale_end_to_end(tmp_path: Path, provenance: Provenance, monkeypatch) -> None:
     load = realesrgan.load_realesrgan
-    torch.manual_seed(0)
-    weights = tmp_path / "realesr-tiny-x4.pth"
-    torch.save({"params": SRVGGNetCompact(num_feat=8, num_conv=2).state_dict()}, weights)
+    weights = tiny_realesrgan_weights(tmp_path / "realesr-tiny-x4.pth")
     spec = DeliverySpec(
         height=128,
         upscaler="realesrgan",
@@ -184,19 +183,11 @@ def test_realesrgan_upscale_end_to_end(tmp_path: Path, provenance: Provenance, m
 def test_frames_upscaled_before_delivery_are_not_upscaled_again_and_the_manifest_names_it(
     tmp_path: Path, provenance: Provenance, monkeypatch
 ) -> None:
-    torch.manual_seed(0)
-    weights = tmp_path / "realesr-tiny-x4.pth"
-    torch.save({"params": SRVGGNetCompact(num_feat=8, num_conv=2).state_dict()}, weights)
+    weights = tiny_realesrgan_weights(tmp_path / "realesr-tiny-x4.pth")
     spec = DeliverySpec(
         height=128, upscaler="realesrgan", realesrgan_weights=weights, upscale_tile=0, preset="veryfast"
     )
-    enlarged = []
-    enlarge = realesrgan.RealEsrganUpscaler.enlarge
-    monkeypatch.setattr(
-        realesrgan.RealEsrganUpscaler,
-        "enlarge",
-        lambda self, frame: enlarged.append(1) or enlarge(self, frame),
-    )
+    enlarged = count_enlarged(monkeypatch)
     # as the decode stage does, on the GPU: the frames reach delivery at the target size
     frames, upscaled = learned_upscale(synthetic_frames(9, 48, 64), (64, 48), spec)
     assert upscaled is not None and upscaled.label == "realesrgan x4 (realesr-tiny-x4.pth)"
@@ -226,6 +217,27 @@ def test_frames_upscaled_before_delivery_are_not_upscaled_again_and_the_manifest
     assert result.master.probe.height == 256
     assert result.manifest["video"]["upscaling"] == "realesrgan x4 (realesr-tiny-x4.pth), then lanczos"
     assert [a["role"] for a in result.manifest["assets"]] == ["upscaler_weights"]
+
+
+def test_the_upscaler_weights_are_hashed_once_per_version_of_the_file(tmp_path: Path, monkeypatch) -> None:
+    weights = tiny_realesrgan_weights(tmp_path / "realesr-tiny-x4.pth")
+    spec = DeliverySpec(height=128, upscaler="realesrgan", realesrgan_weights=weights, upscale_tile=0)
+    hashed = []
+    monkeypatch.setattr(
+        media_deliver, "sha256_file", lambda path, **kw: hashed.append(path) or sha256_file(path, **kw)
+    )
+    for _ in range(3):  # three jobs of one worker
+        _frames, upscaled = learned_upscale(synthetic_frames(2, 48, 64), (64, 48), spec)
+        assert upscaled is not None and upscaled.weights["sha256"] == sha256_file(weights)
+    assert hashed == [weights]
+
+    # weights replaced in place are hashed again, as they are loaded again
+    tiny_realesrgan_weights(weights, seed=1)
+    before = weights.stat()
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
+    _frames, upscaled = learned_upscale(synthetic_frames(2, 48, 64), (64, 48), spec)
+    assert upscaled is not None and upscaled.weights["sha256"] == sha256_file(weights)
+    assert hashed == [weights, weights]
 
 
 def _assert_nothing_left(workdir: Path) -> None:

@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from flows.generate import lynx
-from lynx.media import realesrgan
 from lynx.media.intermediate import lossless_info
 from lynx.media.probe import probe_video
 from lynx.media.provenance import sha256_file
-from lynx.media.realesrgan import SRVGGNetCompact
 from tasks.services import services
+from tests.deliver.upscaler import count_enlarged, tiny_realesrgan_weights
 from tests.flows.conftest import TINY_SETTINGS
 
 
 def test_realesrgan_runs_in_the_decode_stage_and_the_manifest_still_names_it(
     flow_env, photos, tmp_path, monkeypatch
 ):
-    torch.manual_seed(0)
-    weights = tmp_path / "realesr-tiny-x4.pth"  # random tensors in the official layout
-    torch.save({"params": SRVGGNetCompact(num_feat=8, num_conv=2).state_dict()}, weights)
+    weights = tiny_realesrgan_weights(tmp_path / "realesr-tiny-x4.pth")
     flow_env(
         deliver_upscaler="realesrgan",
         deliver_realesrgan_weights=weights,
@@ -29,13 +24,7 @@ def test_realesrgan_runs_in_the_decode_stage_and_the_manifest_still_names_it(
         deliver_upscale_tile=32,
         deliver_upscale_tile_overlap=4,
     )
-    enlarged = []
-    enlarge = realesrgan.RealEsrganUpscaler.enlarge
-    monkeypatch.setattr(
-        realesrgan.RealEsrganUpscaler,
-        "enlarge",
-        lambda self, frame: enlarged.append(1) or enlarge(self, frame),
-    )
+    enlarged = count_enlarged(monkeypatch)
 
     outcome = lynx(str(photos["astronaut"]), "a woman smiling", settings=TINY_SETTINGS)
 

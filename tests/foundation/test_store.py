@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from lynx.errors import (
     ArtifactNotFoundError,
@@ -408,6 +413,52 @@ def test_local_unwritable_folder_names_the_setting(tmp_path: Path, make_settings
     store = open_store(make_settings(artifacts_dir=blocker))
     with pytest.raises(ServiceUnavailableError, match="LYNX_ARTIFACTS_DIR"):
         store.check()
+
+
+@contextmanager
+def _read_only_mount(folder: Path) -> Iterator[None]:
+    """``folder`` bind-mounted read-only onto itself: unwritable even for root."""
+    made = subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot bind-mount read-only here: {made.stderr.decode().strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("lock_folder", ["kept", "never made"])
+def test_local_read_only_store_is_still_readable(tmp_path: Path, lock_folder: str):
+    root = tmp_path / "artifacts"
+    LocalArtifactStore(root).put_bytes(b"published", key="videos/a.mp4")
+    if lock_folder == "never made":  # as copied onto a read-only volume without tmp/
+        for leftover in (root / "tmp").iterdir():
+            leftover.unlink()
+        (root / "tmp").rmdir()
+    with _read_only_mount(root):
+        store = LocalArtifactStore(root)
+        assert store.get_bytes("videos/a.mp4") == b"published"
+        with pytest.raises(ArtifactNotFoundError):
+            store.get_bytes("videos/missing.mp4")
+        with pytest.raises(ServiceUnavailableError, match="LYNX_ARTIFACTS_DIR"):
+            store.put_bytes(b"new", key="videos/b.mp4")  # writing still fails, naming the setting
+
+
+class _DeniedLock(FileLock):
+    """The lock of a reader without write access to the store's tmp/ folder."""
+
+    def acquire(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", self.lock_file)
+
+
+def test_local_reader_without_write_access_reads_without_the_lock(tmp_path: Path):
+    root = tmp_path / "artifacts"
+    store = LocalArtifactStore(root)
+    store.put_bytes(b"published", key="a")
+    store._lock = _DeniedLock(store._lock.lock_file)
+    assert store.get_bytes("a") == b"published"
+    with pytest.raises(ServiceUnavailableError, match="Permission denied"):
+        store.put_bytes(b"new", key="b")  # a writer still needs the lock
 
 
 # --- S3 backend specifics ------------------------------------------------------------------------------
