@@ -24,6 +24,7 @@ from prefect.cache_policies import NONE
 from lynx.errors import ConfigurationError
 from lynx.faces.embedders import ARCFACE_IR_SE50_NAME
 from lynx.jobs import GpuBatchRequest, GpuJobSpec, Variant
+from lynx.model_loading import settings_for_variant
 from lynx.settings import LynxSettings
 from tasks.services import services
 from tasks.tracking import error_text, run_stage, timeout_text
@@ -95,10 +96,6 @@ _lock = threading.Lock()
 _loaded: dict[tuple[Any, ...], LoadedModel] = {}
 
 
-def _model_settings(settings: LynxSettings, variant: Variant | None) -> LynxSettings:
-    return settings.model_copy(update={"model_variant": variant}) if variant else settings
-
-
 def _identity(settings: LynxSettings) -> tuple[Any, ...]:
     return (
         settings.resolved_base_model_path,
@@ -156,7 +153,7 @@ def load_batch_model(batch: GpuBatchRequest) -> ModelHandle:
     svc = services()
     started = time.monotonic()
     try:
-        model, reused = loaded_model(_model_settings(svc.settings, batch.variant))
+        model, reused = loaded_model(settings_for_variant(svc.settings, batch.variant))
     except Exception as err:  # missing weights, bad settings: every job of the batch fails with it
         return ModelHandle(error=error_text(err))
     except asyncio.CancelledError as err:  # how the task's timeout arrives; a cancelled run is let go
