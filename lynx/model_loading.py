@@ -15,6 +15,7 @@ from lynx.settings import LynxSettings, get_settings
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from lynx.jobs import Variant
     from lynx_model import LynxPipeline
 
 # which setting points at the files a lynx_model.WeightsError is about
@@ -76,6 +77,11 @@ def resolve_attention_backend(value: str, device: torch.device, dtype: torch.dty
     if device.type == "cuda" and half and importlib.util.find_spec("flash_attn") is not None:
         return "flash"
     return "native"
+
+
+def settings_for_variant(settings: LynxSettings, variant: Variant | None) -> LynxSettings:
+    """The settings with LYNX_MODEL_VARIANT replaced by a job's variant (None: the setting's own)."""
+    return settings.model_copy(update={"model_variant": variant}) if variant else settings
 
 
 def check_model_paths(settings: LynxSettings) -> None:
@@ -148,4 +154,5 @@ __all__ = [
     "resolve_attention_backend",
     "resolve_device",
     "resolve_dtype",
+    "settings_for_variant",
 ]

@@ -6,13 +6,16 @@ their attempt counter raised, and a job left 'running' by a run that died is ret
 whose photo cannot be found still gets its jobs, failed at this stage with the reason, and a purged
 subject's requests come back failed at this stage with the reason (no job is recorded for them), so
 one bad row never stops a campaign. Settings a later stage would refuse (delivery, the quality
-gate's recogniser) fail every job here, before any GPU time is spent on videos that cannot ship.
+gate's recogniser) fail every job this run claims, here, before any GPU time is spent on videos
+that cannot ship; they are checked only once a job is claimed (a re-run of finished jobs loads nothing).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -153,9 +156,16 @@ def _claim(job_id: int) -> tuple[bool, JobStatus, int]:
 
 
 def register_job(
-    request: GenerationRequest, subject: Subject, problem: LynxError | None, campaign_id: int | None
+    request: GenerationRequest,
+    subject: Subject,
+    problem: LynxError | None,
+    campaign_id: int | None,
+    misconfigured: Callable[[], ConfigurationError | None],
 ) -> JobTicket:
-    """The job's ticket: running and recorded in stage 'submit', or what an earlier run left."""
+    """The job's ticket: running and recorded in stage 'submit', or what an earlier run left.
+
+    ``misconfigured`` is what the later stages' settings refuse, asked only for a claimed job.
+    """
     tracker = services().tracker
     settings = request.settings
     try:
@@ -183,12 +193,13 @@ def register_job(
     if not claimed:  # completed (or in review) earlier, or running in another live run
         return ticket.model_copy(update={"status": status.value})
 
-    def check_photo(recorder: Any) -> JobTicket:
-        if problem is not None:
-            raise problem
+    def check_inputs(recorder: Any) -> JobTicket:
+        error = misconfigured() or problem
+        if error is not None:
+            raise error
         return ticket
 
-    return run_stage(ticket, "submit", check_photo, inputs=[ticket.photo_key] if ticket.photo_key else [])
+    return run_stage(ticket, "submit", check_inputs, inputs=[ticket.photo_key] if ticket.photo_key else [])
 
 
 def refused(
@@ -223,9 +234,14 @@ def submit_requests(
         raise InputError(f"one submission belongs to one campaign, got {sorted(map(str, names))}")
     name = names.pop() if names else None
     campaign_id = tracker.get_or_create_campaign(name, spec=campaign_spec).id if name else None
-    misconfigured = check_run_settings(services().settings)
-    if misconfigured is not None:
-        log.error("jobs fail at submit, settings of a later stage are invalid: %s", misconfigured)
+
+    @functools.cache  # checked once, when the first job is claimed: a re-run of done jobs loads nothing
+    def misconfigured() -> ConfigurationError | None:
+        err = check_run_settings(services().settings)
+        if err is not None:
+            log.error("jobs fail at submit, settings of a later stage are invalid: %s", err)
+        return err
+
     tickets = []
     for subject_spec, group in itertools.groupby(requests, key=lambda request: request.subject):
         subject_requests = list(group)
@@ -234,8 +250,10 @@ def submit_requests(
         except InputError as err:  # this subject's requests fail, the others go on
             tickets += [refused(request, None, campaign_id, err) for request in subject_requests]
             continue
-        problem = misconfigured or problem
-        tickets += [register_job(request, subject, problem, campaign_id) for request in subject_requests]
+        tickets += [
+            register_job(request, subject, problem, campaign_id, misconfigured)
+            for request in subject_requests
+        ]
     return tickets
 
 

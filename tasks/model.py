@@ -24,10 +24,10 @@ from prefect.cache_policies import NONE
 from lynx.errors import ConfigurationError
 from lynx.faces.embedders import ARCFACE_IR_SE50_NAME
 from lynx.jobs import GpuBatchRequest, GpuJobSpec, Variant
+from lynx.model_loading import settings_for_variant
 from lynx.settings import LynxSettings
-from tasks.policy import stage_timeout, timeout_setting
 from tasks.services import services
-from tasks.tracking import error_text, run_stage
+from tasks.tracking import error_text, run_stage, timeout_text
 
 if TYPE_CHECKING:
     import torch
@@ -96,10 +96,6 @@ _lock = threading.Lock()
 _loaded: dict[tuple[Any, ...], LoadedModel] = {}
 
 
-def _model_settings(settings: LynxSettings, variant: Variant | None) -> LynxSettings:
-    return settings.model_copy(update={"model_variant": variant}) if variant else settings
-
-
 def _identity(settings: LynxSettings) -> tuple[Any, ...]:
     return (
         settings.resolved_base_model_path,
@@ -157,16 +153,14 @@ def load_batch_model(batch: GpuBatchRequest) -> ModelHandle:
     svc = services()
     started = time.monotonic()
     try:
-        model, reused = loaded_model(_model_settings(svc.settings, batch.variant))
+        model, reused = loaded_model(settings_for_variant(svc.settings, batch.variant))
     except Exception as err:  # missing weights, bad settings: every job of the batch fails with it
         return ModelHandle(error=error_text(err))
-    except asyncio.CancelledError:  # how the task's timeout arrives; a cancelled run is let go
-        elapsed = time.monotonic() - started
-        if elapsed < stage_timeout("model", svc.settings) * 0.99:
+    except asyncio.CancelledError as err:  # how the task's timeout arrives; a cancelled run is let go
+        timed_out = timeout_text(err, "model", started, "loading the model", svc.settings)
+        if timed_out is None:
             raise
-        return ModelHandle(
-            error=f"loading the model timed out after {elapsed:.0f} s (setting: {timeout_setting('model')})"
-        )
+        return ModelHandle(error=timed_out)
     svc.tracker.record_compute_event(
         "model_load",
         model.version,

@@ -21,6 +21,7 @@ from sqlalchemy.orm import aliased
 from lynx.db.models import JobStatus, StageRun, StageStatus, utcnow
 from lynx.db.tracking import StageRecorder
 from lynx.errors import IllegalTransitionError, LynxError
+from lynx.settings import LynxSettings
 from tasks.policy import is_transient, longest_stage_timeout, stage_timeout, timeout_setting
 from tasks.services import services
 
@@ -96,13 +97,11 @@ def run_stage(
         if is_transient(err) and _retries_left():
             log.warning("job %s: %s failed on a transient error, retrying: %s", ticket.job_id, stage, err)
             raise
-        text = error_text(err)
-        if _is_cancellation(err):
-            elapsed = time.monotonic() - started
-            if elapsed < stage_timeout(stage) * 0.99:
-                mark_cancelled([ticket.job_id])
-                raise
-            text = f"{stage} stage timed out after {elapsed:.0f} s (setting: {timeout_setting(stage)})"
+        timed_out = timeout_text(err, stage, started, f"{stage} stage")
+        if timed_out is None and _is_cancellation(err):
+            mark_cancelled([ticket.job_id])
+            raise
+        text = timed_out or error_text(err)
         if not isinstance(err, LynxError):
             log.exception("job %s: %s failed", ticket.job_id, stage)
         fail_job(ticket.job_id, stage, text)
@@ -113,6 +112,22 @@ def _is_cancellation(err: BaseException) -> bool:
     import asyncio
 
     return isinstance(err, asyncio.CancelledError)
+
+
+def timeout_text(
+    err: BaseException, stage: str, started: float, what: str, settings: LynxSettings | None = None
+) -> str | None:
+    """The one-line reason when ``err`` is the stage's timeout (``what`` names the work), else None.
+
+    Prefect delivers a task's timeout as a cancellation, as it does a cancelled run: one that comes
+    before the stage's timeout is up is the run being cancelled, not the stage timing out.
+    """
+    if not _is_cancellation(err):
+        return None
+    elapsed = time.monotonic() - started
+    if elapsed < stage_timeout(stage, settings) * 0.99:
+        return None
+    return f"{what} timed out after {elapsed:.0f} s (setting: {timeout_setting(stage)})"
 
 
 def fail_job(job_id: int, stage: str, text: str) -> None:

@@ -50,13 +50,11 @@ def run_job(image: Path, prompt: str, generation: GenerationSettings, subject: s
     if not image.is_file():
         raise InputError(f"image {image} does not exist or is not a file")
     settings = get_settings()
-    if (
-        not settings.gpu_deployment
-    ):  # the model loads here: missing weights fail now, not after the face stage
-        from lynx.model_loading import check_model_paths
+    # without a GPU deployment the model loads here: missing weights fail now, not after the face stage
+    if not settings.gpu_deployment:
+        from lynx.model_loading import check_model_paths, settings_for_variant
 
-        variant = generation.variant
-        check_model_paths(settings.model_copy(update={"model_variant": variant}) if variant else settings)
+        check_model_paths(settings_for_variant(settings, generation.variant))
     from flows.generate import lynx
 
     outcome = lynx(image=str(image.resolve()), prompt=prompt, settings=generation, subject_id=subject)

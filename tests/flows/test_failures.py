@@ -15,6 +15,7 @@ from flows.generate import lynx
 from lynx.db.models import JobStatus, StageRun, StageStatus, utcnow
 from lynx.errors import InputError, ServiceUnavailableError
 from lynx.jobs import GenerationRequest, JobTicket, SubjectSpec
+from lynx.settings import get_settings
 from tasks.deliver import deliver_stage
 from tasks.gpu import run_batch
 from tasks.jobs import submit_requests
@@ -153,6 +154,22 @@ def test_impossible_delivery_settings_fail_the_job_at_submit_before_any_gpu_stag
     assert (outcome.status, outcome.error_stage) == ("failed", "submit")
     assert named in outcome.error_text and "\n" not in outcome.error_text
     assert [r.stage for r in services().tracker.stage_runs(outcome.job_id)] == ["submit"]
+
+
+def test_settings_made_impossible_after_a_job_completed_fail_nothing_on_a_rerun(
+    flow_env, photos, monkeypatch, caplog
+):
+    flow_env()
+    done = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS, subject_id="ann")
+    assert done.status == "completed", done.error_text
+    # a re-run claims no job: the later stages' settings are not even checked
+    monkeypatch.setenv("LYNX_DELIVER_PRESET", "warp-speed")
+    get_settings.cache_clear()
+    with caplog.at_level("ERROR", logger="tasks.jobs"):
+        [ticket] = submit_requests([request(photos["astronaut"], subject_id="ann")])
+    assert (ticket.job_id, ticket.status, ticket.error_stage) == (done.job_id, "completed", None)
+    assert services().tracker.get_job(done.job_id).status is JobStatus.COMPLETED
+    assert not [r for r in caplog.records if "jobs fail at submit" in r.getMessage()]
 
 
 def test_a_delivery_failure_publishes_nothing(flow_env, photos, tmp_path):
