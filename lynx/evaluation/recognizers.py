@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lynx.caching import cached_per_configuration
 from lynx.errors import ConfigurationError, ModelWeightsError
 from lynx.faces import ArcFaceIRSE50Embedder, FaceDetector, FaceEmbedder, OnnxArcFaceEmbedder
 from lynx.faces.analyzer import load_face_analyzer
 from lynx.faces.embedders import ARCFACE_IR_SE50_NAME
 from lynx.faces.pack import FacePack
-from lynx.faces.runtime import cached_per_configuration, onnx_providers, torch_device
+from lynx.faces.runtime import onnx_providers, torch_device
 from lynx.settings import LynxSettings
 
 SETTING = "LYNX_EVAL_RECOGNIZERS"

@@ -15,17 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from lynx.caching import cached_per_configuration
 from lynx.errors import ConfigurationError, InputError, ModelWeightsError
 from lynx.faces.align import arcface_crop, reference_crop
 from lynx.faces.detectors import InsightFaceDetector
 from lynx.faces.embedders import ArcFaceIRSE50Embedder, OnnxArcFaceEmbedder
 from lynx.faces.pack import FacePack, PackModel
-from lynx.faces.runtime import (
-    cached_per_configuration,
-    onnx_providers,
-    torch_device,
-    zoo_model,
-)
+from lynx.faces.runtime import onnx_providers, torch_device, zoo_model
 from lynx.faces.types import DetectedFace, FaceDetector, FaceEmbedder
 from lynx.faces.yunet import YuNetDetector
 from lynx.images import load_image

@@ -7,23 +7,16 @@ want of a GPU. ``cuda`` is for fleets that must not silently fall back to CPU.
 from __future__ import annotations
 
 import contextlib
-import functools
 import sys
 import threading
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 import onnxruntime
 
 from lynx.errors import ConfigurationError
-
-if TYPE_CHECKING:
-    from lynx.settings import LynxSettings
-
-Loaded = TypeVar("Loaded")
-
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -168,26 +161,3 @@ def session_options() -> onnxruntime.SessionOptions:
     # (docs/PERFORMANCE.md, Evaluation).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
-
-
-def cached_per_configuration(
-    key: Callable[[LynxSettings], Hashable],
-) -> Callable[[Callable[[LynxSettings], Loaded]], Callable[[LynxSettings], Loaded]]:
-    """Decorate a model loader so that each process loads once per configuration (``key(settings)``):
-    loading face models costs far more than running them on one photo or video."""
-
-    def decorate(load: Callable[[LynxSettings], Loaded]) -> Callable[[LynxSettings], Loaded]:
-        lock = threading.Lock()
-        loaded: dict[Hashable, Loaded] = {}
-
-        @functools.wraps(load)
-        def cached(settings: LynxSettings) -> Loaded:
-            wanted = key(settings)
-            with lock:  # flows run tasks in threads; two loads of the same models waste minutes
-                if wanted not in loaded:
-                    loaded[wanted] = load(settings)
-                return loaded[wanted]
-
-        return cached
-
-    return decorate

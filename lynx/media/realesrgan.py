@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lynx.caching import cached_per_configuration
 from lynx.errors import ModelWeightsError
-from lynx.faces.runtime import cached_per_configuration
 from lynx.media.deliver import asset_entry
 from lynx.media.resize import resize_frame
 
