@@ -282,6 +282,19 @@ class LynxSettings(BaseSettings):
         description="Where `lynx demo` (and `lynx generate --demo-model`) keep the tiny random demo "
         "model. Default: LYNX_MODELS_DIR/demo.",
     )
+    sample_checkpoint_steps: int = Field(
+        default=10, ge=0, le=1000,
+        description="Denoising steps between sampling checkpoints (latents + solver state, ~34 MB per "
+        "14B video, written to the artifact store in the background): a killed or re-run job resumes "
+        "from its last one, losing at most this many steps. 0: no checkpoints.",
+    )
+    ledger_verify: Literal["checksum", "record"] = Field(
+        default="checksum",
+        description="How a re-run checks that finished work is still stored before skipping it: "
+        "'checksum' reads a job's deliverables and decoded video in full and hashes them; 'record' only "
+        "compares the store's sha256 and size records with the tracking database (no download: for "
+        "campaigns of thousands of jobs, at the price of missing bytes damaged under an intact record).",
+    )
 
     # --- evaluation ----------------------------------------------------------------------
     eval_recognizers: list[str | dict[str, Any]] = Field(

@@ -86,7 +86,8 @@ JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.FAILED: frozenset({JobStatus.PENDING}),
     JobStatus.NEEDS_REVIEW: frozenset({JobStatus.COMPLETED, JobStatus.FAILED}),
     JobStatus.CANCELLED: frozenset({JobStatus.PENDING}),
-    JobStatus.COMPLETED: frozenset(),
+    # A re-run that finds a completed job's deliverables missing or corrupt fails it (lynx.ledger).
+    JobStatus.COMPLETED: frozenset({JobStatus.FAILED}),
 }
 
 
@@ -117,6 +118,7 @@ class ArtifactKind(str, enum.Enum):
     PREVIEW = "preview"
     MANIFEST = "manifest"
     REPORT = "report"
+    SAMPLING_CHECKPOINT = "sampling_checkpoint"
 
 
 #: Kinds that are biometric data of a subject: purged when the subject's retention ends.
@@ -128,6 +130,8 @@ BIOMETRIC_KINDS: frozenset[ArtifactKind] = frozenset(
         ArtifactKind.REF_CROP,
         ArtifactKind.REFERENCE_FEATURES,
         ArtifactKind.IDENTITY_TOKENS,
+        # latents of a video still being sampled, conditioned on the face: purged like it
+        ArtifactKind.SAMPLING_CHECKPOINT,
     }
 )
 
