@@ -1,8 +1,10 @@
 """Flow ``lynx-campaign``: subjects x prompts from a campaign file, fanned out in GPU batches.
 
-Re-runnable: jobs completed by an earlier run are skipped, failed and cancelled ones are retried
-(attempt + 1). Faces, identity tokens and reference features are computed once per subject, text
-embeddings once per prompt; the table artifact ``campaign-<name>-<hash>`` summarises every job.
+Re-runnable: jobs completed by an earlier run are skipped while their deliverables verify, failed
+and cancelled ones are retried (attempt + 1) from what they left (a stored decoded video is
+delivered again, sampling resumes from its last checkpoint; see ``lynx.ledger``). Faces, identity
+tokens and reference features are computed once per subject, text embeddings once per prompt; the
+table artifact ``campaign-<name>-<hash>`` summarises every job.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from lynx.jobs import JobOutcome
 from tasks.campaign import read_campaign
 from tasks.deliver import deliver_stage
 from tasks.face import face_stage
-from tasks.gpu import gpu_batches, run_gpu_batch
+from tasks.gpu import decoded_earlier, gpu_batches, run_gpu_batch
 from tasks.jobs import submit_jobs
 from tasks.policy import configured
 from tasks.report import report_campaign
@@ -33,7 +35,10 @@ def lynx_campaign(campaign_file: str | None = None, name: str | None = None) -> 
     tickets = [configured(face_stage, "face")(ticket) for ticket in tickets]
     # Step 4: GPU batches of LYNX_GPU_BATCH_SIZE, as many at once as the GPU pool's limit allows
     gpu_runs = run_gpu_batch.map(gpu_batches(tickets), gpu_flow=unmapped(lynx_gpu))
-    # Step 5: deliver each batch's jobs as soon as its GPU run is done (later batches keep running)
+    # Step 5: deliver the jobs decoded by an earlier run now, and each batch's jobs as soon as its
+    # GPU run is done (later batches keep running)
+    for job in decoded_earlier(tickets):
+        configured(deliver_stage, "deliver")(job)
     for run in gpu_runs:
         for job in run.result():
             configured(deliver_stage, "deliver")(job)

@@ -155,6 +155,11 @@ class JobTicket(BaseModel):
     def active(self) -> bool:
         return self.status is None
 
+    @property
+    def needs_gpu(self) -> bool:
+        """Still in the pipeline and without a decoded video (one stored earlier goes to delivery)."""
+        return self.active and self.video is None
+
     def as_failed(self, stage: str, text: str) -> JobTicket:
         return self.model_copy(update={"status": "failed", "error_stage": stage, "error_text": text})
 

@@ -2,7 +2,8 @@
 
 The intermediate (FFV1 in Matroska, bit-exact RGB) is what the CPU side delivers from; its key,
 frame count and rate are recorded on the stage row, which is how the calling flow finds them
-(nothing but keys crosses from a GPU flow run to its caller).
+(nothing but keys crosses from a GPU flow run to its caller). Once it is stored, the job's sampling
+checkpoints are deleted: the intermediate is what a re-run of the job starts from (``lynx.ledger``).
 
 With LYNX_DELIVER_UPSCALER=realesrgan the frames are enlarged to LYNX_DELIVER_HEIGHT here, on the
 GPU worker, before the intermediate is written: the deliver stage runs on the CPU pool, where the
@@ -13,6 +14,7 @@ learned upscaler takes minutes to hours per video. The row records what was done
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -23,6 +25,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NONE
 
+from lynx import ledger
 from lynx.db.models import ArtifactKind
 from lynx.media.deliver import learned_upscale
 from lynx.media.frames import to_uint8_frames
@@ -33,6 +36,8 @@ from tasks.model import GpuJob
 from tasks.policy import retry_on_transient
 from tasks.services import services
 from tasks.tracking import run_stage
+
+log = logging.getLogger(__name__)
 
 
 def intermediate_key(job: GpuJob) -> str:
@@ -63,6 +68,15 @@ def _timed(frames: Iterable[np.ndarray], timings: dict[str, float], name: str) -
         if frame is None:
             return
         yield frame
+
+
+def drop_checkpoints(job_id: int) -> None:
+    """The video is stored: the job's sampling checkpoints go (best effort; retention covers leftovers)."""
+    svc = services()
+    try:
+        ledger.drop_checkpoints(svc.tracker, svc.store, job_id)
+    except Exception:
+        log.warning("job %s: sampling checkpoints not deleted", job_id, exc_info=True)
 
 
 def decode_job(job: GpuJob, recorder: Any) -> GpuJob:
@@ -107,4 +121,7 @@ def decode_job(job: GpuJob, recorder: Any) -> GpuJob:
 @task(name="decode", cache_policy=NONE, persist_result=False, retry_condition_fn=retry_on_transient)
 def decode(job: GpuJob) -> GpuJob:
     """VAE-decode one video and store it losslessly (stage row 'decode', artifact kind 'frames')."""
-    return run_stage(job, "decode", lambda recorder: decode_job(job, recorder))
+    decoded = run_stage(job, "decode", lambda recorder: decode_job(job, recorder))
+    if decoded.active:  # only once its row is closed does the stored video count (lynx.ledger)
+        drop_checkpoints(decoded.job_id)
+    return decoded

@@ -23,7 +23,8 @@ from prefect.concurrency.sync import concurrency
 
 from lynx.db.models import JobStatus, StageStatus
 from lynx.errors import ConfigurationError
-from lynx.jobs import GpuBatchRequest, GpuJobResult, JobTicket
+from lynx.jobs import GpuBatchRequest, JobTicket
+from lynx.ledger import video_of
 from lynx.settings import LynxSettings
 from tasks.policy import gpu_run_timeout
 from tasks.services import services
@@ -36,15 +37,21 @@ _in_process = threading.Lock()
 
 
 def gpu_batches(tickets: list[JobTicket], size: int | None = None) -> list[list[JobTicket]]:
-    """Active tickets in batches of LYNX_GPU_BATCH_SIZE; one variant per batch, subjects kept together."""
+    """Tickets that need the GPU stages in batches of LYNX_GPU_BATCH_SIZE; one variant per batch,
+    subjects kept together. A job whose decoded video an earlier run stored needs none."""
     size = size or services().settings.gpu_batch_size
-    active = [ticket for ticket in tickets if ticket.active]
+    active = [ticket for ticket in tickets if ticket.needs_gpu]
     batches: list[list[JobTicket]] = []
     by_variant = sorted(active, key=lambda ticket: ticket.settings.variant or "")
     for _, group in itertools.groupby(by_variant, key=lambda ticket: ticket.settings.variant or ""):
         members = sorted(group, key=lambda ticket: (ticket.subject_id, ticket.job_id))
         batches += [members[i : i + size] for i in range(0, len(members), size)]
     return batches
+
+
+def decoded_earlier(tickets: list[JobTicket]) -> list[JobTicket]:
+    """Active tickets whose decoded video is stored already (by an earlier attempt): ready to deliver."""
+    return [ticket for ticket in tickets if ticket.active and ticket.video is not None]
 
 
 def _limit_exists(name: str) -> bool:
@@ -132,18 +139,7 @@ def gpu_result(ticket: JobTicket, problem: str | None) -> JobTicket:
         close_open_stages(ticket.job_id, text)
         fail_job(ticket.job_id, "gpu", text)
         return ticket.as_failed("gpu", text)
-    metrics = decoded.metrics
-    video = GpuJobResult(
-        job_id=ticket.job_id,
-        status="completed",
-        intermediate_key=decoded.output_keys[0],
-        frames=metrics.get("frames"),
-        fps=metrics.get("fps"),
-        variant=metrics.get("variant"),
-        model_version=metrics.get("model_version"),
-        upscaled=metrics.get("upscaled"),
-    )
-    return ticket.model_copy(update={"video": video})
+    return ticket.model_copy(update={"video": video_of(decoded)})
 
 
 def hand_off(batch: GpuBatchRequest, gpu_flow: Flow, settings: LynxSettings) -> str | None:
@@ -173,13 +169,14 @@ def hand_off_error(err: BaseException, settings: LynxSettings) -> str:
 
 
 def run_batch(tickets: list[JobTicket], gpu_flow: Flow) -> list[JobTicket]:
-    """Run the GPU stages for the active tickets as one GPU flow run; returns every ticket updated.
+    """Run the GPU stages for the tickets that need them as one GPU flow run; returns every ticket
+    updated (a ticket whose decoded video is stored already comes back as it was).
 
     Whatever goes wrong here fails this batch's jobs at stage 'gpu' with the reason; it is never
     raised, so a campaign's other batches are still delivered and reported.
     """
     settings = services().settings
-    active = [ticket for ticket in tickets if ticket.active]
+    active = [ticket for ticket in tickets if ticket.needs_gpu]
     if not active:
         return tickets
     batch = GpuBatchRequest(jobs=[ticket.for_gpu() for ticket in active], variant=active[0].settings.variant)
@@ -190,7 +187,7 @@ def run_batch(tickets: list[JobTicket], gpu_flow: Flow) -> list[JobTicket]:
         log.warning("GPU hand-off of jobs %s failed", batch.job_ids, exc_info=True)
     if problem:
         log.error("%s", problem)
-    return [_result_or_failed(ticket, problem) if ticket.active else ticket for ticket in tickets]
+    return [_result_or_failed(ticket, problem) if ticket.needs_gpu else ticket for ticket in tickets]
 
 
 def _result_or_failed(ticket: JobTicket, problem: str | None) -> JobTicket:

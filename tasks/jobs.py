@@ -1,8 +1,10 @@
 """Stage "submit": subjects, photos and job rows for a batch of requests, as job tickets.
 
 Re-running the same requests finds the same jobs (a job is identified by subject, prompts and
-settings): completed jobs are handed back as they are, failed and cancelled ones are retried with
-their attempt counter raised, and a job left 'running' by a run that died is retried too. A subject
+settings): completed jobs are handed back as they are while their deliverables verify (else they
+are failed and retried), failed and cancelled ones are retried with their attempt counter raised,
+and a job left 'running' by a run that died is retried too. A retried job whose decoded video an
+earlier attempt stored goes straight to delivery (``lynx.ledger``). A subject
 whose photo cannot be found still gets its jobs, failed at this stage with the reason, and a purged
 subject's requests come back failed at this stage with the reason (no job is recorded for them), so
 one bad row never stops a campaign. Settings a later stage would refuse (delivery, the quality
@@ -22,6 +24,7 @@ from typing import Any, Literal
 from prefect import task
 from prefect.cache_policies import NONE
 
+from lynx import ledger
 from lynx.db.models import JobStatus, Subject
 from lynx.db.tracking import check_not_purged
 from lynx.errors import (
@@ -155,6 +158,25 @@ def _claim(job_id: int) -> tuple[bool, JobStatus, int]:
     return False, job.status, job.attempt
 
 
+def reopen_if_undelivered(job_id: int) -> None:
+    """A completed or held job whose deliverables no longer verify is failed (``lynx.ledger``), so
+    that it is claimed and delivered again like any failed job."""
+    svc = services()
+    ledger.reopen_undelivered(svc.tracker, svc.store, job_id, how=svc.settings.ledger_verify)
+
+
+def with_stored_video(ticket: JobTicket, recorder: Any) -> JobTicket:
+    """The claimed job's ticket, carrying its decoded video if an earlier attempt stored one that
+    still verifies: the job then goes straight to delivery, no GPU stage runs for it."""
+    svc = services()
+    video = ledger.stored_video(svc.tracker, svc.store, ticket.job_id, how=svc.settings.ledger_verify)
+    if video is None:
+        return ticket
+    log.info("job %s: its decoded video %s verifies, delivering it", ticket.job_id, video.intermediate_key)
+    recorder.metrics["decoded_earlier"] = video.intermediate_key
+    return ticket.model_copy(update={"video": video})
+
+
 def register_job(
     request: GenerationRequest,
     subject: Subject,
@@ -178,6 +200,7 @@ def register_job(
         )
     except InputError as err:  # a purged subject gets no new job
         return refused(request, subject, campaign_id, err)
+    reopen_if_undelivered(job.id)
     claimed, status, attempt = _claim(job.id)
     ticket = JobTicket(
         job_id=job.id,
@@ -197,7 +220,7 @@ def register_job(
         error = misconfigured() or problem
         if error is not None:
             raise error
-        return ticket
+        return with_stored_video(ticket, recorder)
 
     return run_stage(ticket, "submit", check_inputs, inputs=[ticket.photo_key] if ticket.photo_key else [])
 
