@@ -248,6 +248,10 @@ class S3ArtifactStore(ArtifactStore):
                     f"no artifact {key!r} in {self.location}: the bucket does not exist",
                     setting="LYNX_S3_BUCKET",
                 ) from None
+            if err.code == "InvalidBucketName":  # minio checks names on make_bucket, not on every call
+                raise ConfigurationError(
+                    f"invalid S3 bucket name {self.bucket!r}: {err.message}", setting="LYNX_S3_BUCKET"
+                ) from None
             if err.code in _CREDENTIAL_ERRORS:
                 raise ConfigurationError(
                     f"S3 at {self.endpoint} refused our credentials ({err.code}): "

@@ -1,4 +1,4 @@
-"""The artifact store against a real S3 server (moto on loopback) and a local folder."""
+"""The artifact store against a real S3 server (SeaweedFS on loopback) and a local folder."""
 
 from __future__ import annotations
 
@@ -469,18 +469,12 @@ def test_s3_bucket_is_created_on_first_write(make_settings, s3_reset):
     assert store._client.bucket_exists("lynx-autocreated")
 
 
-def test_s3_unreachable_fails_fast_naming_the_endpoint(make_settings):
-    from moto.server import ThreadedMotoServer
-
-    from tests.conftest import free_port
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    store = open_store(make_settings(store="s3", s3_endpoint=f"127.0.0.1:{port}", s3_retries=3, s3_timeout=5))
+def test_s3_unreachable_fails_fast_naming_the_endpoint(make_settings, make_s3_server):
+    server = make_s3_server()
+    store = open_store(make_settings(store="s3", s3_endpoint=server.endpoint, s3_retries=3, s3_timeout=5))
     store.check()
     stored = store.put_bytes(b"before the outage")
-    server.stop()
+    server.kill()
 
     for call in (store.check, lambda: store.get_bytes(stored.key), lambda: store.put_bytes(b"during")):
         started = time.monotonic()
@@ -488,7 +482,35 @@ def test_s3_unreachable_fails_fast_naming_the_endpoint(make_settings):
             call()
         assert time.monotonic() - started < 10
         message = str(caught.value)
-        assert "LYNX_S3_ENDPOINT" in message and f"127.0.0.1:{port}" in message and "\n" not in message
+        assert "LYNX_S3_ENDPOINT" in message and server.endpoint in message and "\n" not in message
+
+
+@pytest.mark.parametrize("wrong", ["s3_secret_key", "s3_access_key"])
+def test_s3_wrong_credentials_one_line_naming_both_settings(make_settings, wrong: str):
+    store = open_store(make_settings(store="s3", **{wrong: "not-the-right-one"}))
+    for call in (store.check, lambda: store.put_bytes(b"refused"), lambda: list(store.list())):
+        with pytest.raises(ConfigurationError) as caught:
+            call()
+        message = str(caught.value)
+        assert "LYNX_S3_ACCESS_KEY" in message and "LYNX_S3_SECRET_KEY" in message
+        assert "\n" not in message and "not-the-right-one" not in message
+
+
+def test_s3_objects_whose_put_returned_survive_sigkill_and_restart(make_settings, make_s3_server):
+    server = make_s3_server()
+    store = open_store(make_settings(store="s3", s3_endpoint=server.endpoint, s3_timeout=5))
+    written = {f"jobs/{i}/frame.bin": os.urandom(50_000 + i) for i in range(20)}
+    written["videos/big.mp4"] = os.urandom(12 * MB)  # multipart: 3 parts
+    for key, data in written.items():
+        store.put_bytes(data, key=key)
+
+    server.kill()  # no SIGTERM, no flush: a crash right after the last put returned
+    assert not server.running
+    server.restart()
+
+    assert sorted(store.list()) == sorted(written)
+    for key, data in written.items():
+        assert store.get_bytes(key) == data  # sha256 checked against the recorded one
 
 
 @pytest.mark.parametrize(
