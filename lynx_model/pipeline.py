@@ -44,6 +44,7 @@ from .conditioning import IdentityTokens, ReferenceFeatures
 from .errors import ModelInputError, WeightsError
 from .memory import activation_bytes, dit_tokens
 from .resampler import LynxResampler
+from .sampling import SamplingCheckpoint, scheduler_settings, tensor_digest
 
 # The negative prompt the Lynx reference inference uses by default (Wan's, in English).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -62,6 +63,7 @@ _BASE_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "schedule
 _WEIGHT_COMPONENTS = ("transformer", "vae", "text_encoder")
 
 ProgressCallback = Callable[[int, int, float], None]
+CheckpointCallback = Callable[[SamplingCheckpoint], None]
 
 
 def wan_flow_sigmas(num_inference_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
@@ -809,6 +811,9 @@ class LynxPipeline(DiffusionPipeline):
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         max_sequence_length: int = 512,
+        resume_from: SamplingCheckpoint | None = None,
+        checkpoint_callback: CheckpointCallback | None = None,
+        checkpoint_steps: int = 0,
     ):
         r"""Generate videos of the person in ``face_embeds`` / ``ref_image`` doing what ``prompt`` says.
 
@@ -837,6 +842,12 @@ class LynxPipeline(DiffusionPipeline):
             output_type: "np" (float32 [0, 1]), "pil", "pt", or "latent" (normalised DiT latents).
             progress_callback: called after every step as ``(step_index, num_steps, timestep)``.
             progress: show the tqdm bar (configure it with ``set_progress_bar_config``).
+            resume_from: a ``SamplingCheckpoint`` of this same generation (same inputs, seed, size,
+                steps and settings; anything else raises ``CheckpointMismatchError`` before any step):
+                the loop goes on after its last step and ends with the latents an uninterrupted call
+                gives (bit for bit on the same device and dtype).
+            checkpoint_callback: receives a ``SamplingCheckpoint`` (CPU copies) after every
+                ``checkpoint_steps`` steps and after the last one; hand it to another thread to store.
         """
         # 1. check inputs
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -848,6 +859,12 @@ class LynxPipeline(DiffusionPipeline):
         num_frames = num_frames or self.default_num_frames
         if num_frames % self.vae_scale_factor_temporal != 1:
             raise ModelInputError(f"num_frames must be 4k+1 (e.g. 81, 121), got {num_frames}")
+        if checkpoint_callback is not None and checkpoint_steps < 1:
+            raise ModelInputError(
+                f"checkpoint_steps must be at least 1 with a checkpoint_callback, got {checkpoint_steps}"
+            )
+        if resume_from is not None and seed is None:
+            seed = resume_from.seed
         if seed is None:
             seed = random.randrange(2**31)
         seeds = _seed_list(seed)
@@ -925,13 +942,38 @@ class LynxPipeline(DiffusionPipeline):
             )
         else:
             latents = latents.to(device=device, dtype=torch.float32)
+        conditions = None
+        if resume_from is not None or checkpoint_callback is not None:
+            inputs = [prompt_embeds, negative_prompt_embeds]
+            if identity is not None:
+                inputs += [identity.cond, identity.uncond]
+            if reference is not None:  # the first block's features stand for the reference
+                inputs += [reference.cond[0], reference.uncond[0]]
+            conditions = {
+                "initial_noise": tensor_digest([latents]),
+                "inputs": tensor_digest(inputs),
+                "guidance": [guidance_scale, guidance_scale_id if three_pass else None, ip_scale, ref_scale],
+                "weights": [
+                    self.variant,
+                    self.base_fingerprint,
+                    self.adapter_fingerprint,
+                    str(transformer_dtype),
+                ],
+                "scheduler": {**scheduler_settings(self.scheduler), "sigma_schedule": self.sigma_schedule},
+            }
+        start = 0
+        if resume_from is not None:
+            resume_from.check(shape=shape, seed=seed, conditions=conditions)
+            start = resume_from.restore(self.scheduler)
+            latents = resume_from.latents.to(device=device, dtype=torch.float32)
 
         # 6. denoising loop
         num_steps = len(timesteps)
         self._num_timesteps = num_steps
         with self._progress(progress, num_steps) as bar:
+            bar.update(start)
             for i, t in enumerate(timesteps):
-                if self.interrupt:
+                if self.interrupt or i < start:
                     continue
                 model_input = latents.to(transformer_dtype)
                 timestep = t.expand(latents.shape[0])
@@ -954,6 +996,10 @@ class LynxPipeline(DiffusionPipeline):
                     else:
                         noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                done = i + 1
+                if checkpoint_callback is not None and (done % checkpoint_steps == 0 or done == num_steps):
+                    state = SamplingCheckpoint.capture(self.scheduler, latents, done, seed, conditions)
+                    checkpoint_callback(state)
 
                 if callback_on_step_end is not None:
                     scope = {
