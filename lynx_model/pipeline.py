@@ -900,6 +900,7 @@ class LynxPipeline(DiffusionPipeline):
 
         # 3. identity and reference, computed once for the whole generation
         cond_state = uncond_state = None
+        reference_cond = reference_uncond = None
         if self.adapters is not None:
             if identity is None:
                 if face_embeds is None:
@@ -947,8 +948,8 @@ class LynxPipeline(DiffusionPipeline):
             inputs = [prompt_embeds, negative_prompt_embeds]
             if identity is not None:
                 inputs += [identity.cond, identity.uncond]
-            if reference is not None:  # the first block's features stand for the reference
-                inputs += [reference.cond[0], reference.uncond[0]]
+            if reference_cond is not None:  # the first block's features stand for the reference
+                inputs += [reference_cond[0], reference_uncond[0]]
             conditions = {
                 "initial_noise": tensor_digest([latents]),
                 "inputs": tensor_digest(inputs),
@@ -963,7 +964,7 @@ class LynxPipeline(DiffusionPipeline):
             }
         start = 0
         if resume_from is not None:
-            resume_from.check(shape=shape, seed=seed, conditions=conditions)
+            resume_from.check(shape=tuple(latents.shape), seed=seed, conditions=conditions)
             start = resume_from.restore(self.scheduler)
             latents = resume_from.latents.to(device=device, dtype=torch.float32)
 
