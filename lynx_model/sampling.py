@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -152,7 +152,7 @@ class SamplingCheckpoint:
     steps_done: int
     timesteps: torch.Tensor
     sigmas: torch.Tensor
-    seed: int
+    seed: int | list[int]  # a list when the call made one video per seed
     solver: SolverState
     conditions: dict[str, Any] = field(default_factory=dict)
 
@@ -170,7 +170,7 @@ class SamplingCheckpoint:
         scheduler: Any,
         latents: torch.Tensor,
         steps_done: int,
-        seed: int,
+        seed: int | Sequence[int],
         conditions: Mapping[str, Any] | None = None,
     ) -> SamplingCheckpoint:
         """The loop's state right after step ``steps_done - 1`` (CPU copies of every tensor)."""
@@ -179,13 +179,15 @@ class SamplingCheckpoint:
             steps_done=steps_done,
             timesteps=_cpu_copy(scheduler.timesteps),
             sigmas=_cpu_copy(scheduler.sigmas),
-            seed=seed,
+            seed=_seed(seed),
             solver=SolverState.capture(scheduler),
             conditions=dict(conditions or {}),
         )
 
     # --- checking and resuming -----------------------------------------------------------------
-    def check(self, *, shape: Iterable[int], seed: int, conditions: Mapping[str, Any]) -> None:
+    def check(
+        self, *, shape: Iterable[int], seed: int | Sequence[int], conditions: Mapping[str, Any]
+    ) -> None:
         """Refuse (``CheckpointMismatchError``, one line) a checkpoint of another generation."""
         shape = list(shape)
         if list(self.latents.shape) != shape:
@@ -193,6 +195,7 @@ class SamplingCheckpoint:
                 f"sampling checkpoint has latents of shape {list(self.latents.shape)}, "
                 f"this generation {shape}"
             )
+        seed = _seed(seed)
         if self.seed != seed:
             raise CheckpointMismatchError(
                 f"sampling checkpoint was made with seed {self.seed}, this call uses {seed}"
@@ -291,7 +294,7 @@ class SamplingCheckpoint:
                 steps_done=int(meta["steps_done"]),
                 timesteps=tensors["timesteps"],
                 sigmas=tensors["sigmas"],
-                seed=int(meta["seed"]),
+                seed=_seed(meta["seed"]),
                 solver=solver,
                 conditions=dict(meta.get("conditions") or {}),
             )
@@ -299,6 +302,10 @@ class SamplingCheckpoint:
             raise ModelInputError(
                 f"{path} is an incomplete sampling checkpoint: missing or bad {err}"
             ) from None
+
+
+def _seed(seed: Any) -> int | list[int]:
+    return int(seed) if isinstance(seed, (int, str)) else [int(one) for one in seed]
 
 
 def _canonical(value: Any) -> str:

@@ -59,6 +59,18 @@ def test_a_generation_resumed_from_any_checkpoint_ends_bit_for_bit_like_the_unin
         assert steps_run == list(range(checkpoint.steps_done, STEPS))
 
 
+def test_a_generation_of_several_seeds_resumes_bit_for_bit(full_pipe, face, ref_image, tmp_path):
+    seeds = [5, 11]
+    uninterrupted, saved = with_checkpoints(full_pipe, face=face, ref_image=ref_image, seed=seeds)
+    assert uninterrupted.shape[0] == 2
+    loaded = SamplingCheckpoint.load(saved[1].save(tmp_path / "seeds.safetensors"))
+    assert loaded.seed == seeds
+    resumed = generate(full_pipe, face, ref_image, num_inference_steps=STEPS, seed=seeds, resume_from=loaded)
+    assert torch.equal(resumed, uninterrupted)
+    with pytest.raises(CheckpointMismatchError, match=r"made with seed \[5, 11\], this call uses \[5, 12\]"):
+        generate(full_pipe, face, ref_image, num_inference_steps=STEPS, seed=[5, 12], resume_from=loaded)
+
+
 def test_the_solver_memory_is_what_makes_the_resume_exact(full_pipe, face, ref_image):
     """Control: the same checkpoint without UniPC's history (as a resume that kept only the latents)
     ends elsewhere, so the bit-for-bit comparison above can fail."""
