@@ -297,10 +297,11 @@ class LynxSettings(BaseSettings):
     )
     ledger_verify: Literal["checksum", "record"] = Field(
         default="checksum",
-        description="How a re-run checks that finished work is still stored before skipping it: "
-        "'checksum' reads a job's deliverables and decoded video in full and hashes them; 'record' only "
-        "compares the store's sha256 and size records with the tracking database (no download: for "
-        "campaigns of thousands of jobs, at the price of missing bytes damaged under an intact record).",
+        description="How a re-run checks that a completed job's deliverables are still stored before "
+        "skipping it: 'checksum' reads them in full and hashes them; 'record' only compares the store's "
+        "sha256 and size records with the tracking database (no download: for campaigns of thousands "
+        "of jobs, at the price of missing bytes damaged under an intact record). A decoded video that "
+        "a retried job would be delivered from is always read in full.",
     )
 
     # --- evaluation ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ _EXPORTS = {
     "IdentityTokens": "conditioning",
     "ReferenceFeatures": "conditioning",
     "PromptEmbeddings": "conditioning",
+    "SamplingCheckpoint": "sampling",
     "LynxResampler": "resampler",
     "LynxIdentityAdapterLayers": "adapters",
     "LynxReferenceAdapterLayers": "adapters",
@@ -35,12 +36,14 @@ _EXPORTS = {
     "LynxModelError": "errors",
     "WeightsError": "errors",
     "ModelInputError": "errors",
+    "CheckpointMismatchError": "errors",
 }
 
 __all__ = [
     "AdapterRuntime",
     "AdapterSpec",
     "AdapterState",
+    "CheckpointMismatchError",
     "DEFAULT_NEGATIVE_PROMPT",
     "IdentityTokens",
     "LynxAdapters",
@@ -56,6 +59,7 @@ __all__ = [
     "PromptEmbeddings",
     "REFERENCE_PROMPT",
     "ReferenceFeatures",
+    "SamplingCheckpoint",
     "WeightsError",
     "load_adapters",
     "save_adapters",
@@ -80,6 +84,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .attention import AdapterRuntime, AdapterState, LynxIdentityAttnProcessor, LynxReferenceAttnProcessor
     from .conditioning import IdentityTokens, PromptEmbeddings, ReferenceFeatures
-    from .errors import LynxModelError, ModelInputError, WeightsError
+    from .errors import CheckpointMismatchError, LynxModelError, ModelInputError, WeightsError
     from .pipeline import DEFAULT_NEGATIVE_PROMPT, REFERENCE_PROMPT, LynxPipeline, LynxPipelineOutput
     from .resampler import LynxResampler
+    from .sampling import SamplingCheckpoint
