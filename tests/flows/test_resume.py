@@ -115,6 +115,39 @@ def test_a_completed_job_whose_video_is_gone_too_is_generated_again(flow_env, ph
     deliverables_verify(done.job_id)
 
 
+def test_a_campaign_rerun_delivers_regenerates_or_skips_each_job_by_what_it_finds_stored(
+    flow_env, photos, tmp_path
+):
+    from flows.campaign import lynx_campaign
+    from tests.flows.test_campaign_flow import write_campaign
+
+    flow_env(gpu_batch_size=4)
+    prompts = ["a woman walking on a beach", "a man reading in a park", "a person smiling at the camera"]
+    path = write_campaign(tmp_path, "healing", {"ann": str(photos["astronaut"])}, prompts)
+    first = lynx_campaign(str(path))
+    assert [o.status for o in first] == ["completed"] * 3, [o.error_text for o in first]
+    store = services().store
+    lost_files, lost_video, intact = (o.job_id for o in first)
+    for job_id in (lost_files, lost_video):
+        for key in list(store.list(f"deliverables/healing/{job_id}/")):
+            store.delete(key)
+    store.delete(f"intermediates/job-{lost_video}/attempt-1.mkv")
+
+    again = lynx_campaign(name="healing")
+
+    assert [(o.status, o.attempt, o.earlier) for o in again] == [
+        ("completed", 2, False),
+        ("completed", 2, False),
+        ("completed", 1, True),
+    ]
+    assert stages_of(lost_files, 2) == ["submit", "face", "deliver"]
+    assert GPU_STAGES <= set(stages_of(lost_video, 2))
+    assert stages_of(intact, 2) == []
+    assert services().tracker.campaign_summary("healing").compute["sample"].computed == 4
+    for outcome in again:
+        assert store.exists(outcome.master_key) and store.exists(outcome.manifest_key)
+
+
 def test_sampling_goes_on_when_its_checkpoints_cannot_be_stored(flow_env, photos, monkeypatch):
     flow_env(sample_checkpoint_steps=1)
     import tasks.sample
