@@ -2,8 +2,8 @@
 
 For every subject whose ``retention_until`` has passed and that is not purged yet: delete the
 objects of its biometric artifacts (reference photo, face crops, embeddings, reference features,
-identity tokens) from the store, mark those rows deleted and set ``subject.purged_at``. Outputs
-(videos, previews, reports) are not biometric data and stay.
+identity tokens, sampling checkpoints of unfinished videos) from the store, mark those rows deleted
+and set ``subject.purged_at``. Outputs (videos, previews, reports) are not biometric data and stay.
 
 Order matters for crash safety: objects go first, rows are marked after, so an interrupted purge
 leaves the subject unpurged and the next run finishes the job (deleting a missing object is fine).
