@@ -265,9 +265,9 @@ def test_a_job_killed_mid_sampling_resumes_from_its_last_checkpoint_with_the_sam
         child = subprocess.Popen(command, env=child_env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
-        while True:  # the checkpoint of step 4 is stored while step 5's progress waits
-            rows = svc.tracker.list_artifacts(kind="sampling_checkpoint")
-            if any(row.key.endswith("step-00004.safetensors") and svc.store.exists(row.key) for row in rows):
+        while True:  # the checkpoint of step 4 is stored (and step 2's dropped) while step 5's progress waits
+            keys = [row.key for row in svc.tracker.list_artifacts(kind="sampling_checkpoint")]
+            if [key[-22:] for key in keys] == ["step-00004.safetensors"] and svc.store.exists(keys[0]):
                 break
             assert child.poll() is None, f"the run ended early: {log_path.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"no checkpoint of step 4: {log_path.read_text()[-3000:]}"
