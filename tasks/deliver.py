@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -255,9 +256,11 @@ def deliver_job(ticket: JobTicket, recorder: StageRecorder) -> JobTicket:
     with tempfile.TemporaryDirectory(dir=svc.workdir("deliver")) as scratch:
         paths = [Path(scratch) / f"candidate-{index}.mkv" for index in range(len(items))]
         stored = [svc.store.get_file(item.intermediate_key, paths[i]) for i, item in enumerate(items)]
-        chosen, candidates = 0, None
+        chosen, candidates, scoring = 0, None, 0.0
         if len(items) > 1:
+            started = time.monotonic()
             metric, scores = score_candidates(ticket.photo_keys, paths)
+            scoring = time.monotonic() - started
             chosen = best_candidate(scores)
             candidates = CandidateSet(
                 metric=metric,
@@ -308,6 +311,7 @@ def deliver_job(ticket: JobTicket, recorder: StageRecorder) -> JobTicket:
             seed=candidates.chosen.seed,
             score=candidates.chosen.score,
             candidates=[{"seed": item.seed, "score": item.score} for item in candidates.items],
+            scoring_seconds=round(scoring, 3),
         )
     return ticket.model_copy(update={"status": "needs_review" if verdict.needs_review else "completed"})
 
