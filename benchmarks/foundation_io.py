@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python benchmarks/foundation_io.py [--mb 200]
 
-Needs PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth); starts its own moto S3 server.
+Needs PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth); starts its own SeaweedFS S3 server
+(deployments/seaweedfs.py, with credentials, in a temporary folder).
 Prints: artifact store upload/download throughput and Python peak memory (local folder vs S3),
 job transitions per second (SQLite vs PostgreSQL), schema check cost (cold vs warm), and how long
 an unreachable server takes to be reported.
@@ -13,17 +14,16 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 import tracemalloc
-import urllib.request
 from pathlib import Path
 
 import psycopg
 
+from deployments.seaweedfs import SeaweedServer
 from lynx.db import migrate
 from lynx.db.models import JobStatus
 from lynx.db.tracking import Tracker
@@ -38,22 +38,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1).close()
-            return process, f"127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("moto server did not start")
 
 
 def store_io(settings: LynxSettings, source: Path, workdir: Path) -> tuple[float, float, float, float]:
@@ -111,7 +95,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200, help="retry cycles (3 transitions each)")
     args = parser.parse_args()
 
-    moto, endpoint = start_moto()
+    seaweed = SeaweedServer(tempfile.mkdtemp(prefix="lynx-bench-s3-")).start()
     pg_name = f"lynx_bench_{secrets.token_hex(4)}"
     with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{pg_name}"')
@@ -128,10 +112,10 @@ def main() -> None:
                 _env_file=None,
                 **base,
                 store_backend="s3",
-                s3_endpoint=endpoint,
+                s3_endpoint=seaweed.endpoint,
                 s3_secure=False,
-                s3_access_key="bench",
-                s3_secret_key="bench-secret",
+                s3_access_key=seaweed.access_key,
+                s3_secret_key=seaweed.secret_key,
                 s3_bucket="lynx-bench",
             )
             postgres = LynxSettings(
@@ -139,7 +123,7 @@ def main() -> None:
             )
 
             print(f"artifact store, {args.mb} MB file (part size {s3.s3_part_size // 2**20} MiB for S3)")
-            for name, settings in (("local", local), ("s3 (moto, loopback)", s3)):
+            for name, settings in (("local", local), ("s3 (SeaweedFS)", s3)):
                 put_s, get_s, put_peak, get_peak = store_io(settings, source, workdir)
                 print(
                     f"  {name:20s} put {args.mb / put_s:7.1f} MB/s ({put_s:5.2f} s)  "
@@ -174,8 +158,8 @@ def main() -> None:
             print(f"  S3 (LYNX_S3_RETRIES={s3.s3_retries}):        {s3_s:5.2f} s")
             print(f"  database (connection refused): {db_s:5.2f} s")
     finally:
-        moto.terminate()
-        moto.wait()
+        seaweed.stop()
+        shutil.rmtree(seaweed.folder, ignore_errors=True)
         with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')
 

@@ -57,6 +57,13 @@ class LynxSettings(BaseSettings):
     s3_bucket: str = Field(default="lynx", description="Bucket that holds every artifact.")
     s3_secure: bool = Field(default=True, description="Use HTTPS to reach the S3 endpoint.")
     s3_region: str | None = Field(default=None, description="S3 region, if the server needs one.")
+    s3_public_endpoint: str | None = Field(
+        default=None,
+        description="Where people's browsers reach S3, for download links (presigned URLs): host:port "
+        "(scheme from LYNX_S3_SECURE) or http(s)://host[:port]. A link's signature covers the host, so "
+        "links are signed for this one, with LYNX_S3_REGION (default us-east-1) and without "
+        "contacting it. Default: LYNX_S3_ENDPOINT.",
+    )
     s3_part_size: int = Field(
         default=16 * 1024 * 1024, ge=5 * 1024 * 1024, description="Multipart upload part size in bytes."
     )

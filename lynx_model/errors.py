@@ -30,3 +30,7 @@ class WeightsError(LynxModelError):
 
 class ModelInputError(LynxModelError, ValueError):
     """Pipeline arguments are unusable (wrong shapes, a stage the variant lacks, a mismatched artifact)."""
+
+
+class CheckpointMismatchError(ModelInputError):
+    """A sampling checkpoint belongs to another generation (shape, seed, schedule or conditioning)."""

@@ -42,7 +42,9 @@ from .attention import AdapterState
 from .checkpoint import SafetensorsHeader, fingerprint, read_header
 from .conditioning import IdentityTokens, ReferenceFeatures
 from .errors import ModelInputError, WeightsError
+from .memory import activation_bytes, dit_tokens
 from .resampler import LynxResampler
+from .sampling import SamplingCheckpoint, scheduler_settings, tensor_digest
 
 # The negative prompt the Lynx reference inference uses by default (Wan's, in English).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -53,12 +55,15 @@ DEFAULT_NEGATIVE_PROMPT = (
 )
 # The text the DiT sees while reference features are extracted.
 REFERENCE_PROMPT = "image of a face"
+# Side of the aligned face crop the Ref-adapter was trained on.
+REFERENCE_SIZE = 256
 # Release defaults: (frames, frames per second) per variant.
 VARIANT_DEFAULTS = {"full": (81, 16), "lite": (121, 24), None: (81, 16)}
 _BASE_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 _WEIGHT_COMPONENTS = ("transformer", "vae", "text_encoder")
 
 ProgressCallback = Callable[[int, int, float], None]
+CheckpointCallback = Callable[[SamplingCheckpoint], None]
 
 
 def wan_flow_sigmas(num_inference_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
@@ -74,10 +79,11 @@ def wan_flow_sigmas(num_inference_steps: int, num_train_timesteps: int = 1000) -
 @dataclass
 class LynxPipelineOutput(BaseOutput):
     """``frames``: per video ``[F, H, W, 3]`` float32 in [0, 1] ("np"), a list of PIL images ("pil"),
-    or the latents ``[B, 16, F', H/8, W/8]`` in normalised DiT space ("latent"). ``seed``: the seed used."""
+    or the latents ``[B, 16, F', H/8, W/8]`` in normalised DiT space ("latent"). ``seed``: the seed
+    used, or the list of per-video seeds when a list was passed."""
 
     frames: Any
-    seed: int
+    seed: int | list[int]
 
 
 def _dtypes(dtype: torch.dtype | dict[str, torch.dtype]) -> dict[str, torch.dtype]:
@@ -239,6 +245,55 @@ def _reference_pixels(ref_image: Any) -> torch.Tensor:
     return pixels.permute(2, 0, 1)[None, :, None]
 
 
+def _seed_list(seed: Any) -> list[int] | None:
+    """The per-video seeds of a list ``seed`` (None for one int seed)."""
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return None
+    if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence) or not seed:
+        raise ModelInputError(f"seed must be an int or a non-empty list of ints, got {seed!r}")
+    if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seed):
+        raise ModelInputError(f"seed must be an int or a non-empty list of ints, got {list(seed)!r}")
+    return [int(s) for s in seed]
+
+
+def _videos_per_prompt(seeds: list[int] | None, num_prompts: int, requested: int | None) -> int:
+    if requested is not None and (not isinstance(requested, int) or requested < 1):
+        raise ModelInputError(f"num_videos_per_prompt must be a positive int, got {requested!r}")
+    if seeds is None:
+        return requested or 1
+    per_prompt = requested or len(seeds) // num_prompts
+    if per_prompt < 1 or len(seeds) != num_prompts * per_prompt:
+        raise ModelInputError(
+            f"{len(seeds)} seeds do not fit {num_prompts} prompt(s) x {requested or 'n'} video(s) "
+            "per prompt: pass one seed per video"
+        )
+    return per_prompt
+
+
+def _reference_list(reference: Any, batch_size: int) -> list[ReferenceFeatures]:
+    """One shared ``ReferenceFeatures`` (broadcast over the batch) or one per video."""
+    if reference is None:
+        return []
+    if isinstance(reference, ReferenceFeatures):
+        return [reference]
+    references = list(reference)
+    if len(references) not in (1, batch_size) or not all(
+        isinstance(r, ReferenceFeatures) for r in references
+    ):
+        raise ModelInputError(
+            f"reference must be one ReferenceFeatures or a list of {batch_size} (one per video), "
+            f"got {len(references)} item(s)"
+        )
+    return references
+
+
+def _stack_reference(per_video: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per-block features of several videos along the batch dimension (one video: as is)."""
+    if len(per_video) == 1:
+        return per_video[0]
+    return [torch.cat(layers, dim=0) for layers in zip(*per_video, strict=True)]
+
+
 class LynxPipeline(DiffusionPipeline):
     r"""Text-to-video with identity (ID-adapter) and reference (Ref-adapter) conditioning.
 
@@ -398,6 +453,42 @@ class LynxPipeline(DiffusionPipeline):
     def default_fps(self) -> int:
         return VARIANT_DEFAULTS[self.variant][1]
 
+    def activation_bytes_per_video(
+        self,
+        height: int = 480,
+        width: int = 832,
+        num_frames: int | None = None,
+        *,
+        guidance_passes: int = 1,
+        per_video_reference: bool = False,
+    ) -> int:
+        """Estimated accelerator memory each video of a batch adds (activations, not weights).
+
+        ``guidance_passes``: passes run in one batched forward (1 when they run one after another).
+        ``per_video_reference``: each video has its own reference features (a list of seeds with
+        ``ref_image``); a shared reference costs nothing per video. See ``lynx_model.memory``.
+        """
+        config = self.transformer.config
+        tokens = dit_tokens(
+            config,
+            height,
+            width,
+            num_frames or self.default_num_frames,
+            self.vae_scale_factor_temporal,
+            self.vae_scale_factor_spatial,
+        )
+        reference_tokens = 0
+        if per_video_reference:
+            patch = config.patch_size
+            reference_tokens = (REFERENCE_SIZE // self.vae_scale_factor_spatial) ** 2 // (patch[1] * patch[2])
+        return activation_bytes(
+            config,
+            tokens,
+            dtype=self.transformer.dtype,
+            passes_per_forward=guidance_passes,
+            reference_tokens=reference_tokens,
+        )
+
     @property
     def adapter_fingerprint(self) -> str | None:
         return self.adapters.fingerprint if self.adapters is not None else None
@@ -556,6 +647,14 @@ class LynxPipeline(DiffusionPipeline):
             uncond = self._capture_features(torch.zeros_like(pixels), seed, text)
         return ReferenceFeatures(cond, uncond, seed, self.base_fingerprint, adapters.fingerprint)
 
+    def _references_for_seeds(self, ref_image: Any, seeds: list[int]) -> list[ReferenceFeatures]:
+        """Reference features of one crop for each seed (each distinct seed encoded once)."""
+        by_seed: dict[int, ReferenceFeatures] = {}
+        for seed in seeds:
+            if seed not in by_seed:
+                by_seed[seed] = self.encode_reference(ref_image, seed)
+        return [by_seed[seed] for seed in seeds]
+
     # ------------------------------------------------------------------------------------------
     # stage 4: decode
     # ------------------------------------------------------------------------------------------
@@ -574,6 +673,40 @@ class LynxPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------
     # generation
     # ------------------------------------------------------------------------------------------
+    def prepare_latents(
+        self,
+        batch_size: int,
+        height: int,
+        width: int,
+        num_frames: int,
+        seed: int | Sequence[int],
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | None = None,
+    ) -> torch.Tensor:
+        """Initial noise ``[B, 16, F', H/8, W/8]``, float32, drawn on the CPU as the reference does.
+
+        An int ``seed`` (or ``generator``) draws the whole batch from one generator; a list of
+        seeds draws video i from its own generator seeded ``seed[i]``, so that a video of a batch
+        starts from exactly the noise of a one-video call with its seed.
+        """
+        if isinstance(seed, Sequence):
+            if len(seed) != batch_size:
+                raise ModelInputError(f"{len(seed)} seeds for {batch_size} videos")
+            generator = [torch.Generator("cpu").manual_seed(int(s)) for s in seed]
+        elif generator is None:
+            generator = torch.Generator("cpu").manual_seed(seed)
+        shape = (
+            batch_size,
+            self.transformer.config.in_channels,
+            (num_frames - 1) // self.vae_scale_factor_temporal + 1,
+            height // self.vae_scale_factor_spatial,
+            width // self.vae_scale_factor_spatial,
+        )
+        return randn_tensor(
+            shape, generator=generator, device=device or self._execution_device, dtype=torch.float32
+        )
+
     def _check_identity(self, identity: IdentityTokens) -> None:
         adapters = self.adapters
         expected_dim = adapters.identity_layers.config.identity_dim
@@ -662,8 +795,9 @@ class LynxPipeline(DiffusionPipeline):
         guidance_scale_id: float | None = 2.0,
         ip_scale: float = 1.0,
         ref_scale: float = 1.0,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         *,
+        num_videos_per_prompt: int | None = None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
@@ -677,6 +811,9 @@ class LynxPipeline(DiffusionPipeline):
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         max_sequence_length: int = 512,
+        resume_from: SamplingCheckpoint | None = None,
+        checkpoint_callback: CheckpointCallback | None = None,
+        checkpoint_steps: int = 0,
     ):
         r"""Generate videos of the person in ``face_embeds`` / ``ref_image`` doing what ``prompt`` says.
 
@@ -692,11 +829,25 @@ class LynxPipeline(DiffusionPipeline):
                 None leaves the reference branch off.
             num_frames: 4k+1 frames; None uses the release default (81 full, 121 lite).
             seed: initial noise comes from a CPU generator seeded ``seed`` (float32); the reference
-                VAE sample from one seeded ``seed + 1``. None draws a random seed (returned).
-            generator: overrides the noise generator (the reference still uses ``seed + 1``).
+                VAE sample from one seeded ``seed + 1``. None draws a random seed (returned). A list
+                of seeds makes one video per seed along the batch (best-of-N candidates): video i
+                gets exactly the noise and reference sample of a call with ``seed=seeds[i]``, while
+                text and identity are shared.
+            num_videos_per_prompt: videos per prompt (default 1, or ``len(seed) / len(prompts)``
+                for a list of seeds). With an int seed, one generator draws the whole batch's noise,
+                as ``WanPipeline`` does with a generator.
+            generator: overrides the noise generator of an int seed (the reference still uses
+                ``seed + 1``).
+            reference: one ``ReferenceFeatures`` shared by every video, or a list with one per video.
             output_type: "np" (float32 [0, 1]), "pil", "pt", or "latent" (normalised DiT latents).
             progress_callback: called after every step as ``(step_index, num_steps, timestep)``.
             progress: show the tqdm bar (configure it with ``set_progress_bar_config``).
+            resume_from: a ``SamplingCheckpoint`` of this same generation (same inputs, seed, size,
+                steps and settings; anything else raises ``CheckpointMismatchError`` before any step):
+                the loop goes on after its last step and ends with the latents an uninterrupted call
+                gives (bit for bit on the same device and dtype).
+            checkpoint_callback: receives a ``SamplingCheckpoint`` (CPU copies) after every
+                ``checkpoint_steps`` steps and after the last one; hand it to another thread to store.
         """
         # 1. check inputs
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -708,8 +859,15 @@ class LynxPipeline(DiffusionPipeline):
         num_frames = num_frames or self.default_num_frames
         if num_frames % self.vae_scale_factor_temporal != 1:
             raise ModelInputError(f"num_frames must be 4k+1 (e.g. 81, 121), got {num_frames}")
+        if checkpoint_callback is not None and checkpoint_steps < 1:
+            raise ModelInputError(
+                f"checkpoint_steps must be at least 1 with a checkpoint_callback, got {checkpoint_steps}"
+            )
+        if resume_from is not None and seed is None:
+            seed = resume_from.seed
         if seed is None:
             seed = random.randrange(2**31)
+        seeds = _seed_list(seed)
         self._guidance_scale = guidance_scale
         self._interrupt = False
         do_guidance = guidance_scale > 1.0
@@ -729,10 +887,20 @@ class LynxPipeline(DiffusionPipeline):
         prompt_embeds = prompt_embeds.to(device=device, dtype=transformer_dtype)
         if negative_prompt_embeds is not None:
             negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=transformer_dtype)
-        batch_size = prompt_embeds.shape[0]
+        num_prompts = prompt_embeds.shape[0]
+        num_videos_per_prompt = _videos_per_prompt(seeds, num_prompts, num_videos_per_prompt)
+        batch_size = num_prompts * num_videos_per_prompt
+        if num_videos_per_prompt > 1:
+            # prompt-major order, as WanPipeline: [p0 v0, p0 v1, ..., p1 v0, ...]
+            prompt_embeds = prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0)
+            if negative_prompt_embeds is not None:
+                negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(
+                    num_videos_per_prompt, dim=0
+                )
 
         # 3. identity and reference, computed once for the whole generation
         cond_state = uncond_state = None
+        reference_cond = reference_uncond = None
         if self.adapters is not None:
             if identity is None:
                 if face_embeds is None:
@@ -740,17 +908,15 @@ class LynxPipeline(DiffusionPipeline):
                 identity = self.encode_identity(face_embeds)
             self._check_identity(identity)
             if reference is None and ref_image is not None:
-                reference = self.encode_reference(ref_image, seed)
-            if reference is not None:
-                self._check_reference(reference)
-            cond_state = AdapterState(
-                identity.cond, reference.cond if reference else None, ip_scale=ip_scale, ref_scale=ref_scale
-            )
+                reference = self._references_for_seeds(ref_image, seeds or [seed])
+            references = _reference_list(reference, batch_size)
+            for item in references:
+                self._check_reference(item)
+            reference_cond = _stack_reference([r.cond for r in references]) if references else None
+            reference_uncond = _stack_reference([r.uncond for r in references]) if references else None
+            cond_state = AdapterState(identity.cond, reference_cond, ip_scale=ip_scale, ref_scale=ref_scale)
             uncond_state = AdapterState(
-                identity.uncond,
-                reference.uncond if reference else None,
-                ip_scale=ip_scale,
-                ref_scale=ref_scale,
+                identity.uncond, reference_uncond, ip_scale=ip_scale, ref_scale=ref_scale
             )
         three_pass = (
             do_guidance
@@ -769,26 +935,46 @@ class LynxPipeline(DiffusionPipeline):
         self.scheduler.set_begin_index(0)
 
         # 5. initial noise: float32 from a CPU generator, as the reference does
-        if generator is None:
-            generator = torch.Generator("cpu").manual_seed(seed)
-        shape = (
-            batch_size,
-            self.transformer.config.in_channels,
-            (num_frames - 1) // self.vae_scale_factor_temporal + 1,
-            height // self.vae_scale_factor_spatial,
-            width // self.vae_scale_factor_spatial,
-        )
+        if seeds is not None and generator is not None:
+            raise ModelInputError("pass either a list of seeds or a generator, not both")
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+            latents = self.prepare_latents(
+                batch_size, height, width, num_frames, seeds or seed, generator=generator, device=device
+            )
         else:
             latents = latents.to(device=device, dtype=torch.float32)
+        conditions = None
+        if resume_from is not None or checkpoint_callback is not None:
+            inputs = [prompt_embeds, negative_prompt_embeds]
+            if identity is not None:
+                inputs += [identity.cond, identity.uncond]
+            if reference_cond is not None:  # the first block's features stand for the reference
+                inputs += [reference_cond[0], reference_uncond[0]]
+            conditions = {
+                "initial_noise": tensor_digest([latents]),
+                "inputs": tensor_digest(inputs),
+                "guidance": [guidance_scale, guidance_scale_id if three_pass else None, ip_scale, ref_scale],
+                "weights": [
+                    self.variant,
+                    self.base_fingerprint,
+                    self.adapter_fingerprint,
+                    str(transformer_dtype),
+                ],
+                "scheduler": {**scheduler_settings(self.scheduler), "sigma_schedule": self.sigma_schedule},
+            }
+        start = 0
+        if resume_from is not None:
+            resume_from.check(shape=tuple(latents.shape), seed=seed, conditions=conditions)
+            start = resume_from.restore(self.scheduler)
+            latents = resume_from.latents.to(device=device, dtype=torch.float32)
 
         # 6. denoising loop
         num_steps = len(timesteps)
         self._num_timesteps = num_steps
         with self._progress(progress, num_steps) as bar:
+            bar.update(start)
             for i, t in enumerate(timesteps):
-                if self.interrupt:
+                if self.interrupt or i < start:
                     continue
                 model_input = latents.to(transformer_dtype)
                 timestep = t.expand(latents.shape[0])
@@ -811,6 +997,10 @@ class LynxPipeline(DiffusionPipeline):
                     else:
                         noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                done = i + 1
+                if checkpoint_callback is not None and (done % checkpoint_steps == 0 or done == num_steps):
+                    state = SamplingCheckpoint.capture(self.scheduler, latents, done, seed, conditions)
+                    checkpoint_callback(state)
 
                 if callback_on_step_end is not None:
                     scope = {
@@ -831,6 +1021,7 @@ class LynxPipeline(DiffusionPipeline):
         # 7. decode
         frames = latents if output_type == "latent" else self.decode_latents(latents, output_type=output_type)
         self.maybe_free_model_hooks()
+        used = list(seeds) if seeds is not None else seed
         if not return_dict:
-            return (frames, seed)
-        return LynxPipelineOutput(frames=frames, seed=seed)
+            return (frames, used)
+        return LynxPipelineOutput(frames=frames, seed=used)

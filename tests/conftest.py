@@ -2,7 +2,12 @@
 
 - ``pg_url``: a throwaway PostgreSQL database on 127.0.0.1:5432 for the whole session;
   ``make_pg_database()`` makes more (one per test where isolation matters). All dropped at the end.
-- ``s3_server``: a moto S3 server on loopback, endpoint "127.0.0.1:PORT"; ``s3_reset`` wipes it.
+- ``s3_server``: a SeaweedFS S3 server on free loopback ports for the session, with credentials
+  (``S3_ACCESS_KEY`` / ``S3_SECRET_KEY``), endpoint "127.0.0.1:PORT"; ``s3_reset`` deletes every
+  bucket on it after the test.
+- ``make_s3_server(folder=None)``: a private SeaweedFS for one test, to crash and restart
+  (``.kill()`` = SIGKILL, ``.stop()`` = SIGTERM then SIGKILL, ``.restart()`` on the same folder and
+  ports, ``.endpoint``); killed after the test. For S3 fault tests.
 - ``make_settings(backend=..., store=..., **overrides)``: a ``LynxSettings`` whose home lies under the
   test's tmp_path, never the user's real LYNX_HOME and never a ``.env`` file.
 - ``tracking_settings`` (sqlite | postgres) and ``store`` (local | s3): parametrised, so a test that
@@ -21,8 +26,6 @@ import secrets
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,8 +36,8 @@ from lynx.settings import LynxSettings, get_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
-#: Credentials the S3 fixtures use. moto checks none of them; they exist so tests can assert that
-#: secrets never leak into output.
+#: Credentials of the test S3 servers (SeaweedFS refuses any others); tests also assert that the
+#: secret never leaks into output.
 S3_ACCESS_KEY = "lynx-test-access"
 S3_SECRET_KEY = "lynx-test-secret-0123456789"
 #: Multipart part size used against the test server: S3's minimum, so 20 MB files go up in 4 parts.
@@ -107,51 +110,68 @@ def pg_url(make_pg_database: Callable[[], str]) -> str:
     return make_pg_database()
 
 
-# --- S3 (moto) -------------------------------------------------------------------------------------
+# --- S3 (SeaweedFS) --------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A moto S3 server on loopback, in its own process; yields its endpoint "127.0.0.1:PORT".
+    """SeaweedFS on free loopback ports for the whole session; yields its endpoint "127.0.0.1:PORT".
 
-    A separate process keeps the server's memory and CPU out of the tests' measurements, as a
-    real MinIO would be.
+    It checks the credentials S3_ACCESS_KEY / S3_SECRET_KEY. A separate process keeps the server's
+    memory and CPU out of the tests' measurements.
     """
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("moto") / "server.log"
-    with open(log_path, "wb") as log_file:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    from deployments.seaweedfs import SeaweedServer
+
+    server = SeaweedServer(
+        tmp_path_factory.mktemp("seaweedfs"), access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY
+    )
+    server.start()
     try:
-        _wait_for_http(f"http://127.0.0.1:{port}/moto-api/", server, log_path)
-        yield f"127.0.0.1:{port}"
+        yield server.endpoint
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        server.kill()  # its folder is thrown away: nothing to flush
 
 
-def _wait_for_http(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text()[-2000:]
-            raise RuntimeError(f"moto server exited with {process.returncode}: {tail}")
-        try:
-            urllib.request.urlopen(url, timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    process.terminate()
-    raise RuntimeError(f"moto server did not answer at {url} within {timeout} s")
+@pytest.fixture
+def make_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Any]]:
+    """Factory: ``make_s3_server(folder=None)`` starts a private SeaweedFS and returns it.
+
+    For tests that kill or restart their server (``server.kill()``, ``.stop()``, ``.restart()``,
+    ``.endpoint``, ``.pid``; see deployments/seaweedfs.py). Same credentials as ``s3_server``;
+    every server still running is SIGKILLed after the test.
+    """
+    from deployments.seaweedfs import SeaweedServer
+
+    started: list[SeaweedServer] = []
+
+    def make(folder: Path | None = None) -> SeaweedServer:
+        server = SeaweedServer(
+            folder or tmp_path_factory.mktemp("seaweedfs"),
+            access_key=S3_ACCESS_KEY,
+            secret_key=S3_SECRET_KEY,
+        )
+        started.append(server)
+        return server.start()
+
+    yield make
+    for server in started:
+        server.kill()
+
+
+def s3_admin_client(endpoint: str):
+    """A ``minio`` client with the test credentials, for setting up or inspecting a server."""
+    from minio import Minio
+
+    return Minio(
+        endpoint, access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY, secure=False, region="us-east-1"
+    )
 
 
 @pytest.fixture
 def s3_reset(s3_server: str) -> Iterator[None]:
-    """Wipe every bucket and object on the test S3 server after the test."""
+    """Delete every bucket (and its objects) on the session's S3 server after the test."""
     yield
-    request = urllib.request.Request(f"http://{s3_server}/moto-api/reset", method="POST")
-    urllib.request.urlopen(request, timeout=10).close()
+    client = s3_admin_client(s3_server)
+    for bucket in client.list_buckets():
+        client.remove_bucket(bucket.name)  # SeaweedFS deletes a non-empty bucket whole
 
 
 # --- settings --------------------------------------------------------------------------------------
@@ -160,7 +180,7 @@ def make_settings(tmp_path: Path, request: pytest.FixtureRequest) -> Callable[..
     """Factory: ``make_settings(backend="sqlite"|"postgres", store="local"|"s3", **overrides)``.
 
     Home is ``tmp_path/"home"``. ``backend="postgres"`` gives a fresh database per call;
-    ``store="s3"`` a fresh bucket per call on the session's moto server.
+    ``store="s3"`` a fresh bucket per call on the session's SeaweedFS (``s3_endpoint=`` another).
     """
 
     def make(backend: str = "sqlite", store: str = "local", **overrides: Any) -> LynxSettings:
@@ -204,9 +224,9 @@ def store(request: pytest.FixtureRequest, make_settings: Callable[..., LynxSetti
 
     store = open_store(make_settings(store=request.param))
     yield store
-    if request.param == "s3":
-        for key in list(store.list()):  # moto keeps objects in memory
-            store.delete(key)
+    if request.param == "s3":  # SeaweedFS gives each bucket its own volumes: free them
+        if store._client.bucket_exists(store.bucket):
+            store._client.remove_bucket(store.bucket)
 
 
 # --- real face models ----------------------------------------------------------------------------

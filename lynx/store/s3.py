@@ -15,6 +15,7 @@ import hashlib
 import io
 import logging
 import os
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
@@ -46,6 +47,10 @@ from lynx.store.base import (
 log = logging.getLogger(__name__)
 
 ENDPOINT_SETTING = "LYNX_S3_ENDPOINT"
+PUBLIC_ENDPOINT_SETTING = "LYNX_S3_PUBLIC_ENDPOINT"
+#: The region links for the public endpoint are signed with when LYNX_S3_REGION is unset: MinIO's
+#: and SeaweedFS's own. Given explicitly, signing needs no GetBucketLocation call to that endpoint.
+DEFAULT_REGION = "us-east-1"
 SHA256_METADATA = "sha256"
 # Parts uploaded at once; each holds one part (LYNX_S3_PART_SIZE bytes) in memory.
 PARALLEL_PARTS = 2
@@ -110,6 +115,18 @@ class S3ArtifactStore(ArtifactStore):
             raise ConfigurationError(
                 f"invalid S3 endpoint {endpoint!r}: {err}", setting=ENDPOINT_SETTING
             ) from None
+        # Links name the host they were signed for; workers may reach S3 by a name browsers cannot.
+        self._link_client = self._client
+        if settings.s3_public_endpoint:
+            host, secure = _public_endpoint(settings.s3_public_endpoint, settings.s3_secure)
+            self._link_client = Minio(
+                host,
+                access_key=access,
+                secret_key=secret,
+                secure=secure,
+                region=settings.s3_region or DEFAULT_REGION,
+                http_client=_http_client(settings),
+            )
         self._bucket_ready = False
 
     # --- writing -------------------------------------------------------------------------------
@@ -214,7 +231,7 @@ class S3ArtifactStore(ArtifactStore):
         self.stat(key)  # a URL to nothing helps nobody: say so now
         lifetime = timedelta(seconds=expires or self.default_expiry)
         with self._errors(key):
-            return self._client.presigned_get_object(self.bucket, key, expires=lifetime)
+            return self._link_client.presigned_get_object(self.bucket, key, expires=lifetime)
 
     # --- health --------------------------------------------------------------------------------
     def check(self) -> None:
@@ -248,6 +265,10 @@ class S3ArtifactStore(ArtifactStore):
                     f"no artifact {key!r} in {self.location}: the bucket does not exist",
                     setting="LYNX_S3_BUCKET",
                 ) from None
+            if err.code == "InvalidBucketName":  # minio checks names on make_bucket, not on every call
+                raise ConfigurationError(
+                    f"invalid S3 bucket name {self.bucket!r}: {err.message}", setting="LYNX_S3_BUCKET"
+                ) from None
             if err.code in _CREDENTIAL_ERRORS:
                 raise ConfigurationError(
                     f"S3 at {self.endpoint} refused our credentials ({err.code}): "
@@ -272,6 +293,32 @@ class S3ArtifactStore(ArtifactStore):
                     f"invalid S3 bucket name {self.bucket!r}: {err}", setting="LYNX_S3_BUCKET"
                 ) from None
             raise
+
+
+def _public_endpoint(value: str, default_secure: bool) -> tuple[str, bool]:
+    """``host:port`` and https-or-not of LYNX_S3_PUBLIC_ENDPOINT (``host:port`` or a URL)."""
+    parsed = urllib.parse.urlsplit(value if "://" in value else f"//{value}")
+    problem = None
+    if parsed.scheme not in ("", "http", "https"):
+        problem = "the scheme must be http or https"
+    elif not parsed.hostname:
+        problem = "it names no host"
+    elif parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        problem = "a path is not allowed (links are path-style: /bucket/key)"
+    elif parsed.username or parsed.password:
+        problem = "credentials do not belong in it"
+    else:
+        try:
+            parsed.port  # noqa: B018 -- raises on a port that is not a number in range
+        except ValueError as err:
+            problem = str(err)
+    if problem:
+        shown = repr(value) if "@" not in value else "(not shown: it holds credentials)"
+        raise ConfigurationError(
+            f"invalid LYNX_S3_PUBLIC_ENDPOINT {shown}: {problem}", setting=PUBLIC_ENDPOINT_SETTING
+        )
+    secure = default_secure if not parsed.scheme else parsed.scheme == "https"
+    return parsed.netloc, secure
 
 
 class _ResponseReader(io.RawIOBase):

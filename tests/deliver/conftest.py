@@ -4,7 +4,7 @@ Everything runs through the real tools: frames are encoded by the real ffmpeg, a
 by ffmpeg's own generators, the safety classifier is a real ONNX graph run by onnxruntime, and the
 Real-ESRGAN weights are random tensors saved in the official file layout.
 
-Publishing runs against the real artifact stores of the root conftest (a local folder and a moto S3
+Publishing runs against the real artifact stores of the root conftest (a local folder and a SeaweedFS S3
 server), wrapped by ``RecordingStore`` to observe upload order and to inject failures.
 """
 
@@ -105,7 +105,7 @@ def provenance() -> Provenance:
 class RecordingStore:
     """A real artifact store that remembers the order of its uploads and can be told to fail.
 
-    Wraps ``lynx.store`` (the root conftest's ``store``: local folder and moto S3), so publishing is
+    Wraps ``lynx.store`` (the root conftest's ``store``: local folder and SeaweedFS S3), so publishing is
     tested against the real backends; ``fail_at`` makes the n-th upload raise as a dropped connection
     would, ``corrupt`` makes ``stat`` report other bytes than were sent for keys ending with it.
     """

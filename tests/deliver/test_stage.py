@@ -1,6 +1,6 @@
 """The deliver stage in a real flow run: what a failure after publishing leaves behind.
 
-Runs the ``lynx`` flow on the flow tests' services (PostgreSQL, moto S3, tiny model, demo face pack).
+Runs the ``lynx`` flow on the flow tests' services (PostgreSQL, SeaweedFS S3, tiny model, demo face pack).
 """
 
 from __future__ import annotations

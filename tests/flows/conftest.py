@@ -1,7 +1,7 @@
 """Fixtures of the flow tests: one Prefect test harness, the tiny model, real faces, real services.
 
 Flows read their configuration from LYNX_* variables, as workers do, so ``flow_env`` sets them:
-a fresh PostgreSQL database and a fresh bucket on the moto S3 server per test, the tiny random
+a fresh PostgreSQL database and a fresh bucket on the SeaweedFS S3 server per test, the tiny random
 model (written once per session through the model's own writer, for the demo face pack's 128-d
 embeddings) and the real demo face pack. Per-process caches (services, conditioning, the loaded
 model) are reset between tests so that counts of computed results start from zero.
@@ -92,7 +92,7 @@ def flow_env(
 ) -> Iterator[Callable[..., dict[str, str]]]:
     """``flow_env(**overrides)`` sets the LYNX_* environment of a flow run and returns it.
 
-    Defaults: PostgreSQL (fresh database), S3 on moto (fresh bucket), the tiny full model, the demo
+    Defaults: PostgreSQL (fresh database), S3 on SeaweedFS (fresh bucket), the tiny full model, the demo
     face pack on the CPU, no retry delays. Overrides are setting names, e.g. ``gpu_batch_size=2``.
     """
 

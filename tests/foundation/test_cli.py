@@ -138,14 +138,13 @@ def test_password_in_the_query_string_is_never_printed(lynx_cli, make_settings, 
         assert DB_PASSWORD not in result.stderr + result.stdout
 
 
-def test_stopped_s3_server_one_line_no_row_written(lynx_cli, make_settings, tmp_path: Path):
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+def test_stopped_s3_server_one_line_no_row_written(
+    lynx_cli, make_settings, make_s3_server, tmp_path: Path
+):
+    server = make_s3_server()
     server.stop()
-    settings = make_settings(store="s3", s3_endpoint=f"127.0.0.1:{port}")
+    port = server.ports.s3
+    settings = make_settings(store="s3", s3_endpoint=server.endpoint)
     source = tmp_path / "face.png"
     source.write_bytes(b"png bytes")
     subject = _make_subject(settings)

@@ -1,4 +1,4 @@
-"""The artifact store against a real S3 server (moto on loopback) and a local folder."""
+"""The artifact store against a real S3 server (SeaweedFS on loopback) and a local folder."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -469,18 +470,12 @@ def test_s3_bucket_is_created_on_first_write(make_settings, s3_reset):
     assert store._client.bucket_exists("lynx-autocreated")
 
 
-def test_s3_unreachable_fails_fast_naming_the_endpoint(make_settings):
-    from moto.server import ThreadedMotoServer
-
-    from tests.conftest import free_port
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    store = open_store(make_settings(store="s3", s3_endpoint=f"127.0.0.1:{port}", s3_retries=3, s3_timeout=5))
+def test_s3_unreachable_fails_fast_naming_the_endpoint(make_settings, make_s3_server):
+    server = make_s3_server()
+    store = open_store(make_settings(store="s3", s3_endpoint=server.endpoint, s3_retries=3, s3_timeout=5))
     store.check()
     stored = store.put_bytes(b"before the outage")
-    server.stop()
+    server.kill()
 
     for call in (store.check, lambda: store.get_bytes(stored.key), lambda: store.put_bytes(b"during")):
         started = time.monotonic()
@@ -488,7 +483,78 @@ def test_s3_unreachable_fails_fast_naming_the_endpoint(make_settings):
             call()
         assert time.monotonic() - started < 10
         message = str(caught.value)
-        assert "LYNX_S3_ENDPOINT" in message and f"127.0.0.1:{port}" in message and "\n" not in message
+        assert "LYNX_S3_ENDPOINT" in message and server.endpoint in message and "\n" not in message
+
+
+@pytest.mark.parametrize("wrong", ["s3_secret_key", "s3_access_key"])
+def test_s3_wrong_credentials_one_line_naming_both_settings(make_settings, wrong: str):
+    store = open_store(make_settings(store="s3", **{wrong: "not-the-right-one"}))
+    for call in (store.check, lambda: store.put_bytes(b"refused"), lambda: list(store.list())):
+        with pytest.raises(ConfigurationError) as caught:
+            call()
+        message = str(caught.value)
+        assert "LYNX_S3_ACCESS_KEY" in message and "LYNX_S3_SECRET_KEY" in message
+        assert "\n" not in message and "not-the-right-one" not in message
+
+
+def test_s3_objects_whose_put_returned_survive_sigkill_and_restart(make_settings, make_s3_server):
+    server = make_s3_server()
+    store = open_store(make_settings(store="s3", s3_endpoint=server.endpoint, s3_timeout=5))
+    written = {f"jobs/{i}/frame.bin": os.urandom(50_000 + i) for i in range(20)}
+    written["videos/big.mp4"] = os.urandom(12 * MB)  # multipart: 3 parts
+    for key, data in written.items():
+        store.put_bytes(data, key=key)
+
+    server.kill()  # no SIGTERM, no flush: a crash right after the last put returned
+    assert not server.running
+    server.restart()
+
+    assert sorted(store.list()) == sorted(written)
+    for key, data in written.items():
+        assert store.get_bytes(key) == data  # sha256 checked against the recorded one
+
+
+def test_s3_links_for_a_public_endpoint_download_the_same_bytes(make_settings, s3_server: str):
+    """Workers write to 127.0.0.1:PORT; the links name localhost:PORT, as a browser would reach it."""
+    port = s3_server.rsplit(":", 1)[1]
+    store = open_store(make_settings(store="s3", s3_public_endpoint=f"localhost:{port}"))
+    stored = store.put_bytes(os.urandom(200_000), key="videos/public.mp4")
+
+    url = store.presigned_url(stored.key, expires=60)
+
+    assert url.startswith(f"http://localhost:{port}/{store.bucket}/videos/public.mp4?")
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert hashlib.sha256(response.read()).hexdigest() == stored.sha256
+    # The signature covers the host: the same link on the workers' name is refused.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url.replace(f"localhost:{port}", s3_server), timeout=10)
+    assert refused.value.code == 403
+
+
+def test_s3_links_are_signed_without_contacting_the_public_endpoint(make_settings):
+    store = open_store(make_settings(store="s3", s3_public_endpoint="https://files.example.invalid"))
+    stored = store.put_bytes(b"poster", key="previews/poster.jpg")
+    started = time.monotonic()
+    url = store.presigned_url(stored.key, expires=60)
+    assert time.monotonic() - started < 5  # no lookup of an unresolvable host, no retries
+    assert url.startswith(f"https://files.example.invalid/{store.bucket}/previews/poster.jpg?")
+    assert "X-Amz-Credential=" in url and "%2Fus-east-1%2Fs3%2F" in url
+
+
+@pytest.mark.parametrize(
+    "value", ["ftp://files:21", "https://files.example.com/s3", "http://:9000", "files:notaport"]
+)
+def test_s3_bad_public_endpoint_is_one_line_naming_the_setting(make_settings, value: str):
+    with pytest.raises(ConfigurationError) as caught:
+        open_store(make_settings(store="s3", s3_public_endpoint=value))
+    message = str(caught.value)
+    assert "LYNX_S3_PUBLIC_ENDPOINT" in message and repr(value) in message and "\n" not in message
+
+
+def test_s3_public_endpoint_with_credentials_is_refused_without_echoing_them(make_settings):
+    with pytest.raises(ConfigurationError, match="LYNX_S3_PUBLIC_ENDPOINT.*credentials") as caught:
+        open_store(make_settings(store="s3", s3_public_endpoint="https://user:hunter2@files:9000"))
+    assert "hunter2" not in str(caught.value)
 
 
 @pytest.mark.parametrize(
