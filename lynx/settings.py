@@ -267,6 +267,12 @@ class LynxSettings(BaseSettings):
         description="Jobs per GPU flow run: the model is loaded once per run, so larger batches spend "
         "more GPU time sampling and less loading.",
     )
+    candidate_batch: int = Field(
+        default=0, ge=0, le=64,
+        description="Candidates of a job sampled in one batch. 0: on CUDA as many as the free GPU memory "
+        "holds by the pipeline's activation estimate, on the CPU one at a time; N: at most N (on the "
+        "CPU: N).",
+    )
     task_retries: int = Field(
         default=3, ge=0, le=20,
         description="Retries of a stage after a transient storage or database error (other errors fail "

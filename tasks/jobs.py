@@ -101,15 +101,15 @@ def register_subject(spec: SubjectSpec) -> tuple[Subject, LynxError | None]:
     return subject, problem
 
 
-def check_run_settings(settings: LynxSettings) -> ConfigurationError | None:
+def check_run_settings(settings: LynxSettings, *, candidates: bool = False) -> ConfigurationError | None:
     """What the later stages' settings would refuse, found now rather than after the GPU minutes:
-    the delivery spec, and with the quality gate on, the recogniser it reads (loaded once here,
-    the delivery stage finds it in the process cache)."""
+    the delivery spec, and with the quality gate on or candidates to score (``candidates``), the
+    recogniser the gate reads (loaded once here, the delivery stage finds it in the process cache)."""
     from lynx.media.spec import DeliverySpec
 
     try:
         DeliverySpec.from_settings(settings)
-        if settings.quality_gate_threshold is not None:
+        if settings.quality_gate_threshold is not None or candidates:
             from lynx.evaluation.recognizers import cached_evaluation_models
 
             cached_evaluation_models(settings).resolve(settings.quality_gate_recognizer)
@@ -173,11 +173,12 @@ def register_job(
     subject: Subject,
     problem: LynxError | None,
     campaign_id: int | None,
-    misconfigured: Callable[[], ConfigurationError | None],
+    misconfigured: Callable[[bool], ConfigurationError | None],
 ) -> JobTicket:
     """The job's ticket: running and recorded in stage 'submit', or what an earlier run left.
 
-    ``misconfigured`` is what the later stages' settings refuse, asked only for a claimed job.
+    ``misconfigured`` is what the later stages' settings refuse (for a job with candidates to score,
+    or not), asked only for a claimed job.
     """
     tracker = services().tracker
     settings = request.settings
@@ -211,7 +212,7 @@ def register_job(
         return ticket.model_copy(update={"status": status.value})
 
     def check_inputs(recorder: Any) -> JobTicket:
-        error = misconfigured() or problem
+        error = misconfigured(settings.candidates > 1) or problem
         if error is not None:
             raise error
         return ticket
@@ -252,8 +253,8 @@ def submit_requests(
     campaign_id = tracker.get_or_create_campaign(name, spec=campaign_spec).id if name else None
 
     @functools.cache  # checked once, when the first job is claimed: a re-run of done jobs loads nothing
-    def misconfigured() -> ConfigurationError | None:
-        err = check_run_settings(services().settings)
+    def misconfigured(candidates: bool) -> ConfigurationError | None:
+        err = check_run_settings(services().settings, candidates=candidates)
         if err is not None:
             log.error("jobs fail at submit, settings of a later stage are invalid: %s", err)
         return err

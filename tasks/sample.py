@@ -6,9 +6,20 @@ so the UI shows how far each video is; updates are sent at most every ``PROGRESS
 
 A job with N candidates (``GenerationSettings.candidates``) samples N videos with seeds seed ..
 seed + N - 1. They share the job's identity tokens, reference features and text embeddings (encoded
-once by the earlier stages) and run one after another through the same pipeline call: the
-pipeline samples one seed per call, so there is no batch to fit in memory (one video's activations
-at a time, as for a single candidate). Their latents are kept stacked, ``[N, C, F, H, W]``.
+once by the earlier stages) and run as batches of the pipeline (a list of seeds: each video exactly
+its one-seed call's), as many per batch as ``candidate_batch_size`` allows:
+
+- on CUDA, the free accelerator memory once the weights are resident (``torch.cuda.mem_get_info``;
+  with LYNX_CPU_OFFLOAD the DiT's weights, moved in for each forward, are counted as taken) over
+  the pipeline's estimate of what each extra video's activations take
+  (``LynxPipeline.activation_bytes_per_video``, guidance passes one after another, the reference
+  shared), with 10 % headroom, at least 1;
+- on the CPU, one at a time: the matmuls of one video already keep every core busy, a batch would
+  only add memory;
+- LYNX_CANDIDATE_BATCH caps it (and sets it on the CPU).
+
+Batches run one after another, so the candidates that do not fit in memory at once still share
+the encodings. Their latents are kept stacked, ``[N, C, F, H, W]``.
 """
 
 from __future__ import annotations
@@ -21,7 +32,9 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
 
-from tasks.model import GpuJob
+from lynx.jobs import GenerationSettings
+from lynx.settings import LynxSettings
+from tasks.model import GpuJob, LoadedModel
 from tasks.policy import retry_on_transient
 from tasks.services import services
 from tasks.tracking import run_stage
@@ -51,11 +64,12 @@ class SamplingProgress:
             log.warning("job %s: no progress artifact (the sampling goes on)", job_id, exc_info=True)
         self._last = time.monotonic()
 
-    def of_candidate(self, index: int, candidates: int):
-        """The pipeline callback for candidate ``index``: its steps count as a share of the whole."""
+    def of_videos(self, first: int, count: int, total: int):
+        """The pipeline callback of a batch of ``count`` of the job's ``total`` videos, starting at
+        video ``first``: each of its steps advances the artifact by ``count`` video-steps."""
 
         def callback(step_index: int, num_steps: int, timestep: float) -> None:
-            self(index * num_steps + step_index, candidates * num_steps, timestep)
+            self(first * num_steps + (step_index + 1) * count - 1, total * num_steps, timestep)
 
         return callback
 
@@ -75,15 +89,39 @@ class SamplingProgress:
             self._last = now
 
 
+def candidate_batch_size(model: LoadedModel, settings: GenerationSettings, lynx: LynxSettings) -> int:
+    """How many of a job's candidates to sample in one pipeline call (see the module docstring)."""
+    import torch
+
+    from lynx_model.memory import videos_that_fit
+
+    pipe = model.pipe
+    device = pipe._execution_device
+    cap = lynx.candidate_batch
+    if device.type != "cuda":
+        return cap or 1
+    free, _ = torch.cuda.mem_get_info(device)
+    if lynx.cpu_offload:  # the DiT is moved onto the GPU for each forward: its weights are not free memory
+        free -= sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
+    per_video = pipe.activation_bytes_per_video(settings.height, settings.width, settings.frames)
+    fits = videos_that_fit(max(free, 0), per_video)
+    return min(fits, cap) if cap else fits
+
+
 def sample_job(job: GpuJob, recorder: Any) -> GpuJob:
     import torch
 
+    svc = services()
     settings = job.spec.settings
     seeds = settings.candidate_seeds
+    size = 1
+    if len(seeds) > 1:
+        size = candidate_batch_size(job.model, settings, svc.settings)
+    batches = [seeds[i : i + size] for i in range(0, len(seeds), size)]
     progress = SamplingProgress(job.job_id, settings.steps * len(seeds))
     started = time.monotonic()
     latents, seconds = [], []
-    for index, seed in enumerate(seeds):
+    for batch in batches:
         begun = time.monotonic()
         output = job.model.pipe(
             prompt_embeds=job.prompt_embeds,
@@ -98,21 +136,21 @@ def sample_job(job: GpuJob, recorder: Any) -> GpuJob:
             guidance_scale_id=settings.guidance_scale_id,
             ip_scale=settings.ip_scale,
             ref_scale=settings.ref_scale,
-            seed=seed,
+            seed=batch if len(batch) > 1 else batch[0],
             output_type="latent",
             progress=False,
-            progress_callback=progress.of_candidate(index, len(seeds)),
+            progress_callback=progress.of_videos(seeds.index(batch[0]), len(batch), len(seeds)),
         )
         latents.append(output.frames)
         seconds.append(round(time.monotonic() - begun, 3))
     job.latents = latents[0] if len(latents) == 1 else torch.cat(latents)
     job.timings["sample"] = time.monotonic() - started
-    services().tracker.record_compute_event(
+    svc.tracker.record_compute_event(
         "sample", f"job-{job.job_id}", reused=False, job_id=job.job_id, duration_s=job.timings["sample"]
     )
-    recorder.metrics.update(steps=settings.steps, latent_shape=list(latents[0].shape))
+    recorder.metrics.update(steps=settings.steps, latent_shape=[1, *job.latents.shape[1:]])
     if len(seeds) > 1:
-        recorder.metrics.update(candidates=len(seeds), seeds=seeds, candidate_seconds=seconds)
+        recorder.metrics.update(candidates=len(seeds), seeds=seeds, batches=batches, batch_seconds=seconds)
     return job
 
 

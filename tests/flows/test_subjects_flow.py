@@ -111,7 +111,7 @@ def test_candidates_are_sampled_scored_and_listed_in_the_manifest(flow_env, phot
     assert outcome.status == "completed", outcome.error_text
 
     sample = _stage(outcome.job_id, "sample")
-    assert sample.metrics["seeds"] == [7, 8, 9] and len(sample.metrics["candidate_seconds"]) == 3
+    assert sample.metrics["seeds"] == [7, 8, 9] and sample.metrics["batches"] == [[7], [8], [9]]
     decode = _stage(outcome.job_id, "decode")
     stem = f"intermediates/job-{outcome.job_id}/attempt-1"
     assert decode.output_keys == [f"{stem}-seed-{seed}.mkv" for seed in (7, 8, 9)]
@@ -175,3 +175,64 @@ def test_the_master_is_the_candidate_most_like_the_subject(flow_env, photos, fac
 
     [row] = outcome_rows([outcome])
     assert row["best of"] == 3 and row["seed"] == 43 and row["score"] == f"{scores[43]:.3f}"
+
+
+def test_candidates_in_batches_are_the_candidates_one_by_one(flow_env, photos):
+    from lynx.media.intermediate import iter_frames
+
+    settings = TINY_SETTINGS.model_copy(update={"candidates": 3})
+    videos = {}
+    for batch in (0, 2):  # 0 on the CPU: one at a time
+        flow_env(candidate_batch=batch)
+        outcome = lynx(str(photos["astronaut"]), "a woman smiling at the camera", settings=settings)
+        assert outcome.status == "completed", outcome.error_text
+        sample = _stage(outcome.job_id, "sample").metrics
+        assert sample["batches"] == ([[42], [43], [44]] if batch == 0 else [[42, 43], [44]])
+        svc = services()
+        videos[batch] = []
+        for key in _stage(outcome.job_id, "decode").output_keys:
+            local = Path(svc.workdir("test")) / key.rsplit("/", 1)[-1]
+            svc.store.get_file(key, local)
+            videos[batch].append(np.stack(list(iter_frames(local))).astype(np.int16))
+    for one_by_one, batched in zip(videos[0], videos[2], strict=True):
+        assert np.abs(one_by_one - batched).max() <= 1  # the same videos, to rounding
+    assert np.abs(videos[0][0] - videos[0][1]).mean() > 5  # and different seeds differ
+
+
+def test_the_batch_size_follows_the_free_gpu_memory(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from lynx.settings import LynxSettings
+    from tasks.sample import candidate_batch_size
+
+    weights = [torch.zeros(1000, dtype=torch.float32)]  # 4,000 bytes of DiT weights
+    pipe = SimpleNamespace(
+        _execution_device=torch.device("cuda", 0),
+        activation_bytes_per_video=lambda height, width, frames: 1000,
+        transformer=SimpleNamespace(parameters=lambda: iter(weights)),
+    )
+    model = SimpleNamespace(pipe=pipe)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10_000, 80_000))
+    settings = TINY_SETTINGS.model_copy(update={"candidates": 8})
+
+    def size(**overrides) -> int:
+        return candidate_batch_size(model, settings, LynxSettings(_env_file=None, **overrides))
+
+    assert size() == 9  # 90 % of 10,000 free bytes, 1,000 per video
+    assert size(candidate_batch=4) == 4  # the setting caps it
+    assert size(cpu_offload=True) == 5  # the DiT's 4,000 bytes come in for each forward
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (500, 80_000))
+    assert size() == 1  # one video is always tried
+    pipe._execution_device = torch.device("cpu")
+    assert size() == 1 and size(candidate_batch=3) == 3
+
+
+def test_candidates_with_a_recogniser_that_cannot_load_fail_at_submit(flow_env, photos):
+    flow_env(eval_recognizers='["missing.onnx"]')
+    settings = TINY_SETTINGS.model_copy(update={"candidates": 2})
+    outcome = lynx(str(photos["astronaut"]), "a woman smiling at the camera", settings=settings)
+    assert outcome.status == "failed" and outcome.error_stage == "submit"
+    assert "missing.onnx" in outcome.error_text and "LYNX_EVAL_RECOGNIZERS" in outcome.error_text
+    assert [run.stage for run in services().tracker.stage_runs(outcome.job_id)] == ["submit"]
