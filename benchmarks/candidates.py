@@ -1,6 +1,6 @@
 """What best-of-N candidates cost on the demo model, relative to one video, side by side.
 
-    PYTHONPATH=. python benchmarks/candidates.py [--candidates 1,2,4] [--rounds 2]
+    PYTHONPATH=. python benchmarks/candidates.py [--candidates 1,2,4] [--rounds 2] [--batched]
 
 Runs the `lynx` flow in-process (embedded Prefect, GPU stages as an in-process subflow, SQLite +
 local folder, a fresh tracking database and store per run, the model loaded again per run as a
@@ -11,7 +11,8 @@ settings (17 frames 128x128, 8 steps), once per candidate count per round, the c
 From the run records: sampling (the `sample` stage), decoding and storing the intermediates
 (`decode`), delivery (`deliver`: fetching the intermediates, scoring the candidates with the gate's
 recogniser, then encoding and publishing the master; `scoring_seconds` is the scoring alone) and
-the job's wall time. Ratios are to N = 1 of the same round.
+the job's wall time. Ratios are to N = 1. ``--batched`` adds, for each N > 1, a run with the N
+candidates in one pipeline call (LYNX_CANDIDATE_BATCH=N; on the CPU they otherwise run one by one).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 COLUMNS = ("sample", "decode", "scoring", "deliver", "wall")
 
 
-def run_once(candidates: int, workdir: Path, index: int) -> dict[str, float]:
+def run_once(candidates: int, workdir: Path, index: int, batch: int = 0) -> dict[str, float]:
     from flows.generate import lynx
     from lynx.assets import demo_face_path
     from lynx.demo import DEMO_PROMPT, DEMO_SETTINGS
@@ -41,7 +42,8 @@ def run_once(candidates: int, workdir: Path, index: int) -> dict[str, float]:
     from tasks.model import _loaded
     from tasks.services import reset_services, services
 
-    os.environ["LYNX_HOME"] = str(workdir / f"run-{index}-n{candidates}")
+    os.environ["LYNX_HOME"] = str(workdir / f"run-{index}-n{candidates}-b{batch}")
+    os.environ["LYNX_CANDIDATE_BATCH"] = str(batch)
     reset_services()
     memory.clear()
     _loaded.clear()
@@ -66,6 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--candidates", default="1,2,4", help="candidate counts, comma-separated (1 first)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batched", action="store_true", help="also each N > 1 in one pipeline call")
     args = parser.parse_args()
     counts = [int(n) for n in args.candidates.split(",")]
     if counts[0] != 1:
@@ -85,13 +88,14 @@ def main() -> None:
         LYNX_DELIVER_PRESET="ultrafast",
         LYNX_FACE_DEVICE="cpu",
     )
-    results: dict[int, list[dict[str, float]]] = {n: [] for n in counts}
+    cases = [(n, 0) for n in counts] + ([(n, n) for n in counts if n > 1] if args.batched else [])
+    results: dict[tuple[int, int], list[dict[str, float]]] = {case: [] for case in cases}
     with tempfile.TemporaryDirectory() as scratch, prefect_test_harness(server_startup_timeout=120):
         run_once(1, Path(scratch), -1)  # warm-up: imports, first flow run
         for round_index in range(args.rounds):
-            order = counts if round_index % 2 == 0 else counts[::-1]
-            for n in order:
-                results[n].append(run_once(n, Path(scratch), round_index))
+            order = cases if round_index % 2 == 0 else cases[::-1]
+            for n, batch in order:
+                results[(n, batch)].append(run_once(n, Path(scratch), round_index, batch))
 
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
@@ -104,13 +108,14 @@ def main() -> None:
         "| sample+decode vs N=1 | wall vs N=1 |"
     )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    base = {column: statistics.median(r[column] for r in results[1]) for column in COLUMNS}
-    for n in counts:
-        m = {column: statistics.median(r[column] for r in results[n]) for column in COLUMNS}
+    base = {column: statistics.median(r[column] for r in results[(1, 0)]) for column in COLUMNS}
+    for n, batch in cases:
+        m = {column: statistics.median(r[column] for r in results[(n, batch)]) for column in COLUMNS}
         model = (m["sample"] + m["decode"]) / (base["sample"] + base["decode"])
+        label = f"{n} (one batch)" if batch else str(n)
         print(
-            f"| {n} | {m['sample']:.2f} | {m['decode']:.2f} | {m['scoring']:.2f} | {m['deliver']:.2f} | "
-            f"{m['wall']:.1f} | {model:.2f}x | {m['wall'] / base['wall']:.2f}x |"
+            f"| {label} | {m['sample']:.2f} | {m['decode']:.2f} | {m['scoring']:.2f} | "
+            f"{m['deliver']:.2f} | {m['wall']:.1f} | {model:.2f}x | {m['wall'] / base['wall']:.2f}x |"
         )
 
 

@@ -60,7 +60,6 @@ from lynx.db.models import (
 )
 from lynx.db.tracking import Tracker
 from lynx.errors import ArtifactNotFoundError, IllegalTransitionError, NotFoundError
-from lynx.evaluation.metrics import reference_set_sha256
 from lynx.media.publish import deliverable_prefix
 from lynx.settings import LynxSettings
 from lynx.store import ArtifactStore, open_store
@@ -393,7 +392,7 @@ def _finish(
             )
         )
         photo_sha256 = [photo["sha256"] for photo in subject.photo_list]
-        references = set(photo_sha256) | ({reference_set_sha256(photo_sha256)} if photo_sha256 else set())
+        references = set(photo_sha256) | ({subject.reference_set_sha256} if photo_sha256 else set())
         references |= set(
             session.scalars(
                 select(Artifact.sha256).where(

@@ -8,6 +8,7 @@ models and the migrations agree on PostgreSQL and SQLite.
 from __future__ import annotations
 
 import enum
+import hashlib
 from datetime import datetime, timezone
 from typing import Any
 
@@ -180,6 +181,15 @@ class Subject(Base):
     def ref(self) -> str:
         """How users name the subject: its external id, else ``subject-<id>``."""
         return self.external_ref or f"subject-{self.id}"
+
+    @property
+    def reference_set_sha256(self) -> str | None:
+        """What stored evaluation metrics key the subject's photos on: its one photo's sha256, or for
+        several the sha256 of their sha256s in order (another set of photos is another reference)."""
+        shas = [photo["sha256"] for photo in self.photo_list]
+        if len(shas) <= 1:
+            return shas[0] if shas else None
+        return hashlib.sha256("\n".join(shas).encode("ascii")).hexdigest()
 
     @property
     def photo_list(self) -> list[dict[str, str]]:

@@ -8,7 +8,6 @@ frames that do, and the spread over time (std, min, max). Frames stream: one is 
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -83,14 +82,6 @@ def subject_reference_embeddings(
         name: l2_normalise(np.mean([l2_normalise(photo[name]) for photo in per_photo], axis=0))
         for name in models.recognizers
     }
-
-
-def reference_set_sha256(photo_sha256s: Sequence[str]) -> str:
-    """What stored metrics key a subject's reference on: its one photo's sha256, or for several
-    photos the sha256 of their sha256s in order (another set of photos is another reference)."""
-    if len(photo_sha256s) == 1:
-        return photo_sha256s[0]
-    return hashlib.sha256("\n".join(photo_sha256s).encode("ascii")).hexdigest()
 
 
 def evaluate_frames(

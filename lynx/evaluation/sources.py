@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lynx.db.models import ArtifactKind, Job, JobStatus
 from lynx.db.tracking import Tracker
 from lynx.errors import InputError
-from lynx.evaluation.metrics import reference_set_sha256
 
 #: Jobs whose video is final; others (pending, running, failed, cancelled) have nothing to score.
 FINISHED = (JobStatus.COMPLETED, JobStatus.NEEDS_REVIEW)
@@ -146,7 +145,7 @@ def job_item(tracker: Tracker, job: Job) -> EvalItem:
         in_store=True,
         job_id=job.id,
         video_sha256=video.sha256 if video is not None else None,
-        reference_sha256=reference_set_sha256([photo["sha256"] for photo in photos]) if photos else None,
+        reference_sha256=subject.reference_set_sha256,
         skip_reason=skip,
     )
 
