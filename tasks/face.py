@@ -111,7 +111,7 @@ def analyze_stored_photo(photo_key: str, settings: LynxSettings) -> ReferenceFac
 class _Photo:
     """One photo of the job's subject: its analysis, computed at most once, and its stored results."""
 
-    def __init__(self, key: str, label: str, job_id: int) -> None:
+    def __init__(self, key: str, label: str | None, job_id: int) -> None:
         svc = services()
         self.key, self.label, self.job_id = key, label, job_id
         self.stored = svc.store.stat(key)
@@ -122,6 +122,8 @@ class _Photo:
         try:
             return analyze_stored_photo(self.key, services().settings)
         except InputError as err:
+            if self.label is None:  # the subject's one photo: the message says it all
+                raise
             raise type(err)(f"{self.label}: {err.message}", setting=err.setting) from None
 
     @functools.cached_property
@@ -150,12 +152,10 @@ class _Photo:
         return PhotoFace(value["embedding"], value["det_score"], value["box"], value["kps"])
 
 
-def _labels(ticket: JobTicket) -> list[str]:
-    count = len(ticket.photo_keys)
-    if count == 1:
-        return ["the photo"]
-    names = ticket.photo_names if len(ticket.photo_names) == count else ticket.photo_keys
-    return [f"photo {i + 1} of {count} ({name})" for i, name in enumerate(names)]
+def _names(ticket: JobTicket) -> list[str]:
+    """The photos as the request named them (their keys if it named others)."""
+    same = len(ticket.photo_names) == len(ticket.photo_keys)
+    return ticket.photo_names if same else ticket.photo_keys
 
 
 def fused_embedding_key(photos: list[_Photo], identity: SubjectIdentity) -> str:
@@ -166,17 +166,20 @@ def fused_embedding_key(photos: list[_Photo], identity: SubjectIdentity) -> str:
 def extract_face(ticket: JobTicket) -> FaceOutputs:
     """The subject's face analysis as stored artifacts: computed on first use, then reused."""
     svc = services()
-    labels = _labels(ticket)
-    photos = [_Photo(key, label, ticket.job_id) for key, label in zip(ticket.photo_keys, labels, strict=True)]
-    if not photos:
+    names, count = _names(ticket), len(ticket.photo_keys)
+    if not count:
         raise InputError(f"job {ticket.job_id}: its subject has no photo")
+    photos = [
+        _Photo(key, None if count == 1 else f"photo {i + 1} of {count} ({names[i]})", ticket.job_id)
+        for i, key in enumerate(ticket.photo_keys)
+    ]
     model = photos[0].embedding.value["model"]
     identity = subject_identity(
         [photo.face() for photo in photos],
         recognizer=model,
         fusion=svc.settings.face_fusion,
         thresholds=svc.settings.face_same_person_thresholds,
-        names=ticket.photo_names or ticket.photo_keys,
+        names=names,
     )
     best = photos[identity.reference]
     embedding = best.embedding

@@ -81,6 +81,12 @@ def test_a_photo_of_another_person_fails_the_job_at_the_face_stage(flow_env, pho
     stages = [run.stage for run in services().tracker.stage_runs(outcome.job_id)]
     assert stages == ["submit", "face"]  # no GPU stage ran
 
+    # a photo without a face is named too
+    images = [str(photos["astronaut"]), str(photos["noface"])]
+    outcome = lynx(images, "a woman smiling at the camera", settings=TINY_SETTINGS)
+    assert outcome.status == "failed" and outcome.error_stage == "face"
+    assert outcome.error_text.startswith("photo 2 of 2 (noface.jpg): no face found in the image")
+
 
 def test_one_photo_keeps_the_job_identity_and_its_face_files(flow_env, photos):
     """N = 1 candidate and one photo behave exactly as before both existed."""
