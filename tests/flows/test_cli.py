@@ -149,6 +149,7 @@ def test_demo_builds_what_is_missing_and_warns_that_the_model_is_random(lynx_cli
     assert result.stdout.startswith("warning: the demo model has RANDOM weights")  # said first, too
 
 
+@pytest.mark.slow
 def test_generate_with_several_photos_and_candidates(lynx_cli, configured_env, photos, second_shot, tmp_path):
     out = tmp_path / "out"
     images = ("--image", str(photos["astronaut"]), "--image", str(second_shot))
