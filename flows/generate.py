@@ -1,6 +1,7 @@
 """Flow ``lynx`` (deployment ``lynx/generate``): one photo + one prompt -> published deliverables.
 
     prefect deployment run lynx/generate --param image=photos/alice.jpg --param prompt="..."
+    prefect deployment run lynx/generate --param image='["a.jpg", "b.jpg"]' --param prompt="..."
 
 The CPU stages run here; the GPU stages run as their own flow (``lynx-gpu``) on the GPU pool when
 a Prefect server and LYNX_GPU_DEPLOYMENT are configured, in-process otherwise.
@@ -23,7 +24,7 @@ from tasks.tracking import cancel_flow_run_jobs
 
 @flow(name="lynx", on_cancellation=[cancel_flow_run_jobs], log_prints=True)
 def lynx(
-    image: str,
+    image: str | list[str],
     prompt: str,
     settings: GenerationSettings | None = None,
     subject_id: str | None = None,
@@ -32,12 +33,14 @@ def lynx(
 ) -> JobOutcome:
     """Generate one identity-preserving video of the person in ``image`` doing what ``prompt`` says.
 
-    ``image`` is a path on the machine running the flow (uploaded first) or an artifact-store key.
+    ``image`` is a path on the machine running the flow (uploaded first) or an artifact-store key,
+    or a list of them: several photos of the same person, fused into one identity.
     ``subject_id`` names the person across jobs (their face is then analysed once); without it
     every run registers a new subject.
     """
+    photos = [image] if isinstance(image, str) else list(image)
     request = GenerationRequest(
-        subject=SubjectSpec(id=subject_id, photo=image, consent_reference=consent_reference),
+        subject=SubjectSpec(id=subject_id, photos=photos, consent_reference=consent_reference),
         prompt=prompt,
         settings=settings or GenerationSettings(),
         campaign=campaign,

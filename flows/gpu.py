@@ -35,8 +35,9 @@ def lynx_gpu(batch: GpuBatchRequest) -> list[int]:
         job = configured(encode_reference, "reference")(model, spec)
         # Step 3: prompt embeddings (once per distinct prompt; the negative prompt once)
         job = configured(encode_text, "text")(job)
-        # Step 4: denoise, with a progress artifact that moves with the steps
-        job = configured(sample, "sample")(job)
-        # Step 5: decode to frames and store them as a lossless intermediate video
-        configured(decode, "decode")(job)
+        # Step 4: denoise (each candidate), with a progress artifact that moves with the steps
+        videos = spec.settings.candidates
+        job = configured(sample, "sample", videos=videos)(job)
+        # Step 5: decode to frames and store them as a lossless intermediate video (per candidate)
+        configured(decode, "decode", videos=videos)(job)
     return batch.job_ids

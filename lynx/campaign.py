@@ -5,6 +5,8 @@
     subjects:
       - id: alice                           # stable id: the same id is the same person everywhere
         photo: photos/alice.jpg             # relative to this file, absolute, or an artifact-store key
+      - id: bob
+        photos: [photos/bob-1.jpg, photos/bob-2.jpg]   # several photos of one person: fused identity
         consent_reference: contract 2024-113
         retention_until: 2026-01-31
     prompts:
@@ -13,8 +15,8 @@
         settings: {seed: 11}                # per-prompt overrides
 
 A campaign expands to one job per subject and prompt. Errors name the file, line and field
-(``campaign.yaml:12: subjects[1].photo: field required``), so a typo in a 200-line file is found at
-once. JSON is read by the same parser (JSON is YAML), so it gets line numbers too.
+(``campaign.yaml:12: prompts[1].settings: steps: Input should be ...``), so a typo in a 200-line
+file is found at once. JSON is read by the same parser (JSON is YAML), so it gets line numbers too.
 """
 
 from __future__ import annotations
@@ -155,13 +157,24 @@ def _resolve_photos(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         return data
     resolved = []
     for subject in subjects:
-        if isinstance(subject, dict) and isinstance(subject.get("photo"), str):
-            photo = Path(subject["photo"]).expanduser()
-            candidate = photo if photo.is_absolute() else base_dir / photo
-            if candidate.is_file():
-                subject = {**subject, "photo": str(candidate.resolve())}
+        if isinstance(subject, dict):
+            for field in ("photo", "photos"):
+                value = subject.get(field)
+                if isinstance(value, str):
+                    subject = {**subject, field: _resolve_photo(value, base_dir)}
+                elif isinstance(value, list):
+                    subject = {**subject, field: [_resolve_photo(item, base_dir) for item in value]}
         resolved.append(subject)
     return {**data, "subjects": resolved}
+
+
+def _resolve_photo(photo: Any, base_dir: Path) -> Any:
+    """A photo path relative to the campaign file made absolute; keys and other values as they are."""
+    if not isinstance(photo, str):
+        return photo
+    path = Path(photo).expanduser()
+    candidate = path if path.is_absolute() else base_dir / path
+    return str(candidate.resolve()) if candidate.is_file() else photo
 
 
 def _message(error: Any) -> str:

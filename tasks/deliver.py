@@ -12,12 +12,20 @@ when the quality gate (``lynx.evaluation.gate``) finds the video does not resemb
 holds it for review (status ``needs_review``, files kept). If
 anything fails after publishing, the published files are removed again: a failed job never leaves
 a deliverable behind.
+
+**Best of N.** A job with several candidates has one intermediate per candidate. They are scored
+here, on the CPU pool, with the quality gate's recogniser (``LYNX_QUALITY_GATE_RECOGNIZER``, the
+first of ``LYNX_EVAL_RECOGNIZERS``): the mean cosine between the subject (its photos' fused
+embedding) and the faces of every ``LYNX_EVAL_FRAME_STRIDE``-th frame. The best becomes the master
+(ties and faceless candidates: the lowest seed); the others are delivered under ``candidates/``
+or dropped (``LYNX_DELIVER_CANDIDATES``). Every candidate's seed and score go into the manifest.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,10 +37,12 @@ from pydantic import BaseModel
 from lynx.db.models import ArtifactKind, JobStatus
 from lynx.db.tracking import StageRecorder
 from lynx.evaluation.gate import gate_job
+from lynx.evaluation.metrics import evaluate_video, subject_reference_embeddings
+from lynx.evaluation.recognizers import EvaluationModels, cached_evaluation_models
 from lynx.faces import cached_face_analyzer
 from lynx.faces.similarity import iter_video_frames, video_face_similarity
-from lynx.jobs import JobTicket
-from lynx.media.deliver import build_deliverables
+from lynx.jobs import CandidateVideo, JobTicket
+from lynx.media.deliver import Candidate, CandidateSet, build_deliverables
 from lynx.media.errors import DeliveryInputError
 from lynx.media.intermediate import iter_frames, lossless_info
 from lynx.media.provenance import InputArtifact, ModelInfo, Provenance
@@ -81,10 +91,12 @@ def deliver_intermediate(
     face_scores: Sequence[float | None] | None = None,
     workdir: Path | None = None,
     upscaled_by: Upscaled | None = None,
+    candidates: CandidateSet | None = None,
 ) -> DeliverySummary:
     """Build, verify and publish the deliverables of one intermediate video.
 
     ``upscaled_by``: the learned upscale the decode stage already applied to the intermediate.
+    ``candidates``: a best-of-N job's candidates, ``intermediate`` being the chosen one's.
     """
     source = lossless_info(intermediate)
     if source.fps != spec.source_fps:  # the file knows the model's native rate best
@@ -99,6 +111,7 @@ def deliver_intermediate(
         face_scores=face_scores,
         prefix=prefix,
         upscaled_by=upscaled_by,
+        candidates=candidates,
     )
     try:
         publish_deliverables(result, store, prefix=prefix)
@@ -132,6 +145,7 @@ _ARTIFACT_KIND = {
     "poster": ArtifactKind.PREVIEW,
     "preview": ArtifactKind.PREVIEW,
     "contact_sheet": ArtifactKind.PREVIEW,
+    "candidate": ArtifactKind.VIDEO,
     "manifest": ArtifactKind.MANIFEST,
 }
 # Faces are looked for in at most this many evenly spaced frames (resemblance score, poster choice).
@@ -170,7 +184,51 @@ def face_scores(video: Path, embedding_key: str, frames: int) -> tuple[list[floa
     return scores, similarity.mean
 
 
-def _provenance(ticket: JobTicket, intermediate: StoredObject) -> Provenance:
+def score_candidates(photo_keys: Sequence[str], videos: Sequence[Path]) -> tuple[str, list[float | None]]:
+    """Each video's identity score against the subject, by the quality gate's recogniser.
+
+    The subject is the normalised mean of its photos' embeddings (its one photo's, for one); the
+    photos are read into memory, never written here. Returns the metric's description and the
+    scores (None for a video in which no sampled frame shows a face).
+    """
+    svc = services()
+    models = cached_evaluation_models(svc.settings)
+    name = models.resolve(svc.settings.quality_gate_recognizer)
+    gate = EvaluationModels(models.detector, {name: models.recognizers[name]}, {name: models.specs[name]}, {})
+    photos = [svc.store.get_bytes(key) for key in photo_keys]
+    references = subject_reference_embeddings(photos, gate, svc.settings)
+    stride = svc.settings.eval_frame_stride
+    scores = [evaluate_video(v, references, gate, stride=stride).by_recognizer[name].mean for v in videos]
+    metric = f"mean cosine with the subject by {name}, every {stride}. frame (the quality gate's metric)"
+    return metric, [None if score is None else round(float(score), 4) for score in scores]
+
+
+def best_candidate(scores: Sequence[float | None]) -> int:
+    """The index of the highest score; a face beats no face, ties go to the earlier (lower) seed."""
+    return max(range(len(scores)), key=lambda i: (scores[i] is not None, scores[i] or 0.0, -i))
+
+
+def _subject_record(ticket: JobTicket) -> dict[str, Any]:
+    """The manifest's ``subject``: every photo by sha256, its scores and what it was used for."""
+    face = ticket.face
+    if face is None or not face.photos:
+        return {}
+    photos = []
+    for index, photo in enumerate(face.photos):
+        used = ["identity"] if face.fusion != "best" or index == face.reference_photo else []
+        if index == face.reference_photo:
+            used.append("reference")
+        photos.append({**photo.model_dump(mode="json", exclude={"key"}), "used_for": used})
+    return {
+        "ref": ticket.subject_ref,
+        "fusion": face.fusion,
+        "reference_photo": face.reference_photo,
+        "embedding_model": face.embedding_model,
+        "photos": photos,
+    }
+
+
+def _provenance(ticket: JobTicket, intermediate: StoredObject, seed: int) -> Provenance:
     video = ticket.video
     return Provenance(
         job_id=str(ticket.job_id),
@@ -178,10 +236,11 @@ def _provenance(ticket: JobTicket, intermediate: StoredObject) -> Provenance:
         subject_ref=ticket.subject_ref,
         prompt=ticket.prompt,
         negative_prompt=ticket.settings.negative_prompt or "",
-        seed=ticket.settings.seed,
+        seed=seed,
         model=ModelInfo(variant=video.variant or "full", version=video.model_version or "unknown"),
         settings=ticket.settings.model_dump(mode="json"),
         inputs=(InputArtifact(key=intermediate.key, sha256=intermediate.sha256, role="intermediate_video"),),
+        subject=_subject_record(ticket),
     )
 
 
@@ -191,19 +250,37 @@ def deliver_job(ticket: JobTicket, recorder: StageRecorder) -> JobTicket:
     video = ticket.video
     if video is None or video.intermediate_key is None:
         raise DeliveryInputError(f"job {ticket.job_id} has no decoded video to deliver")
+    spec = DeliverySpec.from_settings(svc.settings, source_fps=video.fps or 16)
+    only = CandidateVideo(seed=ticket.settings.seed, intermediate_key=video.intermediate_key)
+    items = video.candidates or [only]
     with tempfile.TemporaryDirectory(dir=svc.workdir("deliver")) as scratch:
-        local = Path(scratch) / "intermediate.mkv"
-        intermediate = svc.store.get_file(video.intermediate_key, local)
+        paths = [Path(scratch) / f"candidate-{index}.mkv" for index in range(len(items))]
+        stored = [svc.store.get_file(item.intermediate_key, paths[i]) for i, item in enumerate(items)]
+        chosen, candidates, scoring = 0, None, 0.0
+        if len(items) > 1:
+            started = time.monotonic()
+            metric, scores = score_candidates(ticket.photo_keys, paths)
+            scoring = time.monotonic() - started
+            chosen = best_candidate(scores)
+            candidates = CandidateSet(
+                metric=metric,
+                items=[
+                    Candidate(seed=item.seed, score=score, chosen=index == chosen, source=path)
+                    for index, (item, score, path) in enumerate(zip(items, scores, paths, strict=True))
+                ],
+            )
+        local = paths[chosen]
         scores, similarity = face_scores(local, ticket.face.embedding_key, lossless_info(local).frames)
         summary = deliver_intermediate(
             local,
-            spec=DeliverySpec.from_settings(svc.settings, source_fps=video.fps or 16),
-            provenance=_provenance(ticket, intermediate),
+            spec=spec,
+            provenance=_provenance(ticket, stored[chosen], items[chosen].seed),
             store=svc.store,
             prefix=deliverable_prefix(ticket.campaign, str(ticket.job_id)),
             face_scores=scores,
             workdir=Path(scratch),
             upscaled_by=video.upscaled,
+            candidates=candidates,
         )
     recorded: dict[str, int] = {}  # key -> artifact row id
     try:
@@ -229,6 +306,13 @@ def deliver_job(ticket: JobTicket, recorder: StageRecorder) -> JobTicket:
         timings=summary.timings,
         quality_gate=verdict.to_dict(),
     )
+    if candidates is not None:
+        recorder.metrics.update(
+            seed=candidates.chosen.seed,
+            score=candidates.chosen.score,
+            candidates=[{"seed": item.seed, "score": item.score} for item in candidates.items],
+            scoring_seconds=round(scoring, 3),
+        )
     return ticket.model_copy(update={"status": "needs_review" if verdict.needs_review else "completed"})
 
 

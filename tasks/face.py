@@ -1,10 +1,15 @@
-"""Stage "face": reference photo -> identity embedding and the two aligned crops.
+"""Stage "face": the subject's photos -> identity embedding and the two aligned crops.
 
 ``detect_and_embed`` works on a local photo and returns everything in memory (the CLI and the face
-tests use it). ``face_stage`` is the pipeline's stage: it reads the photo from the artifact store,
-and writes the embedding (with the detector's score and the recogniser's name), the 112x112 ArcFace
+tests use it). ``face_stage`` is the pipeline's stage: it reads each photo from the artifact store,
+and writes its embedding (with the detector's score and the recogniser's name), the 112x112 ArcFace
 crop and the 256x256 reference crop back as biometric artifacts of the job. One analysis serves
 every job of a subject: results are cached by the photo's sha256 and the face settings.
+
+A subject with several photos (``lynx.faces.subject``): every photo is embedded, photos that do not
+show the same person fail the job here (before any GPU time), the best photo gives the crops, and
+the identity is the normalised mean of the embeddings (LYNX_FACE_FUSION=fuse, stored as its own
+embedding file) or the best photo's (``best``). With one photo everything is as it always was.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from lynx.db.models import ArtifactKind
+from lynx.errors import InputError
 from lynx.faces import ReferenceFace, analyze_reference_photo
 from lynx.faces.analyzer import face_models_fingerprint
-from lynx.jobs import FaceOutputs, JobTicket
+from lynx.faces.subject import PhotoFace, SubjectIdentity, subject_identity
+from lynx.jobs import FaceOutputs, JobTicket, SubjectPhoto
 from lynx.settings import LynxSettings
 from tasks.cache import CachedKind, cache_key, get_or_compute
 from tasks.policy import retry_on_transient
@@ -101,39 +108,108 @@ def analyze_stored_photo(photo_key: str, settings: LynxSettings) -> ReferenceFac
     return analyze_reference_photo(photo, settings)
 
 
+class _Photo:
+    """One photo of the job's subject: its analysis, computed at most once, and its stored results."""
+
+    def __init__(self, key: str, label: str | None, job_id: int) -> None:
+        svc = services()
+        self.key, self.label, self.job_id = key, label, job_id
+        self.stored = svc.store.stat(key)
+        self.cache_key = face_cache_key(self.stored.sha256, svc.settings)
+
+    @functools.cached_property
+    def analysis(self) -> ReferenceFace:  # shared by the three files: the photo is analysed at most once
+        try:
+            return analyze_stored_photo(self.key, services().settings)
+        except InputError as err:
+            if self.label is None:  # the subject's one photo: the message says it all
+                raise
+            raise type(err)(f"{self.label}: {err.message}", setting=err.setting) from None
+
+    @functools.cached_property
+    def embedding(self) -> Any:
+        def embedding_of() -> dict[str, Any]:
+            face = self.analysis
+            return {
+                "embedding": face.embedding,
+                "det_score": float(face.score),
+                "model": face.embedding_model,
+                "box": face.box,
+                "kps": face.kps,
+                "faces_detected": len(face.faces),
+            }
+
+        return get_or_compute(FACE_EMBEDDING, self.cache_key, embedding_of, job_id=self.job_id)
+
+    def crop(self, kind: CachedKind) -> str:
+        def make() -> Any:
+            return self.analysis.arcface_crop if kind is ID_CROP else self.analysis.reference_crop
+
+        return get_or_compute(kind, self.cache_key, make, job_id=self.job_id).stored.key
+
+    def face(self) -> PhotoFace:
+        value = self.embedding.value
+        return PhotoFace(value["embedding"], value["det_score"], value["box"], value["kps"])
+
+
+def _names(ticket: JobTicket) -> list[str]:
+    """The photos as the request named them (their keys if it named others)."""
+    same = len(ticket.photo_names) == len(ticket.photo_keys)
+    return ticket.photo_names if same else ticket.photo_keys
+
+
+def fused_embedding_key(photos: list[_Photo], identity: SubjectIdentity) -> str:
+    """The fused identity depends on the photos' analyses, in order, and on how they were fused."""
+    return cache_key("face-fused/1", [photo.cache_key for photo in photos], identity.fusion)
+
+
 def extract_face(ticket: JobTicket) -> FaceOutputs:
     """The subject's face analysis as stored artifacts: computed on first use, then reused."""
     svc = services()
-    photo = svc.store.stat(ticket.photo_key)
-    key = face_cache_key(photo.sha256, svc.settings)
-
-    @functools.cache
-    def analysis() -> ReferenceFace:  # shared by the three files: the photo is analysed at most once
-        return analyze_stored_photo(ticket.photo_key, svc.settings)
-
-    def embedding_of() -> dict[str, Any]:
-        face = analysis()
-        return {
-            "embedding": face.embedding,
-            "det_score": float(face.score),
-            "model": face.embedding_model,
-            "box": face.box,
-            "kps": face.kps,
-            "faces_detected": len(face.faces),
-        }
-
-    embedding = get_or_compute(FACE_EMBEDDING, key, embedding_of, job_id=ticket.job_id)
-    id_crop = get_or_compute(ID_CROP, key, lambda: analysis().arcface_crop, job_id=ticket.job_id)
-    ref_crop = get_or_compute(REF_CROP, key, lambda: analysis().reference_crop, job_id=ticket.job_id)
+    names, count = _names(ticket), len(ticket.photo_keys)
+    if not count:
+        raise InputError(f"job {ticket.job_id}: its subject has no photo")
+    photos = [
+        _Photo(key, None if count == 1 else f"photo {i + 1} of {count} ({names[i]})", ticket.job_id)
+        for i, key in enumerate(ticket.photo_keys)
+    ]
+    model = photos[0].embedding.value["model"]
+    identity = subject_identity(
+        [photo.face() for photo in photos],
+        recognizer=model,
+        fusion=svc.settings.face_fusion,
+        thresholds=svc.settings.face_same_person_thresholds,
+        names=names,
+    )
+    best = photos[identity.reference]
+    embedding = best.embedding
+    if len(photos) > 1 and identity.fusion == "fuse":
+        fused = {**best.embedding.value, "embedding": identity.embedding}
+        key = fused_embedding_key(photos, identity)
+        embedding = get_or_compute(FACE_EMBEDDING, key, lambda: fused, job_id=ticket.job_id)
+    value = best.embedding.value
     return FaceOutputs(
         embedding_key=embedding.stored.key,
-        id_crop_key=id_crop.stored.key,
-        ref_crop_key=ref_crop.stored.key,
-        embedding_model=embedding.value["model"],
-        embedding_dim=int(embedding.value["embedding"].shape[0]),
-        det_score=embedding.value["det_score"],
-        box=embedding.value["box"],
-        faces_detected=embedding.value["faces_detected"],
+        id_crop_key=best.crop(ID_CROP),
+        ref_crop_key=best.crop(REF_CROP),
+        embedding_model=value["model"],
+        embedding_dim=int(value["embedding"].shape[0]),
+        det_score=value["det_score"],
+        box=value["box"],
+        faces_detected=value["faces_detected"],
+        photos=[
+            SubjectPhoto(
+                key=photo.key,
+                sha256=photo.stored.sha256,
+                det_score=photo.embedding.value["det_score"],
+                reference_score=round(identity.reference_scores[i], 4),
+                consistency=None if identity.consistency[i] is None else round(identity.consistency[i], 4),
+                similarity=round(identity.similarity[i], 4),
+            )
+            for i, photo in enumerate(photos)
+        ],
+        reference_photo=identity.reference,
+        fusion=identity.fusion if len(photos) > 1 else None,
     )
 
 
@@ -151,6 +227,12 @@ def face_stage(ticket: JobTicket) -> JobTicket:
             faces_detected=face.faces_detected,
             embedding_model=face.embedding_model,
         )
+        if len(face.photos) > 1:  # scores only: which photo gave the crops, how alike they are
+            recorder.metrics.update(
+                fusion=face.fusion,
+                reference_photo=face.reference_photo,
+                photos=[photo.model_dump(exclude={"key"}) for photo in face.photos],
+            )
         return ticket.model_copy(update={"face": face})
 
-    return run_stage(ticket, "face", work, inputs=[ticket.photo_key])
+    return run_stage(ticket, "face", work, inputs=ticket.photo_keys)

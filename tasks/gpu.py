@@ -97,7 +97,8 @@ def run_on_gpu_pool(batch: GpuBatchRequest, settings: LynxSettings) -> str | Non
     """Run the batch as a run of LYNX_GPU_DEPLOYMENT; returns why it did not complete, if it did not."""
     from prefect.deployments import run_deployment
 
-    timeout = gpu_run_timeout(settings, len(batch.jobs))
+    videos = sum(job.settings.candidates for job in batch.jobs)
+    timeout = gpu_run_timeout(settings, len(batch.jobs), videos=videos)
     run = run_deployment(
         settings.gpu_deployment,
         parameters={"batch": batch.model_dump(mode="json")},

@@ -7,7 +7,8 @@ and a job left 'running' by a run that died is retried too. A retried job whose 
 earlier attempt stored goes straight to delivery (``lynx.ledger``). A subject
 whose photo cannot be found still gets its jobs, failed at this stage with the reason, and a purged
 subject's requests come back failed at this stage with the reason (no job is recorded for them), so
-one bad row never stops a campaign. Settings a later stage would refuse (delivery, the quality
+one bad row never stops a campaign. An erased subject's requests are refused the same way, whether or
+not its jobs ran before the erasure. Settings a later stage would refuse (delivery, the quality
 gate's recogniser) fail every job this run claims, here, before any GPU time is spent on videos
 that cannot ship; they are checked only once a job is claimed (a re-run of finished jobs loads nothing).
 """
@@ -60,25 +61,36 @@ def store_photo(photo: str) -> StoredObject:
         ) from None
 
 
+def photo_name(photo: str) -> str:
+    """A photo as error messages name it: a local file by its name, a store key as it is."""
+    path = Path(photo).expanduser()
+    return path.name if path.is_file() else photo
+
+
 def register_subject(spec: SubjectSpec) -> tuple[Subject, LynxError | None]:
-    """The subject row (created, or found by id and pointed at a changed photo) and a photo problem."""
+    """The subject row (created, or found by id and given changed photos) and a photo problem."""
     tracker = services().tracker
     subject = tracker.find_subject(spec.id) if spec.id else None
-    if subject is not None and subject.purged_at is not None:
-        try:  # refused before uploading: the person's photo must not be stored again
+    if subject is not None and (subject.purged_at is not None or subject.erased_at is not None):
+        try:  # refused before uploading: the person's photos must not be stored again
             check_not_purged(subject)
         except InputError as err:
             return subject, err
-    try:
-        photo, problem = store_photo(spec.photo), None
-    except LynxError as err:
-        photo, problem = None, err
+    photos: list[StoredObject] = []
+    problem: LynxError | None = None
+    for photo in spec.photos:
+        try:
+            photos.append(store_photo(photo))
+        except LynxError as err:
+            problem = problem or err
+    if problem is not None:
+        photos = []
     if subject is None:
         try:
             subject = tracker.create_subject(
                 spec.display_name,
                 external_ref=spec.id,
-                reference=photo,
+                photos=photos,
                 consent_reference=spec.consent_reference,
                 retention_until=spec.retention_until,
             )
@@ -86,20 +98,21 @@ def register_subject(spec: SubjectSpec) -> tuple[Subject, LynxError | None]:
             subject = tracker.find_subject(spec.id) if spec.id else None
             if subject is None:
                 raise
-    if photo is not None and subject.reference_sha256 != photo.sha256:
-        subject = tracker.set_subject_reference(subject.id, photo)
+    stored = [{"key": photo.key, "sha256": photo.sha256} for photo in photos]
+    if photos and subject.photo_list != stored:
+        subject = tracker.set_subject_photos(subject.id, photos)
     return subject, problem
 
 
-def check_run_settings(settings: LynxSettings) -> ConfigurationError | None:
+def check_run_settings(settings: LynxSettings, *, candidates: bool = False) -> ConfigurationError | None:
     """What the later stages' settings would refuse, found now rather than after the GPU minutes:
-    the delivery spec, and with the quality gate on, the recogniser it reads (loaded once here,
-    the delivery stage finds it in the process cache)."""
+    the delivery spec, and with the quality gate on or candidates to score (``candidates``), the
+    recogniser the gate reads (loaded once here, the delivery stage finds it in the process cache)."""
     from lynx.media.spec import DeliverySpec
 
     try:
         DeliverySpec.from_settings(settings)
-        if settings.quality_gate_threshold is not None:
+        if settings.quality_gate_threshold is not None or candidates:
             from lynx.evaluation.recognizers import cached_evaluation_models
 
             cached_evaluation_models(settings).resolve(settings.quality_gate_recognizer)
@@ -184,14 +197,18 @@ def register_job(
     subject: Subject,
     problem: LynxError | None,
     campaign_id: int | None,
-    misconfigured: Callable[[], ConfigurationError | None],
+    misconfigured: Callable[[bool], ConfigurationError | None],
 ) -> JobTicket:
     """The job's ticket: running and recorded in stage 'submit', or what an earlier run left.
 
-    ``misconfigured`` is what the later stages' settings refuse, asked only for a claimed job.
+    ``misconfigured`` is what the later stages' settings refuse (for a job with candidates to score,
+    or not), asked only for a claimed job.
     """
     tracker = services().tracker
     settings = request.settings
+    if subject.erased_at is not None:  # not even its earlier jobs: what they made may be gone too
+        erased = problem or InputError(f"subject {subject.ref} was erased")
+        return refused(request, subject, campaign_id, erased)
     try:
         job, _ = tracker.get_or_create_job(
             subject_id=subject.id,
@@ -213,18 +230,19 @@ def register_job(
         campaign=request.campaign,
         prompt=request.prompt,
         settings=settings,
-        photo_key=subject.reference_key or "",
+        photo_keys=[photo["key"] for photo in subject.photo_list],
+        photo_names=[photo_name(photo) for photo in request.subject.photos],
     )
     if not claimed:  # completed (or in review) earlier, or running in another live run
         return ticket.model_copy(update={"status": status.value})
 
     def check_inputs(recorder: Any) -> JobTicket:
-        error = misconfigured() or problem
+        error = misconfigured(settings.candidates > 1) or problem
         if error is not None:
             raise error
         return with_stored_video(ticket, recorder)
 
-    return run_stage(ticket, "submit", check_inputs, inputs=[ticket.photo_key] if ticket.photo_key else [])
+    return run_stage(ticket, "submit", check_inputs, inputs=ticket.photo_keys)
 
 
 def refused(
@@ -245,7 +263,6 @@ def refused(
         campaign=request.campaign,
         prompt=request.prompt,
         settings=request.settings,
-        photo_key="",
     ).as_failed("submit", str(err))
 
 
@@ -261,8 +278,8 @@ def submit_requests(
     campaign_id = tracker.get_or_create_campaign(name, spec=campaign_spec).id if name else None
 
     @functools.cache  # checked once, when the first job is claimed: a re-run of done jobs loads nothing
-    def misconfigured() -> ConfigurationError | None:
-        err = check_run_settings(services().settings)
+    def misconfigured(candidates: bool) -> ConfigurationError | None:
+        err = check_run_settings(services().settings, candidates=candidates)
         if err is not None:
             log.error("jobs fail at submit, settings of a later stage are invalid: %s", err)
         return err

@@ -88,6 +88,11 @@ class GpuJob:
     def active(self) -> bool:
         return self.error_stage is None
 
+    @property
+    def videos(self) -> int:
+        """Videos the job samples and decodes: its candidates."""
+        return self.spec.settings.candidates
+
     def as_failed(self, stage: str, text: str) -> GpuJob:
         return replace(self, error_stage=stage, error_text=text, latents=None)
 

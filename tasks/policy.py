@@ -31,6 +31,8 @@ _TIMEOUT_SETTING = {
 }
 # The stages one job passes through in a GPU flow run (after the batch's model load).
 _GPU_JOB_STAGES = ("reference", "text", "sample", "decode")
+# Stages whose work (and timeout) grows with the job's candidates: one video each.
+PER_VIDEO_STAGES = ("sample", "decode")
 # Slack on a GPU run's stage timeouts for its worker to pick it up and start (queueing).
 GPU_QUEUE_MARGIN_S = 600.0
 
@@ -56,9 +58,11 @@ def retry_delays(settings: LynxSettings) -> list[float]:
     return [settings.retry_delay_seconds * 2**attempt for attempt in range(settings.task_retries)]
 
 
-def stage_timeout(stage: str, settings: LynxSettings | None = None) -> float:
+def stage_timeout(stage: str, settings: LynxSettings | None = None, *, videos: int = 1) -> float:
+    """Seconds allowed for ``stage`` of one job; sampling and decoding per video (candidate)."""
     settings = settings or get_settings()
-    return float(getattr(settings, _TIMEOUT_SETTING[stage]))
+    per_video = videos if stage in PER_VIDEO_STAGES else 1
+    return float(getattr(settings, _TIMEOUT_SETTING[stage])) * per_video
 
 
 def longest_stage_timeout(settings: LynxSettings | None = None) -> float:
@@ -70,19 +74,26 @@ def timeout_setting(stage: str) -> str:
     return f"LYNX_{_TIMEOUT_SETTING[stage].upper()}"
 
 
-def gpu_run_timeout(settings: LynxSettings | None = None, jobs: int | None = None) -> float:
-    """Seconds to wait for one GPU flow run of ``jobs`` jobs (default LYNX_GPU_BATCH_SIZE):
-    LYNX_GPU_DEPLOYMENT_TIMEOUT, or what a live run can take by its stage timeouts, plus queueing."""
+def gpu_run_timeout(
+    settings: LynxSettings | None = None, jobs: int | None = None, *, videos: int | None = None
+) -> float:
+    """Seconds to wait for one GPU flow run of ``jobs`` jobs (default LYNX_GPU_BATCH_SIZE) making
+    ``videos`` videos in all (default one per job; candidates count each): LYNX_GPU_DEPLOYMENT_TIMEOUT,
+    or what a live run can take by its stage timeouts, plus queueing."""
     settings = settings or get_settings()
     if settings.gpu_deployment_timeout is not None:
         return float(settings.gpu_deployment_timeout)
-    per_job = sum(stage_timeout(stage, settings) for stage in _GPU_JOB_STAGES)
     jobs = jobs or settings.gpu_batch_size
-    return stage_timeout("model", settings) + jobs * per_job + GPU_QUEUE_MARGIN_S
+    videos = videos or jobs
+    once = [stage for stage in _GPU_JOB_STAGES if stage not in PER_VIDEO_STAGES]
+    per_job = sum(stage_timeout(stage, settings) for stage in once)
+    per_video = sum(stage_timeout(stage, settings) for stage in PER_VIDEO_STAGES)
+    return stage_timeout("model", settings) + jobs * per_job + videos * per_video + GPU_QUEUE_MARGIN_S
 
 
-def configured(task: T, stage: str, settings: LynxSettings | None = None) -> T:
-    """``task`` with the retries, backoff and timeout the settings give ``stage``.
+def configured(task: T, stage: str, settings: LynxSettings | None = None, *, videos: int = 1) -> T:
+    """``task`` with the retries, backoff and timeout the settings give ``stage`` (for a job of
+    ``videos`` candidates).
 
     Task options are fixed when a module is imported; settings are read when the flow runs (a
     worker's environment, a test's), so flows apply them here.
@@ -92,5 +103,5 @@ def configured(task: T, stage: str, settings: LynxSettings | None = None) -> T:
         retries=settings.task_retries,
         retry_delay_seconds=retry_delays(settings) or 0,
         retry_condition_fn=retry_on_transient,
-        timeout_seconds=stage_timeout(stage, settings),
+        timeout_seconds=stage_timeout(stage, settings, videos=videos),
     )

@@ -55,6 +55,9 @@ def job_outcome(job_id: int, *, current_flow_run: str | None = None) -> JobOutco
         manifest_key=metrics.get("manifest_key") if master else None,
         deliverable_url=url,
         similarity=metrics.get("similarity"),
+        candidates=job.params.get("candidates", 1),
+        seed=metrics.get("seed", job.params.get("seed")) if master else None,
+        score=metrics.get("score"),
         error_stage=job.error_stage,
         error_text=job.error_text,
         earlier=bool(delivered and current_flow_run and delivered.flow_run_id != current_flow_run),
@@ -86,6 +89,13 @@ def _flow_run_id() -> str | None:
     return flow_run.id
 
 
+def candidate_score(outcome: JobOutcome) -> str:
+    """The chosen candidate's identity score as the table shows it ("" for a job of one video)."""
+    if outcome.candidates == 1 or outcome.master_key is None:
+        return ""
+    return "no face" if outcome.score is None else f"{outcome.score:.3f}"
+
+
 def outcome_rows(outcomes: Sequence[JobOutcome]) -> list[dict[str, object]]:
     return [
         {
@@ -96,6 +106,9 @@ def outcome_rows(outcomes: Sequence[JobOutcome]) -> list[dict[str, object]]:
             "attempt": outcome.attempt,
             "deliverable": outcome.deliverable_url or outcome.master_key or "",
             "similarity": "" if outcome.similarity is None else f"{outcome.similarity:.3f}",
+            "best of": outcome.candidates,
+            "seed": "" if outcome.seed is None else outcome.seed,
+            "score": candidate_score(outcome),
             "error": f"{outcome.error_stage}: {outcome.error_text}" if outcome.error_text else "",
         }
         for outcome in outcomes

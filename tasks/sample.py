@@ -10,6 +10,24 @@ loop only waits for the copy of a few tensors to host memory. A job sampled agai
 a re-submitted or re-run job, any attempt) starts from its newest checkpoint that verifies
 (``lynx.ledger``) and logs ``resuming job N at step k/K``; the result is the uninterrupted run's,
 bit for bit on the same hardware. The decode stage drops the checkpoints once the video is stored.
+
+A job with N candidates (``GenerationSettings.candidates``) samples N videos with seeds seed ..
+seed + N - 1. They share the job's identity tokens, reference features and text embeddings (encoded
+once by the earlier stages) and run as batches of the pipeline (a list of seeds: each video exactly
+its one-seed call's), as many per batch as ``candidate_batch_size`` allows:
+
+- on CUDA, the free accelerator memory once the weights are resident (``torch.cuda.mem_get_info``;
+  with LYNX_CPU_OFFLOAD the DiT's weights, moved in for each forward, are counted as taken) over
+  the pipeline's estimate of what each extra video's activations take
+  (``LynxPipeline.activation_bytes_per_video``, guidance passes one after another, the reference
+  shared), with 10 % headroom, at least 1;
+- on the CPU, one at a time: the matmuls of one video already keep every core busy, a batch would
+  only add memory;
+- LYNX_CANDIDATE_BATCH caps it (and sets it on the CPU).
+
+Batches run one after another, so the candidates that do not fit in memory at once still share
+the encodings. Their latents are kept stacked, ``[N, C, F, H, W]``.
+A job's candidate batches are checkpointed and resumed each on its own.
 """
 
 from __future__ import annotations
@@ -26,7 +44,9 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
 
 from lynx import ledger
-from tasks.model import GpuJob
+from lynx.jobs import GenerationSettings
+from lynx.settings import LynxSettings
+from tasks.model import GpuJob, LoadedModel
 from tasks.policy import retry_on_transient
 from tasks.services import Services, services
 from tasks.tracking import run_stage
@@ -58,6 +78,15 @@ class SamplingProgress:
         except Exception:
             log.warning("job %s: no progress artifact (the sampling goes on)", job_id, exc_info=True)
         self._last = time.monotonic()
+
+    def of_videos(self, first: int, count: int, total: int):
+        """The pipeline callback of a batch of ``count`` of the job's ``total`` videos, starting at
+        video ``first``: each of its steps advances the artifact by ``count`` video-steps."""
+
+        def callback(step_index: int, num_steps: int, timestep: float) -> None:
+            self(first * num_steps + (step_index + 1) * count - 1, total * num_steps, timestep)
+
+        return callback
 
     def __call__(self, step_index: int, num_steps: int, timestep: float) -> None:
         if self.artifact_id is None:
@@ -96,8 +125,8 @@ class CheckpointWriter:
     ``close()`` waits for the last one.
     """
 
-    def __init__(self, svc: Services, job_id: int, scratch: Path) -> None:
-        self.svc, self.job_id, self.scratch = svc, job_id, scratch
+    def __init__(self, svc: Services, job_id: int, scratch: Path, *, batch: str = "") -> None:
+        self.svc, self.job_id, self.scratch, self.batch = svc, job_id, scratch, batch
         self.stored: list[int] = []  # steps of the checkpoints stored, in order
         self.failed = 0
         self._pending: SamplingCheckpoint | None = None
@@ -132,7 +161,7 @@ class CheckpointWriter:
         try:
             checkpoint.save(path)
             svc, steps = self.svc, checkpoint.steps_done
-            ledger.store_checkpoint(svc.tracker, svc.store, self.job_id, path, steps)
+            ledger.store_checkpoint(svc.tracker, svc.store, self.job_id, path, steps, batch=self.batch)
             self.stored.append(checkpoint.steps_done)
         except Exception:
             self.failed += 1
@@ -146,27 +175,52 @@ class CheckpointWriter:
             path.unlink(missing_ok=True)
 
 
-def stored_checkpoint(svc: Services, job_id: int, scratch: Path) -> SamplingCheckpoint | None:
-    """The job's newest stored checkpoint that verifies and reads back, or None."""
+def stored_checkpoint(
+    svc: Services, job_id: int, scratch: Path, *, batch: str = ""
+) -> SamplingCheckpoint | None:
+    """The newest stored checkpoint of the job (of its candidate ``batch``) that verifies and reads
+    back, or None."""
     from lynx_model import ModelInputError
     from lynx_model.sampling import SamplingCheckpoint
 
     path = scratch / "resume.safetensors"
-    row = ledger.latest_checkpoint(svc.tracker, svc.store, job_id, path)
+    row = ledger.latest_checkpoint(svc.tracker, svc.store, job_id, path, batch=batch)
     if row is None:
         return None
     try:
         return SamplingCheckpoint.load(path)
     except ModelInputError as err:
         log.warning("job %s: %s; sampling from step 0", job_id, err)
-        ledger.drop_checkpoints(svc.tracker, svc.store, job_id)
+        ledger.drop_checkpoints(svc.tracker, svc.store, job_id, batch=batch)
         return None
     finally:
         path.unlink(missing_ok=True)
 
 
-def denoise(job: GpuJob, resume: SamplingCheckpoint | None, **options: Any) -> tuple[Any, int]:
-    """The job's latents, resumed from ``resume`` when it fits; returns them and the step started at."""
+def candidate_batch_size(model: LoadedModel, settings: GenerationSettings, lynx: LynxSettings) -> int:
+    """How many of a job's candidates to sample in one pipeline call (see the module docstring)."""
+    import torch
+
+    from lynx_model.memory import videos_that_fit
+
+    pipe = model.pipe
+    device = pipe._execution_device
+    cap = lynx.candidate_batch
+    if device.type != "cuda":
+        return cap or 1
+    free, _ = torch.cuda.mem_get_info(device)
+    if lynx.cpu_offload:  # the DiT is moved onto the GPU for each forward: its weights are not free memory
+        free -= sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
+    per_video = pipe.activation_bytes_per_video(settings.height, settings.width, settings.frames)
+    fits = videos_that_fit(max(free, 0), per_video)
+    return min(fits, cap) if cap else fits
+
+
+def denoise(
+    job: GpuJob, seed: int | list[int], resume: SamplingCheckpoint | None, batch_tag: str = "", **options: Any
+) -> tuple[Any, int]:
+    """Latents of the job's videos of ``seed`` (one, or a batch of candidates), resumed from ``resume``
+    when it fits; returns them and the step started at."""
     from lynx_model.errors import CheckpointMismatchError
 
     settings = job.spec.settings
@@ -183,7 +237,7 @@ def denoise(job: GpuJob, resume: SamplingCheckpoint | None, **options: Any) -> t
         guidance_scale_id=settings.guidance_scale_id,
         ip_scale=settings.ip_scale,
         ref_scale=settings.ref_scale,
-        seed=settings.seed,
+        seed=seed,
         output_type="latent",
         progress=False,
         **options,
@@ -195,48 +249,86 @@ def denoise(job: GpuJob, resume: SamplingCheckpoint | None, **options: Any) -> t
         except CheckpointMismatchError as err:  # raised before any step: start over
             run_logger().warning("job %s: %s; sampling from step 0", job.job_id, err)
             svc = services()
-            ledger.drop_checkpoints(svc.tracker, svc.store, job.job_id)
+            ledger.drop_checkpoints(svc.tracker, svc.store, job.job_id, batch=batch_tag)
     return job.model.pipe(**arguments).frames, 0
 
 
-def sample_job(job: GpuJob, recorder: Any) -> GpuJob:
+def batch_tag(batch: list[int], seeds: list[int]) -> str:
+    """The key segment of a candidate batch's checkpoints ("" for a job of one video, as before)."""
+    return "" if len(seeds) == 1 else f"seeds-{batch[0]}-{batch[-1]}"
+
+
+def sample_batch(
+    job: GpuJob, batch: list[int], tag: str, progress: Any, every: int, scratch: Path
+) -> tuple[Any, int, list[int], int]:
+    """Sample one batch of the job's videos with checkpoints; returns latents, start step, the
+    steps checkpointed and the failed checkpoint writes."""
     svc = services()
-    steps = job.spec.settings.steps
-    every = svc.settings.sample_checkpoint_steps
-    progress = SamplingProgress(job.job_id, steps)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(dir=svc.workdir("checkpoints")) as scratch:
-        resume = stored_checkpoint(svc, job.job_id, Path(scratch))
-        writer = CheckpointWriter(svc, job.job_id, Path(scratch)) if every else None
-        options: dict[str, Any] = {"progress_callback": progress}
+    resume = stored_checkpoint(svc, job.job_id, scratch, batch=tag)
+    writer = CheckpointWriter(svc, job.job_id, scratch, batch=tag) if every else None
+    options: dict[str, Any] = {"progress_callback": progress}
+    if writer is not None:
+        options.update(checkpoint_callback=writer, checkpoint_steps=every)
+    try:
+        latents, start = denoise(job, batch if len(batch) > 1 else batch[0], resume, tag, **options)
+    finally:
         if writer is not None:
-            options.update(checkpoint_callback=writer, checkpoint_steps=every)
-        try:
-            job.latents, start = denoise(job, resume, **options)
-        finally:
-            if writer is not None:
-                writer.close()
+            writer.close()
+    return latents, start, (writer.stored if writer is not None else []), (writer.failed if writer else 0)
+
+
+def sample_job(job: GpuJob, recorder: Any) -> GpuJob:
+    import torch
+
+    svc = services()
+    settings = job.spec.settings
+    steps = settings.steps
+    every = svc.settings.sample_checkpoint_steps
+    seeds = settings.candidate_seeds
+    size = 1
+    if len(seeds) > 1:
+        size = candidate_batch_size(job.model, settings, svc.settings)
+    batches = [seeds[i : i + size] for i in range(0, len(seeds), size)]
+    progress = SamplingProgress(job.job_id, steps * len(seeds))
+    started = time.monotonic()
+    latents, seconds, starts, stored, failed = [], [], [], [], 0
+    with tempfile.TemporaryDirectory(dir=svc.workdir("checkpoints")) as scratch:
+        for batch in batches:
+            begun = time.monotonic()
+            callback = progress.of_videos(seeds.index(batch[0]), len(batch), len(seeds))
+            out, start, saved, failures = sample_batch(
+                job, batch, batch_tag(batch, seeds), callback, every, Path(scratch)
+            )
+            latents.append(out)
+            starts.append(start)
+            stored += saved
+            failed += failures
+            seconds.append(round(time.monotonic() - begun, 3))
+    job.latents = latents[0] if len(latents) == 1 else torch.cat(latents)
     job.timings["sample"] = time.monotonic() - started
+    steps_run = sum(steps - start for start in starts)  # denoising steps (of a whole batch) this run made
     svc.tracker.record_compute_event(
         "sample",
         f"job-{job.job_id}",
-        reused=start == steps,
+        reused=steps_run == 0,
         job_id=job.job_id,
         duration_s=job.timings["sample"],
     )
     recorder.metrics.update(
         steps=steps,
-        resumed_at=start,
-        steps_run=steps - start,
-        checkpoints=writer.stored if writer is not None else [],
-        latent_shape=list(job.latents.shape),
+        resumed_at=min(starts),
+        steps_run=steps_run,
+        checkpoints=stored,
+        latent_shape=[1, *job.latents.shape[1:]],
     )
-    if writer is not None and writer.failed:
-        recorder.metrics["checkpoint_failures"] = writer.failed
+    if failed:
+        recorder.metrics["checkpoint_failures"] = failed
+    if len(seeds) > 1:
+        recorder.metrics.update(candidates=len(seeds), seeds=seeds, batches=batches, batch_seconds=seconds)
     return job
 
 
 @task(name="sample", cache_policy=NONE, persist_result=False, retry_condition_fn=retry_on_transient)
 def sample(job: GpuJob) -> GpuJob:
-    """Denoise one video (stage row 'sample', progress artifact 'sampling-job-<id>')."""
+    """Denoise the job's video or its candidates (stage row 'sample', progress 'sampling-job-<id>')."""
     return run_stage(job, "sample", lambda recorder: sample_job(job, recorder))

@@ -97,7 +97,7 @@ def run_stage(
         if is_transient(err) and _retries_left():
             log.warning("job %s: %s failed on a transient error, retrying: %s", ticket.job_id, stage, err)
             raise
-        timed_out = timeout_text(err, stage, started, f"{stage} stage")
+        timed_out = timeout_text(err, stage, started, f"{stage} stage", videos=getattr(ticket, "videos", 1))
         if timed_out is None and _is_cancellation(err):
             mark_cancelled([ticket.job_id])
             raise
@@ -115,7 +115,13 @@ def _is_cancellation(err: BaseException) -> bool:
 
 
 def timeout_text(
-    err: BaseException, stage: str, started: float, what: str, settings: LynxSettings | None = None
+    err: BaseException,
+    stage: str,
+    started: float,
+    what: str,
+    settings: LynxSettings | None = None,
+    *,
+    videos: int = 1,
 ) -> str | None:
     """The one-line reason when ``err`` is the stage's timeout (``what`` names the work), else None.
 
@@ -125,7 +131,7 @@ def timeout_text(
     if not _is_cancellation(err):
         return None
     elapsed = time.monotonic() - started
-    if elapsed < stage_timeout(stage, settings) * 0.99:
+    if elapsed < stage_timeout(stage, settings, videos=videos) * 0.99:
         return None
     return f"{what} timed out after {elapsed:.0f} s (setting: {timeout_setting(stage)})"
 
@@ -193,7 +199,8 @@ def silent_too_long(flow_run_id: str, now: datetime | None = None) -> bool:
     if newest is None:
         return True
     if newest.status is StageStatus.RUNNING:
-        since, limit = newest.started_at, stage_timeout(newest.stage)
+        videos = services().tracker.get_job(newest.job_id).params.get("candidates", 1)
+        since, limit = newest.started_at, stage_timeout(newest.stage, videos=videos)
     else:
         since, limit = newest.finished_at or newest.started_at, longest_stage_timeout()
     return (now or utcnow()) - since > timedelta(seconds=limit + SILENCE_MARGIN_S)

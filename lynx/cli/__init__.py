@@ -33,6 +33,7 @@ _COMMAND_GROUPS: list[tuple[str, str | None]] = [
     ("db", "db"),
     ("store", "store"),
     ("retention", "retention"),
+    ("subject", "subject"),
     ("deliver", "deliver"),
     ("faces", "faces"),
     ("models", None),

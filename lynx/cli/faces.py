@@ -64,6 +64,77 @@ def embed(
         typer.echo(f"crops written to {save_crops}")
 
 
+@app.command()
+def compare(
+    images: Annotated[list[Path], typer.Argument(help="Two or more photos of (supposedly) one person.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")] = False,
+) -> None:
+    """What the face stage decides for a subject with these photos: how alike their faces are
+    (cosine), whether they pass the same-person threshold, which photo gives the reference crop."""
+    from lynx.errors import ConfigurationError, InputError
+    from lynx.faces import analyze_reference_photo, cached_face_analyzer, cosine_similarity
+    from lynx.faces.subject import (
+        DifferentPersonError,
+        PhotoFace,
+        consistency,
+        reference_score,
+        same_person_threshold,
+        subject_identity,
+    )
+    from lynx.settings import get_settings
+
+    if len(images) < 2:
+        raise InputError("compare needs two or more photos")
+    settings = get_settings()
+    analyzer = cached_face_analyzer(settings)
+    faces = []
+    for image in images:
+        face = analyze_reference_photo(image, settings, analyzer=analyzer)
+        faces.append(PhotoFace(face.embedding, face.score, face.box.tolist(), face.kps.tolist()))
+    recognizer = analyzer.embedder.name
+    try:
+        threshold: float | None = same_person_threshold(recognizer, settings.face_same_person_thresholds)
+    except ConfigurationError:
+        threshold = None
+    verdict = "same person"
+    if threshold is None:
+        verdict = "no same-person threshold known (LYNX_FACE_SAME_PERSON_THRESHOLDS)"
+    else:
+        try:
+            subject_identity(
+                faces,
+                recognizer=recognizer,
+                thresholds=settings.face_same_person_thresholds,
+                names=[image.name for image in images],
+            )
+        except DifferentPersonError as err:
+            verdict = str(err)
+    matrix = [[round(cosine_similarity(a.embedding, b.embedding), 4) for b in faces] for a in faces]
+    quality = [round(reference_score(face), 4) for face in faces]
+    document = {
+        "recognizer": recognizer,
+        "threshold": threshold,
+        "cosine": matrix,
+        "consistency": [round(value, 4) for value in consistency([face.embedding for face in faces])],
+        "reference_score": quality,
+        "reference_photo": max(range(len(faces)), key=lambda i: (quality[i], -i)),
+        "verdict": verdict,
+    }
+    if as_json:
+        typer.echo(json.dumps(document))
+        return
+    shown = "-" if threshold is None else f"{threshold:.3f}"
+    typer.echo(f"recogniser {recognizer}, same-person threshold {shown}")
+    for index, image in enumerate(images):
+        marker = "*" if index == document["reference_photo"] else " "
+        cells = "  ".join(f"{value:+.3f}" for value in matrix[index])
+        typer.echo(
+            f" {marker} {index + 1}  {cells}  mean with others {document['consistency'][index]:+.3f}  "
+            f"reference score {quality[index]:.3f}  {image}"
+        )
+    typer.echo(f"(*) gives the reference crop; verdict: {verdict}")
+
+
 def write_crops(folder: Path, crops: dict[str, np.ndarray]) -> None:
     """Save ``crops`` (file name -> RGB array) into ``folder``: all of them or none.
 

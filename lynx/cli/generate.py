@@ -42,13 +42,19 @@ def use_embedded_prefect(settings: LynxSettings, *, verbose: bool) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def run_job(image: Path, prompt: str, generation: GenerationSettings, subject: str | None) -> JobOutcome:
+def run_job(
+    images: Path | list[Path], prompt: str, generation: GenerationSettings, subject: str | None
+) -> JobOutcome:
     """Run the `lynx` flow here; a job that ended without a video to hand over is a one-line error.
 
     A video held for review comes back like a completed one (its files are kept for the reviewer).
     """
-    if not image.is_file():
-        raise InputError(f"image {image} does not exist or is not a file")
+    images = [images] if isinstance(images, Path) else images
+    for image in images:
+        if not image.is_file():
+            raise InputError(f"image {image} does not exist or is not a file")
+    if len(set(image.resolve() for image in images)) != len(images):
+        raise InputError("the same --image is given twice")
     settings = get_settings()
     # without a GPU deployment the model loads here: missing weights fail now, not after the face stage
     if not settings.gpu_deployment:
@@ -57,7 +63,10 @@ def run_job(image: Path, prompt: str, generation: GenerationSettings, subject: s
         check_model_paths(settings_for_variant(settings, generation.variant))
     from flows.generate import lynx
 
-    outcome = lynx(image=str(image.resolve()), prompt=prompt, settings=generation, subject_id=subject)
+    paths = [str(image.resolve()) for image in images]
+    outcome = lynx(
+        image=paths[0] if len(paths) == 1 else paths, prompt=prompt, settings=generation, subject_id=subject
+    )
     if outcome.status in ("completed", "needs_review"):
         return outcome
     job = f"job {outcome.job_id}" if outcome.job_id is not None else "request"  # None: refused
@@ -99,6 +108,9 @@ def report(outcome: JobOutcome, files: list[Path], seconds: float) -> None:
             typer.echo(f"  also: {path}")
     if outcome.similarity is not None:
         typer.echo(f"face resemblance to the photo (cosine, sampled frames): {outcome.similarity:.3f}")
+    if outcome.candidates > 1:
+        score = "no face found" if outcome.score is None else f"{outcome.score:.3f}"
+        typer.echo(f"best of {outcome.candidates} candidates: seed {outcome.seed}, score {score}")
     if held:
         raise JobNeedsReviewError(
             f"job {outcome.job_id} needs review ({outcome.error_text}); its video is held for a reviewer, "
@@ -108,7 +120,14 @@ def report(outcome: JobOutcome, files: list[Path], seconds: float) -> None:
 
 @app.command()
 def generate(
-    image: Annotated[Path, typer.Option("--image", help="Photo of the person (one clearly visible face).")],
+    image: Annotated[
+        list[Path],
+        typer.Option(
+            "--image",
+            help="Photo of the person (one clearly visible face); repeat it for several photos of the "
+            "same person.",
+        ),
+    ],
     prompt: Annotated[str, typer.Option("--prompt", help="What the video should show.")],
     out: Annotated[Path, typer.Option("--out", help="Folder the deliverables are copied into.")],
     seed: Annotated[int, typer.Option(help="Seed of the initial noise (same seed, same video).")] = 42,
@@ -116,6 +135,9 @@ def generate(
     height: Annotated[int, typer.Option(help="Height in pixels (multiple of 16).")] = 480,
     width: Annotated[int, typer.Option(help="Width in pixels (multiple of 16).")] = 832,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
+    candidates: Annotated[
+        int, typer.Option(help="Sample N videos (seeds seed..seed+N-1) and deliver the most alike.")
+    ] = 1,
     variant: Annotated[
         Literal["full", "lite"] | None, typer.Option(help="Model variant (default: LYNX_MODEL_VARIANT).")
     ] = None,
@@ -149,10 +171,12 @@ def generate(
             steps=steps,
             variant=variant,
             negative_prompt=negative_prompt,
+            candidates=candidates,
         )
     except ValidationError as err:
         first = err.errors()[0]
-        raise InputError(f"--{first['loc'][0]}: {first['msg'].removeprefix('Value error, ')}") from None
+        option = f"--{first['loc'][0]}: " if first['loc'] else ""
+        raise InputError(f"{option}{first['msg'].removeprefix('Value error, ')}") from None
     started = time.monotonic()
     if demo_model:
         from lynx.demo import DEMO_WARNING, demo_model_environment, ensure_demo_setup

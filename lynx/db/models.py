@@ -8,6 +8,7 @@ models and the migrations agree on PostgreSQL and SQLite.
 from __future__ import annotations
 
 import enum
+import hashlib
 from datetime import datetime, timezone
 from typing import Any
 
@@ -119,6 +120,7 @@ class ArtifactKind(str, enum.Enum):
     MANIFEST = "manifest"
     REPORT = "report"
     SAMPLING_CHECKPOINT = "sampling_checkpoint"
+    ERASURE_RECEIPT = "erasure_receipt"
 
 
 #: Kinds that are biometric data of a subject: purged when the subject's retention ends.
@@ -162,16 +164,45 @@ class Subject(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     external_ref: Mapped[str | None] = mapped_column(String(200), unique=True)
+    # The photo the face stage takes its reference crop from by default: the first of ``photos``.
     reference_key: Mapped[str | None] = mapped_column(String(1024))
     reference_sha256: Mapped[str | None] = mapped_column(String(64))
+    # Every photo of the person, in the order given: [{"key": ..., "sha256": ...}, ...]. NULL for
+    # subjects registered before several photos were possible (their one photo is reference_key).
+    photos: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
     consent_given_at: Mapped[datetime | None]
     consent_reference: Mapped[str | None] = mapped_column(Text)
     # Biometric data (photo, crops, embeddings, reference features) must be gone after this.
     retention_until: Mapped[datetime | None] = mapped_column(index=True)
     purged_at: Mapped[datetime | None]
+    # Set when an erasure was asked for (lynx subject erase): from then on no job may use the subject.
+    erased_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
 
     jobs: Mapped[list[Job]] = relationship(back_populates="subject")
+
+    @property
+    def ref(self) -> str:
+        """How users name the subject: its external id, else ``subject-<id>``."""
+        return self.external_ref or f"subject-{self.id}"
+
+    @property
+    def reference_set_sha256(self) -> str | None:
+        """What stored evaluation metrics key the subject's photos on: its one photo's sha256, or for
+        several the sha256 of their sha256s in order (another set of photos is another reference)."""
+        shas = [photo["sha256"] for photo in self.photo_list]
+        if len(shas) <= 1:
+            return shas[0] if shas else None
+        return hashlib.sha256("\n".join(shas).encode("ascii")).hexdigest()
+
+    @property
+    def photo_list(self) -> list[dict[str, str]]:
+        """The subject's photos as ``[{"key", "sha256"}]``, also for subjects stored with one photo."""
+        if self.photos:
+            return list(self.photos)
+        if self.reference_key and self.reference_sha256:
+            return [{"key": self.reference_key, "sha256": self.reference_sha256}]
+        return []
 
 
 class Campaign(Base):
@@ -328,3 +359,26 @@ class Evaluation(Base):
     duration_s: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+
+
+class Erasure(Base):
+    """One erasure of a subject's data on request (``lynx subject erase``), and its receipt.
+
+    ``planned`` lists every key the erasure set out to delete, saved before the first delete, so a
+    run that crashed midway is finished by the next one even after rows were gone. ``receipt`` is
+    what was removed and kept (keys, counts, no biometric content); ``finished_at`` is NULL while
+    the erasure is under way.
+    """
+
+    __tablename__ = "erasures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    subject_id: Mapped[int] = mapped_column(ForeignKey("subjects.id"), index=True)
+    subject_ref: Mapped[str] = mapped_column(String(200))
+    with_deliverables: Mapped[bool] = mapped_column(Boolean, default=False)
+    planned: Mapped[list[str]] = mapped_column(default=list)
+    receipt: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    receipt_key: Mapped[str | None] = mapped_column(String(1024))
+    flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+    finished_at: Mapped[datetime | None]

@@ -152,12 +152,14 @@ class Tracker:
         *,
         external_ref: str | None = None,
         reference: StoredObject | None = None,
+        photos: Sequence[StoredObject] = (),
         consent_reference: str | None = None,
         consent_given_at: datetime | None = None,
         retention_until: datetime | None = None,
     ) -> Subject:
         """Register a person. Without ``retention_until`` their biometric data is kept for
-        ``LYNX_SUBJECT_RETENTION_DAYS`` days. A ``reference`` photo is recorded as a biometric artifact."""
+        ``LYNX_SUBJECT_RETENTION_DAYS`` days. Their ``photos`` (or one ``reference`` photo) are
+        recorded as biometric artifacts; the first is the subject's ``reference_key``."""
         now = utcnow()
         subject = Subject(
             name=name,
@@ -166,14 +168,15 @@ class Tracker:
             consent_given_at=consent_given_at or (now if consent_reference else None),
             retention_until=retention_until or now + self._retention,
         )
+        photos = list(photos) or ([reference] if reference is not None else [])
         with self.transaction() as session:
             session.add(subject)
             try:
                 session.flush()
             except IntegrityError:
                 raise InputError(f"a subject with external_ref {external_ref!r} already exists") from None
-            if reference is not None:
-                self._attach_reference(session, subject, reference)
+            if photos:
+                self._attach_photos(session, subject, photos)
         return subject
 
     def get_subject(self, subject_id: int) -> Subject:
@@ -184,18 +187,40 @@ class Tracker:
         with self._sessions() as session:
             return session.scalar(select(Subject).where(Subject.external_ref == external_ref))
 
+    def list_subjects(self) -> list[Subject]:
+        with self._sessions() as session:
+            return list(session.scalars(select(Subject).order_by(Subject.id)))
+
     def set_subject_reference(self, subject_id: int, reference: StoredObject) -> Subject:
-        """Point a subject at its reference photo (recorded as a biometric artifact)."""
+        """Point a subject at one reference photo (recorded as a biometric artifact)."""
+        return self.set_subject_photos(subject_id, [reference])
+
+    def set_subject_photos(self, subject_id: int, photos: Sequence[StoredObject]) -> Subject:
+        """Give a subject these photos, in this order (each recorded as a biometric artifact)."""
+        if not photos:
+            raise InputError("a subject needs at least one photo")
         with self.transaction() as session:
             subject = _get(session, Subject, subject_id)
             check_not_purged(subject)
-            self._attach_reference(session, subject, reference)
+            self._attach_photos(session, subject, photos)
         return subject
 
-    def _attach_reference(self, session: Session, subject: Subject, reference: StoredObject) -> None:
-        subject.reference_key = reference.key
-        subject.reference_sha256 = reference.sha256
-        session.add(_artifact_row(reference, ArtifactKind.REFERENCE_PHOTO, subject_id=subject.id))
+    def _attach_photos(self, session: Session, subject: Subject, photos: Sequence[StoredObject]) -> None:
+        subject.reference_key = photos[0].key
+        subject.reference_sha256 = photos[0].sha256
+        subject.photos = [{"key": photo.key, "sha256": photo.sha256} for photo in photos]
+        recorded = set(
+            session.scalars(
+                select(Artifact.key).where(
+                    Artifact.subject_id == subject.id,
+                    Artifact.kind == ArtifactKind.REFERENCE_PHOTO.value,
+                    Artifact.deleted_at.is_(None),
+                )
+            )
+        )
+        for photo in {photo.key: photo for photo in photos}.values():
+            if photo.key not in recorded:
+                session.add(_artifact_row(photo, ArtifactKind.REFERENCE_PHOTO, subject_id=subject.id))
 
     # --- campaigns -----------------------------------------------------------------------------
     def get_or_create_campaign(self, name: str, *, spec: dict[str, Any] | None = None) -> Campaign:
@@ -439,7 +464,7 @@ class Tracker:
                 campaign_id = campaign_id if campaign_id is not None else job.campaign_id
             if subject_id is not None:
                 subject = _get(session, Subject, subject_id)
-                if kind in BIOMETRIC_KINDS:
+                if kind in BIOMETRIC_KINDS or subject.erased_at is not None:
                     check_not_purged(subject)
             if campaign_id is not None:
                 _get(session, Campaign, campaign_id)
@@ -455,8 +480,11 @@ class Tracker:
         rows = []
         with self.transaction() as session:
             job = _get(session, Job, job_id)
-            if any(_artifact_kind(kind) in BIOMETRIC_KINDS for _, kind in files):
-                check_not_purged(_get(session, Subject, job.subject_id))
+            subject = _get(session, Subject, job.subject_id)
+            if subject.erased_at is not None or any(
+                _artifact_kind(kind) in BIOMETRIC_KINDS for _, kind in files
+            ):
+                check_not_purged(subject)
             _mark_deleted(
                 session,
                 (Artifact.job_id == job_id) & Artifact.key.in_([stored.key for stored, _ in files]),
@@ -702,7 +730,10 @@ def biometric_without_subject_error(
 
 
 def check_not_purged(subject: Subject) -> None:
-    """Raise the ``InputError`` that refuses new work for a purged subject."""
+    """Raise the ``InputError`` that refuses new work for a subject whose data is gone or going:
+    erased on request (``lynx subject erase``), or purged after its retention ended."""
+    if subject.erased_at is not None:
+        raise InputError(f"subject {subject.ref} was erased on {subject.erased_at:%Y-%m-%d}")
     if subject.purged_at is not None:
         raise InputError(
             f"subject {subject.id} ({subject.name}) was purged at {subject.purged_at:%Y-%m-%d %H:%M} UTC "

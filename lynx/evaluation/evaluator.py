@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from lynx.db.tracking import Tracker
 from lynx.errors import InputError, NotFoundError
-from lynx.evaluation.metrics import evaluate_video, reference_embeddings
+from lynx.evaluation.metrics import evaluate_video, subject_reference_embeddings
 from lynx.evaluation.recognizers import EvaluationModels, cached_evaluation_models, setup_for
 from lynx.evaluation.records import save_metrics, stored_metrics
 from lynx.evaluation.sources import EvalItem
@@ -148,8 +148,12 @@ class Evaluator:
 
     def _reference_embeddings(self, item: EvalItem, reference_sha: str) -> dict[str, np.ndarray]:
         if reference_sha not in self._references:
-            with self.local_file(item, item.reference) as photo:
-                self._references[reference_sha] = reference_embeddings(photo, self.models, self.settings)
+            locations = item.references or (item.reference,)
+            with ExitStack() as files:
+                photos = [files.enter_context(self.local_file(item, location)) for location in locations]
+                self._references[reference_sha] = subject_reference_embeddings(
+                    photos, self.models, self.settings
+                )
         return self._references[reference_sha]
 
     def local_file(self, item: EvalItem, location: str) -> AbstractContextManager[Path]:

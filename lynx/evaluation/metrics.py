@@ -9,7 +9,7 @@ frames that do, and the spread over time (std, min, max). Frames stream: one is 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from lynx.errors import ConfigurationError
 from lynx.evaluation.recognizers import EvaluationModels
 from lynx.faces import FaceAnalyzer, FaceEmbedder, analyze_reference_photo, arcface_crop, cosine_similarity
 from lynx.faces.similarity import FaceSimilarity, SimilarityStats, iter_video_frames
+from lynx.faces.types import l2_normalise
 from lynx.images import load_image
 from lynx.settings import LynxSettings
 
@@ -65,6 +66,22 @@ def reference_embeddings(
             crop = arcface_crop(image_bgr, reference.kps, size)
         embeddings[name] = embedder.embed(crop)
     return embeddings
+
+
+def subject_reference_embeddings(
+    photos: Sequence[str | Path | bytes], models: EvaluationModels, settings: LynxSettings
+) -> dict[str, np.ndarray]:
+    """A subject's reference for every recogniser: the normalised mean of its photos' embeddings,
+    as the face stage fuses them (with one photo, that photo's). Biometric: keep it in memory."""
+    if not photos:
+        raise ValueError("a subject reference needs at least one photo")
+    per_photo = [reference_embeddings(photo, models, settings) for photo in photos]
+    if len(per_photo) == 1:
+        return per_photo[0]
+    return {
+        name: l2_normalise(np.mean([l2_normalise(photo[name]) for photo in per_photo], axis=0))
+        for name in models.recognizers
+    }
 
 
 def evaluate_frames(

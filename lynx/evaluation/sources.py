@@ -26,7 +26,9 @@ MASTER_NAME = "master.mp4"
 class EvalItem(BaseModel):
     """One video and the reference photo it should resemble.
 
-    ``video`` and ``reference`` are local paths, or artifact-store keys when ``in_store``.
+    ``video`` and ``reference`` are local paths, or artifact-store keys when ``in_store``. A subject
+    with several photos lists them all in ``references`` (``reference`` is the first): the video is
+    compared with their fused embedding, and ``reference_sha256`` identifies the set.
     ``skip_reason`` says why an item cannot be scored (it still appears in the report).
     """
 
@@ -36,6 +38,7 @@ class EvalItem(BaseModel):
     prompt: str
     video: str | None
     reference: str | None
+    references: tuple[str, ...] = ()
     in_store: bool = False
     job_id: int | None = None
     video_sha256: str | None = None
@@ -128,17 +131,21 @@ def job_item(tracker: Tracker, job: Job) -> EvalItem:
         skip = "no delivered video recorded for the job"
     elif subject.purged_at is not None:
         skip = "the subject's reference photo was purged (retention ended)"
+    elif subject.erased_at is not None:
+        skip = f"the subject was erased on {subject.erased_at:%Y-%m-%d}"
     elif subject.reference_key is None:
         skip = "the subject has no reference photo"
+    photos = subject.photo_list
     return EvalItem(
         subject=subject.external_ref or subject.name,
         prompt=job.prompt,
         video=video.key if video is not None else None,
         reference=subject.reference_key,
+        references=tuple(photo["key"] for photo in photos) if len(photos) > 1 else (),
         in_store=True,
         job_id=job.id,
         video_sha256=video.sha256 if video is not None else None,
-        reference_sha256=subject.reference_sha256,
+        reference_sha256=subject.reference_set_sha256,
         skip_reason=skip,
     )
 

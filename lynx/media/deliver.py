@@ -8,7 +8,9 @@
 3. enforce the safety verdict;
 4. encode the H.264 master, then each rendition, verifying each file as it is made;
 5. cut the previews from the master (poster, animated WebP, contact sheet) and verify them;
-6. write the manifest with every output's sha256.
+6. best-of-N jobs: encode the candidates that were not chosen (when the spec keeps them), each
+   screened and verified like the master, as ``candidates/seed-<seed>.mp4``;
+7. write the manifest with every output's sha256 (and every candidate's seed and score).
 
 Everything lands in a fresh staging folder inside ``workdir``; if any step fails the folder is
 removed and a typed ``DeliveryError`` (or a configuration error) is raised, so a failed stage never
@@ -62,8 +64,34 @@ from lynx.media.verify import VideoExpectation, verify_animation, verify_image, 
 
 logger = logging.getLogger(__name__)
 
-FileKind = Literal["master", "rendition", "poster", "preview", "contact_sheet", "manifest"]
+FileKind = Literal["master", "rendition", "poster", "preview", "contact_sheet", "candidate", "manifest"]
 MANIFEST_NAME = "manifest.json"
+CANDIDATES_FOLDER = "candidates"
+
+
+class Candidate(BaseModel):
+    """One video of a best-of-N job, as delivery sees it: its seed, its identity score, whether it is
+    the master, and (to deliver it beside the master) its lossless intermediate."""
+
+    model_config = ConfigDict(frozen=True)
+
+    seed: int
+    score: float | None = None
+    chosen: bool = False
+    source: Path | None = None
+
+
+class CandidateSet(BaseModel):
+    """A best-of-N job's candidates and how they were compared (``metric``, for the manifest)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    metric: str
+    items: list[Candidate]
+
+    @property
+    def chosen(self) -> Candidate:
+        return next(item for item in self.items if item.chosen)
 
 
 class DeliveredFile(BaseModel):
@@ -196,6 +224,7 @@ def build_deliverables(
     safety_checker: SafetyChecker | None = None,
     prefix: str | None = None,
     upscaled_by: Upscaled | None = None,
+    candidates: CandidateSet | None = None,
 ) -> DeliveryResult:
     """Build, verify and describe every deliverable of one video.
 
@@ -206,12 +235,16 @@ def build_deliverables(
     manifest (``publish_deliverables`` then refuses any other prefix). ``upscaled_by`` says the
     frames were already enlarged by a learned upscaler (the pipeline's decode stage does it on the
     GPU), so the manifest names it and its weights; frames at the target size are not upscaled again.
+    ``candidates``: a best-of-N job's candidates (``frames`` are the chosen one's); the manifest lists
+    them all, and with ``spec.candidates == "keep"`` the others are delivered under ``candidates/``.
     """
     staging = Path(workdir) / f"delivery-{provenance.job_id}-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     prefix = prefix.strip("/") if prefix else None
     try:
-        return _build(frames, spec, staging, provenance, face_scores, safety_checker, prefix, upscaled_by)
+        return _build(
+            frames, spec, staging, provenance, face_scores, safety_checker, prefix, upscaled_by, candidates
+        )
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -226,6 +259,7 @@ def _build(
     safety_checker: SafetyChecker | None,
     prefix: str | None,
     upscaled_by: Upscaled | None,
+    candidates: CandidateSet | None,
 ) -> DeliveryResult:
     steps = _Steps()
     work = staging / ".work"
@@ -250,9 +284,8 @@ def _build(
                 opacity=spec.watermark_opacity,
                 width_fraction=spec.watermark_width,
             )
-        gate = SafetyGate(
-            safety_checker or _checker_for(spec), threshold=spec.safety_threshold, stride=spec.safety_stride
-        )
+        checker = safety_checker or _checker_for(spec)
+        gate = SafetyGate(checker, threshold=spec.safety_threshold, stride=spec.safety_stride)
 
     # 2. Frames -> safety gate -> (Real-ESRGAN) -> lossless mezzanine, one frame in memory at a time.
     with steps.step("stream frames"):
@@ -381,7 +414,21 @@ def _build(
             ),
         ]
 
-    # 6. The manifest, last: it lists every verified output with its checksum.
+    # 6. Best-of-N: the candidates that were not chosen, when the spec keeps them.
+    candidate_outputs: dict[int, dict[str, Any]] = {}
+    if candidates is not None and spec.candidates == "keep":
+        for candidate in candidates.items:
+            if candidate.chosen or candidate.source is None:
+                continue
+            with steps.step("candidates"):
+                delivered_file, outcome = _candidate_video(
+                    candidate, spec, staging, work, checker, plan, exe, audio, watermark, tags
+                )
+            candidate_outputs[candidate.seed] = outcome
+            if delivered_file is not None:
+                delivered.append(delivered_file)
+
+    # 7. The manifest, last: it lists every verified output with its checksum.
     with steps.step("manifest"):
         upscalers = [u.weights for u in (upscaled_by, upscaled) if u is not None]
         assets = [
@@ -413,6 +460,7 @@ def _build(
             safety=verdict.model_dump(mode="json"),
             software={**provenance.software, "ffmpeg": ffmpeg_version(exe)},
             outputs=[f.manifest_entry(prefix) for f in delivered],
+            candidates=_candidates_entry(candidates, spec, candidate_outputs),
         )
         manifest_path = write_manifest(manifest, staging / MANIFEST_NAME)
         delivered.append(DeliveredFile.of(manifest_path, "manifest", "application/json", None))
@@ -427,3 +475,83 @@ def _build(
     return DeliveryResult(
         staging_dir=staging, files=delivered, manifest=manifest, safety=verdict, timings=steps.timings
     )
+
+
+def _candidate_video(
+    candidate: Candidate,
+    spec: DeliverySpec,
+    staging: Path,
+    work: Path,
+    checker: SafetyChecker | None,
+    master_plan: EncodePlan,
+    exe: str,
+    audio: AudioTrack | None,
+    watermark: Watermark | None,
+    tags: dict[str, str],
+) -> tuple[DeliveredFile | None, dict[str, Any]]:
+    """One candidate that was not chosen, screened, encoded like the master and verified.
+
+    A candidate the safety gate blocks is not delivered (its manifest entry says why); the master's
+    delivery goes on.
+    """
+    from lynx.media.intermediate import iter_frames
+
+    gate = SafetyGate(checker, threshold=spec.safety_threshold, stride=spec.safety_stride)
+    frames = to_uint8_frames(iter_frames(candidate.source))
+    first = next(frames, None)
+    if first is None:
+        raise DeliveryInputError(f"candidate seed {candidate.seed}: its video is empty")
+    screened, _ = learned_upscale(
+        gate.screen(itertools.chain([first], frames)), (first.shape[1], first.shape[0]), spec
+    )
+    source = write_lossless(
+        screened, work / f"candidate-{candidate.seed}.mkv", spec.source_fps, ffmpeg_binary=spec.ffmpeg_binary
+    )
+    verdict = gate.verdict()
+    if verdict.status == "blocked":
+        logger.warning("candidate seed %s not delivered: the content-safety gate blocked it", candidate.seed)
+        return None, {"output": None, "safety": verdict.status}
+    plan = master_plan.model_copy(update={"source": source})
+    name = f"{CANDIDATES_FOLDER}/{H264.filename(f'seed-{candidate.seed}')}"
+    path = staging / name
+    path.parent.mkdir(exist_ok=True)
+    own_tags = {**tags, "seed": str(candidate.seed)}
+    encode_video(
+        plan, H264, path, crf=spec.crf, preset=spec.preset, exe=exe, audio=audio, watermark=watermark,
+        tags=own_tags,
+    )
+    expected = VideoExpectation(
+        codec=H264.codec,
+        width=plan.width,
+        height=plan.height,
+        frames=plan.frames,
+        fps=plan.fps,
+        audio_codec=H264.audio_codec if audio else None,
+        faststart=H264.mp4,
+        tags=own_tags,
+    )
+    probe = verify_video(path, expected)
+    delivered = DeliveredFile.of(path, "candidate", H264.content_type, probe)
+    return delivered.model_copy(update={"name": name}), {"output": name, "safety": verdict.status}
+
+
+def _candidates_entry(
+    candidates: CandidateSet | None, spec: DeliverySpec, outputs: dict[int, dict[str, Any]]
+) -> dict[str, Any] | None:
+    """The manifest's ``candidates``: every seed with its score, which one is the master, where each is."""
+    if candidates is None:
+        return None
+    items = []
+    for candidate in candidates.items:
+        entry: dict[str, Any] = {"seed": candidate.seed, "score": candidate.score, "chosen": candidate.chosen}
+        if candidate.chosen:
+            entry["output"] = "master.mp4"
+        else:
+            entry.update(outputs.get(candidate.seed, {"output": None}))
+        items.append(entry)
+    return {
+        "metric": candidates.metric,
+        "chosen_seed": candidates.chosen.seed,
+        "others": spec.candidates,
+        "items": items,
+    }

@@ -32,8 +32,9 @@ def build_manifest(
     safety: dict[str, Any],
     software: dict[str, str],
     outputs: list[dict[str, Any]],
+    candidates: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    return {
+    manifest = {
         "schema": SCHEMA,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "title": provenance.title,
@@ -58,6 +59,11 @@ def build_manifest(
         "software": software,
         "outputs": outputs,
     }
+    if provenance.subject:
+        manifest["subject"] = provenance.subject
+    if candidates:
+        manifest["candidates"] = candidates
+    return manifest
 
 
 def write_manifest(manifest: dict[str, Any], path: Path) -> Path:

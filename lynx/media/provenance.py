@@ -89,6 +89,11 @@ class Provenance(BaseModel):
     model: ModelInfo = Field(default_factory=ModelInfo)
     settings: dict[str, Any] = Field(default_factory=dict, description="Generation settings (no secrets).")
     inputs: tuple[InputArtifact, ...] = ()
+    subject: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The subject's photos by sha256, with their scores and what each was used for "
+        "(no pixels, no embedding).",
+    )
     software: dict[str, str] = Field(default_factory=collect_software_versions)
 
     @property

@@ -105,6 +105,8 @@ class DeliverySpec(BaseModel):
     safety_stride: int = Field(default=8, ge=1)
     safety_output: Literal["logits", "probabilities"] = "logits"
     safety_normalization: Literal["symmetric", "imagenet", "unit"] = "symmetric"
+    # best-of-N: what becomes of the candidates that were not chosen
+    candidates: Literal["drop", "keep"] = "drop"
 
     def __init__(self, **data: Any) -> None:
         try:

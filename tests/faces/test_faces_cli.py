@@ -164,3 +164,28 @@ def test_crops_are_written_together_or_not_at_all(tmp_path, monkeypatch):
     assert Image.open(folder / "arcface_112.png").size == (112, 112)
     assert Image.open(folder / "reference_256.png").size == (256, 256)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crops"]
+
+
+def test_compare_scores_photos_as_the_face_stage_would(lynx, tmp_path, astronaut_rgb, hanks_rgb):
+    import cv2
+
+    photos = []
+    for name, rgb in [
+        ("eileen.jpg", astronaut_rgb),
+        ("mirrored.jpg", astronaut_rgb[:, ::-1]),
+        ("tom.jpg", hanks_rgb),
+    ]:
+        photos.append(tmp_path / name)
+        cv2.imwrite(str(photos[-1]), np.ascontiguousarray(rgb[..., ::-1]))
+    same = lynx("faces", "compare", str(photos[0]), str(photos[1]), "--json")
+    assert same.returncode == 0, same.stderr
+    document = json.loads(same.stdout)
+    assert document["recognizer"] == "sface_2021dec" and document["threshold"] == 0.363
+    assert document["verdict"] == "same person" and document["cosine"][0][1] > 0.7
+    assert document["cosine"][0][0] == pytest.approx(1.0, abs=1e-3)
+
+    mixed = lynx("faces", "compare", *map(str, photos))
+    assert mixed.returncode == 0, mixed.stderr
+    assert "verdict: photo 3 of 3 (tom.jpg) does not show the same person as the other photos" in mixed.stdout
+    lonely = lynx("faces", "compare", str(photos[0]))
+    assert lonely.returncode == 4 and lonely.stderr.strip() == "lynx: error: compare needs two or more photos"

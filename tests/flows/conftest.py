@@ -18,6 +18,7 @@ import cv2
 import insightface
 import numpy as np
 import pytest
+import skimage.data
 from PIL import Image
 
 from lynx.assets import demo_face_path
@@ -53,6 +54,19 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     texture = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
     Image.fromarray(texture).save(folder / "noface.jpg")
     return {"astronaut": demo_face_path(), "hanks": folder / "hanks.jpg", "noface": folder / "noface.jpg"}
+
+
+@pytest.fixture(scope="session")
+def second_shot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The astronaut again, another shot: mirrored, turned 12 degrees, smaller, a low-quality JPEG."""
+    image = skimage.data.astronaut()[:, ::-1, ::-1]  # mirrored, as BGR for OpenCV
+    h, w = image.shape[:2]
+    turned = cv2.warpAffine(
+        np.ascontiguousarray(image), cv2.getRotationMatrix2D((w / 2, h / 2), 12, 1.0), (w, h)
+    )
+    path = tmp_path_factory.mktemp("shots") / "eileen-2.jpg"
+    cv2.imwrite(str(path), cv2.resize(turned, (int(w * 0.8), int(h * 0.8))), [cv2.IMWRITE_JPEG_QUALITY, 40])
+    return path
 
 
 def reset_process_state() -> None:

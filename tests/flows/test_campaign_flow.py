@@ -155,10 +155,12 @@ def test_a_campaign_file_error_names_line_and_field_in_a_local_or_stored_file(fl
     text = "name: broken\nsubjects:\n  - id: a\n    photo: a.jpg\n  - id: b\nprompts: [hello]\n"
     path = tmp_path / "broken.yaml"
     path.write_text(text)
-    with pytest.raises(InputError, match=r"broken.yaml:5: subjects\[1\].photo: Field required"):
+    with pytest.raises(
+        InputError, match=r"broken.yaml:5: subjects\[1\]: give photo \(a path or store key\) or photos"
+    ):
         read_campaign_spec(str(path))
     key = services().store.put_bytes(text.encode(), key="campaigns/broken.yaml").key
-    with pytest.raises(InputError, match=r"^campaigns/broken.yaml:5: subjects\[1\].photo"):
+    with pytest.raises(InputError, match=r"^campaigns/broken.yaml:5: subjects\[1\]: give photo"):
         read_campaign_spec(key)
     with pytest.raises(InputError, match="neither a file on this machine nor an object"):
         read_campaign_spec("campaigns/missing.yaml")

@@ -147,3 +147,23 @@ def test_demo_builds_what_is_missing_and_warns_that_the_model_is_random(lynx_cli
     assert (tmp_path / "demo-out" / "master.mp4").is_file()
     assert "RANDOM weights" in result.stdout and "noise" in result.stdout
     assert result.stdout.startswith("warning: the demo model has RANDOM weights")  # said first, too
+
+
+@pytest.mark.slow
+def test_generate_with_several_photos_and_candidates(lynx_cli, configured_env, photos, second_shot, tmp_path):
+    out = tmp_path / "out"
+    images = ("--image", str(photos["astronaut"]), "--image", str(second_shot))
+    common = ("--prompt", "a woman smiling", *TINY_ARGS, "--seed", "7", "--out", str(out))
+    result = lynx_cli("generate", *images, "--candidates", "2", *common, env=configured_env)
+    assert result.returncode == 0, result.stderr
+    assert "best of 2 candidates: seed 7, score no face found" in result.stdout  # the tiny model paints noise
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["subject"]["photos"]) == 2 and manifest["subject"]["fusion"] == "fuse"
+    assert [item["seed"] for item in manifest["candidates"]["items"]] == [7, 8]
+
+    for bad, message in [
+        (("--candidates", "0"), "--candidates: Input should be greater than or equal to 1"),
+        (("--image", str(photos["astronaut"])), "the same --image is given twice"),
+    ]:
+        refused = lynx_cli("generate", *images, *bad, *common, env=configured_env, timeout=60)
+        assert refused.returncode == 4 and refused.stderr.strip() == f"lynx: error: {message}"

@@ -87,7 +87,7 @@ def test_a_prefect_server_accepts_each_template_for_a_work_pool(prefect_harness,
         assert pool.base_job_template == template
 
 
-def test_prefect_yaml_deploys_the_three_flows_with_an_explicit_pull_step():
+def test_prefect_yaml_deploys_the_flows_with_an_explicit_pull_step():
     from prefect.flows import load_flow_from_entrypoint
 
     config = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
@@ -98,6 +98,8 @@ def test_prefect_yaml_deploys_the_three_flows_with_an_explicit_pull_step():
         "generate": ("lynx", "lynx-cpu"),
         "gpu-stages": ("lynx-gpu", "lynx-gpu"),
         "campaign": ("lynx-campaign", "lynx-cpu"),
+        "evaluate": ("lynx-eval", "lynx-cpu"),
+        "erase": ("lynx-erase", "lynx-cpu"),
     }
     for name, (flow_name, pool) in expected.items():
         deployment = deployments[name]

@@ -13,7 +13,9 @@ from lynx.db.models import Base
 from lynx.errors import ConfigurationError
 from lynx.settings import LynxSettings
 
-TABLES = {"subjects", "campaigns", "jobs", "stage_runs", "artifacts", "compute_events", "evaluations"}
+TABLES = {
+    "subjects", "campaigns", "jobs", "stage_runs", "artifacts", "compute_events", "evaluations", "erasures"
+}
 
 
 def _tables(settings: LynxSettings) -> set[str]:
