@@ -114,7 +114,8 @@ def medium_generations(paths, steps: int, repeats: int, world, scratch: Path) ->
     from tasks.sample import CheckpointWriter
     from tasks.services import Services
 
-    pipe = LynxPipeline.from_pretrained(paths.base, adapter_path=paths.full, dtype=torch.float32)
+    pipe = LynxPipeline.from_pretrained(paths.base, torch_dtype=torch.float32)
+    pipe.load_lynx_adapter(paths.full)
     pipe.set_progress_bar_config(disable=True)
     identity = pipe.encode_identity(tiny_face_embedding(dim=512))
     reference = pipe.encode_reference(tiny_reference_image(size=256), seed=42)

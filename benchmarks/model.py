@@ -4,6 +4,7 @@ FLOPs per forward and per video for the released 14B configuration.
 
     PYTHONPATH=. python benchmarks/model.py                 # medium CPU config, 320 and 2304 tokens
     PYTHONPATH=. python benchmarks/model.py --tiny          # ... and whole generations of the tiny models
+    PYTHONPATH=. python benchmarks/model.py --speedups      # ... and batched guidance, cache hit, compiled
     PYTHONPATH=. python benchmarks/model.py --device cuda --dtype bfloat16 --layers 40 --width 5120 \\
         --tokens 32760                                       # the real thing, on an 80 GB GPU
 
@@ -29,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers import WanTransformer3DModel  # noqa: E402
+from diffusers.hooks import FirstBlockCacheConfig  # noqa: E402
 
-from lynx_model import AdapterState, LynxAdapters, LynxIdentityAdapterLayers, LynxReferenceAdapterLayers  # noqa: E402
-from lynx_model.adapters import variant_layout  # noqa: E402
+from lynx_model import AdapterState, LynxAdapter, StackedAdapterState  # noqa: E402
 
 TEXT_TOKENS = 512
 IDENTITY_TOKENS = 16
@@ -185,17 +186,10 @@ def build(args, device, dtype):
         num_layers=args.layers,
     )
     transformer = _place(transformer, device, dtype, WanTransformer3DModel._keep_in_fp32_modules)
-    identity_layers = LynxIdentityAdapterLayers(
-        hidden_dim=args.width,
-        identity_dim=args.width,
-        num_registers=16,
-        **variant_layout("full", args.layers),
+    adapter = LynxAdapter(
+        "full", num_blocks=args.layers, hidden_dim=args.width, identity_dim=args.width, num_registers=16
     )
-    reference_layers = LynxReferenceAdapterLayers(args.layers, args.width)
-    adapters = LynxAdapters(
-        "full", _place(identity_layers, device, dtype), _place(reference_layers, device, dtype)
-    )
-    return transformer, adapters
+    return transformer, _place(adapter, device, dtype)
 
 
 def measure(args) -> None:
@@ -247,35 +241,104 @@ def measure(args) -> None:
 class SideBySide:
     """One transformer, run with diffusers' stock processors (plain) or with the Lynx ones (lynx)."""
 
-    def __init__(
-        self, transformer, adapters: LynxAdapters, state: AdapterState, inputs: dict, device
-    ) -> None:
-        self.transformer, self.adapters, self.state = transformer, adapters, state
+    def __init__(self, transformer, adapter: LynxAdapter, state: AdapterState, inputs: dict, device) -> None:
+        self.transformer, self.adapter, self.state = transformer, adapter, state
         self.inputs, self.device = inputs, device
 
-    def _setup(self, lynx: bool, state: AdapterState | None = None):
+    def _processors(self, lynx: bool) -> None:
         if lynx:
-            self.adapters.install(self.transformer)
-            return self.adapters.runtime.use(state or self.state)
-        LynxAdapters.uninstall(self.transformer)
-        return nullcontext()
+            self.adapter.install(self.transformer)
+        else:
+            LynxAdapter.uninstall(self.transformer)
 
-    def _run(self) -> None:
-        with torch.no_grad():
-            self.transformer(**self.inputs, return_dict=False)
+    def _run(self, lynx: bool, state: AdapterState | None, inputs: dict | None = None, context=None) -> None:
+        # the Lynx branch keys/values are projected when a state is first handed over: timed here
+        activated = self.adapter.activated(self.transformer, state or self.state) if lynx else nullcontext()
+        cached = self.transformer.cache_context(context) if context else nullcontext()
+        with torch.no_grad(), activated, cached:
+            self.transformer(**(inputs or self.inputs), return_dict=False)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def forward(self, lynx: bool, state: AdapterState | None = None) -> float:
-        with self._setup(lynx, state):
-            start = time.perf_counter()
-            self._run()
-            return time.perf_counter() - start
+    def forward(self, lynx: bool, state: AdapterState | None = None, **kwargs) -> float:
+        self._processors(lynx)
+        start = time.perf_counter()
+        self._run(lynx, state, **kwargs)
+        return time.perf_counter() - start
 
     def peak_memory(self, lynx: bool) -> int:
-        with self._setup(lynx), PeakMemory(self.device) as peak:
-            self._run()
+        self._processors(lynx)
+        with PeakMemory(self.device) as peak:
+            self._run(lynx, None)
         return peak.peak
+
+    def batched_guidance(self) -> float:
+        """Lynx, the three guidance passes as one forward of batch 3: seconds per pass."""
+        batch = {key: torch.cat([value] * 3) for key, value in self.inputs.items()}
+        state = StackedAdapterState([self.state] * 3, videos=1)
+        self.forward(True, state, inputs=batch)  # projects the stacked keys/values once
+        return self.forward(True, state, inputs=batch) / 3
+
+    def cache_hit(self) -> float:
+        """Lynx, a step First Block Cache serves from its residual (only the first block runs)."""
+        self.transformer.enable_cache(FirstBlockCacheConfig(threshold=1e9))
+        try:
+            self.forward(True, context="cond")  # fills the cache
+            return self.forward(True, context="cond")
+        finally:
+            self.transformer.disable_cache()
+
+
+def measure_speedups(args, device, dtype) -> None:
+    """Batched guidance, a step cache hit and compiled blocks, side by side with plain and Lynx."""
+    transformer, adapter = build(args, device, dtype)
+    generator = torch.Generator().manual_seed(1)
+    text = torch.randn(1, TEXT_TOKENS, 4096, generator=generator).to(device, dtype)
+    identity = torch.randn(1, IDENTITY_TOKENS, args.width, generator=generator).to(device, dtype)
+    reference = [
+        torch.randn(1, REFERENCE_TOKENS, args.width, generator=generator).to(device, dtype)
+        for _ in range(args.layers)
+    ]
+    timestep = torch.tensor([500.0], device=device)
+    print(
+        f"\n## Speed switches: {args.layers} blocks x {args.width} wide, {args.dtype}, {device}, "
+        f"{torch.get_num_threads()} threads, best of {args.repeats} (compiled: inductor, after compiling)"
+    )
+    print(
+        "| tokens | plain | Lynx | Lynx, batched guidance (per pass) | Lynx, cache hit | Lynx, compiled "
+        "| compile time |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for tokens in args.tokens:
+        frames, side = _latent_shape(tokens)
+        latents = torch.randn(1, 16, frames, side, side, generator=generator).to(device, dtype)
+        inputs = {"hidden_states": latents, "timestep": timestep, "encoder_hidden_states": text}
+        bench = SideBySide(transformer, adapter, AdapterState(identity, reference), inputs, device)
+        bench.forward(False), bench.forward(True)
+        best = {name: math.inf for name in ("plain", "lynx", "batched", "cached")}
+        for _ in range(args.repeats):
+            best["plain"] = min(best["plain"], bench.forward(False))
+            best["lynx"] = min(best["lynx"], bench.forward(True))
+            best["batched"] = min(best["batched"], bench.batched_guidance())
+            best["cached"] = min(best["cached"], bench.cache_hit())
+        rows.append((tokens, bench, best))
+    transformer.compile_repeated_blocks(fullgraph=True)
+    for tokens, bench, best in rows:
+        start = time.perf_counter()
+        bench.forward(True)  # compiles (and recompiles for each new shape)
+        compile_time = time.perf_counter() - start
+        compiled = min(bench.forward(True) for _ in range(args.repeats))
+        lynx = best["lynx"]
+
+        def cell(seconds: float, lynx: float = lynx) -> str:
+            return f"{seconds * 1e3:,.0f} ms ({seconds / lynx:.2f})"
+
+        print(
+            f"| {tokens:,} | {best['plain'] * 1e3:,.0f} ms | {lynx * 1e3:,.0f} ms | {cell(best['batched'])} "
+            f"| {cell(best['cached'])} | {cell(compiled)} | {compile_time:,.0f} s |"
+        )
+    torch._dynamo.reset()
 
 
 def measure_tiny(repeats: int) -> None:
@@ -290,7 +353,8 @@ def measure_tiny(repeats: int) -> None:
         paths = write_tiny_models(root, variant="full")
         written = time.perf_counter() - start
         start = time.perf_counter()
-        pipe = LynxPipeline.from_pretrained(paths.base, adapter_path=paths.full, dtype=torch.float32)
+        pipe = LynxPipeline.from_pretrained(paths.base, torch_dtype=torch.float32)
+        pipe.load_lynx_adapter(paths.full)
         loaded = time.perf_counter() - start
         pipe.set_progress_bar_config(disable=True)
         face, crop = tiny_face_embedding(), tiny_reference_image()
@@ -344,6 +408,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--flops-only", action="store_true")
+    parser.add_argument(
+        "--speedups", action="store_true", help="also time batched guidance, a cache hit and compiled blocks"
+    )
     parser.add_argument("--tiny", action="store_true", help="also time whole generations of the tiny models")
     args = parser.parse_args()
     if args.device == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ and not args.flops_only:
@@ -356,6 +423,8 @@ def main() -> None:
     print_flops()
     if not args.flops_only:
         measure(args)
+    if args.speedups:
+        measure_speedups(args, torch.device(args.device), getattr(torch, args.dtype))
     if args.tiny:
         measure_tiny(args.repeats)
 

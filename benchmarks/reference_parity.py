@@ -81,7 +81,8 @@ def parse_args() -> argparse.Namespace:
 
 def run_ours(variant: str, paths, inputs: dict, args) -> dict[str, np.ndarray]:
     adapter = paths.full if variant == "full" else paths.lite
-    pipe = LynxPipeline.from_pretrained(paths.base, adapter_path=adapter, dtype=torch.float32)
+    pipe = LynxPipeline.from_pretrained(paths.base, torch_dtype=torch.float32)
+    pipe.load_lynx_adapter(adapter)
     pipe.set_progress_bar_config(disable=True)
     identity = pipe.encode_identity(inputs["face_embeds"])
     result = {

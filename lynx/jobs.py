@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lynx.media.provenance import LoraRecord, StepCacheRecord
 from lynx.media.spec import Upscaled
 
 Variant = Literal["full", "lite"]
@@ -326,6 +327,10 @@ class GpuJobResult(BaseModel):
     model_version: str | None = None
     upscaled: Upscaled | None = Field(
         default=None, description="Real-ESRGAN run by the decode stage: the intermediate is at delivery size."
+    )
+    loras: list[LoraRecord] = Field(default_factory=list, description="LoRA files fused into the DiT.")
+    step_cache: StepCacheRecord | None = Field(
+        default=None, description="The step cache of the sampling and the block-forwards it skipped."
     )
     error_stage: str | None = None
     error_text: str | None = None

@@ -158,6 +158,8 @@ def video_of(decode: StageRun) -> GpuJobResult:
         variant=metrics.get("variant"),
         model_version=metrics.get("model_version"),
         upscaled=metrics.get("upscaled"),
+        loras=metrics.get("loras") or [],
+        step_cache=metrics.get("step_cache"),
     )
 
 

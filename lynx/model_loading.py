@@ -1,12 +1,13 @@
 """Turns the model settings into a loaded ``LynxPipeline`` and ``lynx_model`` errors into ``LynxError``s.
 
 ``lynx_model`` knows nothing about settings; this is the one place that reads LYNX_BASE_MODEL_PATH,
-LYNX_ADAPTER_PATH and friends, checks them, and names the setting to fix when weights are missing
-or do not fit.
+LYNX_ADAPTER_PATH, LYNX_LORAS and friends, checks them, and names the setting to fix when weights
+are missing or do not fit.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 from lynx.errors import ConfigurationError, InputError, LynxError, ModelWeightsError
@@ -23,6 +24,7 @@ _SETTING_FOR_ROLE = {
     "base": "LYNX_BASE_MODEL_PATH",
     "adapter": "LYNX_ADAPTER_PATH",
     "variant": "LYNX_MODEL_VARIANT",
+    "lora": "LYNX_LORAS",
 }
 
 
@@ -85,7 +87,7 @@ def settings_for_variant(settings: LynxSettings, variant: Variant | None) -> Lyn
 
 
 def check_model_paths(settings: LynxSettings) -> None:
-    """Raise ``ModelWeightsError`` naming the setting when the base or adapter folder is missing."""
+    """Raise ``ModelWeightsError`` naming the setting when a base, adapter or LoRA path is missing."""
     base = settings.resolved_base_model_path
     adapter = settings.resolved_adapter_path
     if not base.is_dir():
@@ -98,6 +100,55 @@ def check_model_paths(settings: LynxSettings) -> None:
             f"Lynx adapter folder not found: {adapter} (lynx_full or lynx_lite from ByteDance/lynx)",
             setting="LYNX_ADAPTER_PATH",
         )
+    for path, _ in settings.resolved_loras:
+        if not path.is_file():
+            raise ModelWeightsError(f"LoRA file not found: {path}", setting="LYNX_LORAS")
+
+
+def apply_speed_settings(pipe: LynxPipeline, settings: LynxSettings) -> None:
+    """LoRAs (fused into the weights), FP8 weights, the step cache, batched guidance and compile,
+    in the order they must be applied: each later one works on what the earlier ones left."""
+    from lynx_model.lora import load_loras
+
+    if settings.loras:
+        load_loras(pipe, settings.resolved_loras)
+        # baked into the weights: no LoRA layers to run at every step, nothing for compile or FP8 to trip on
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    if settings.fp8:
+        pipe.enable_fp8()
+    cache = settings.step_cache_options
+    if cache is not None:
+        pipe.enable_step_cache(cache[0], **cache[1])
+    pipe.batched_guidance = {"auto": "auto", "on": True, "off": False}[settings.batched_guidance]
+    if settings.compile:
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No diffusers/transformers loading bars: workers and the CLI report in one line of their own."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    states = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in states:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in states:
+            if enabled:
+                lib.enable_progress_bar()
+
+
+def _current_cuda_device(device: torch.device):
+    """'cuda:N' as the current CUDA device while loading (diffusers' device_map names only 'cuda')."""
+    import torch
+
+    if device.type == "cuda" and device.index is not None:
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def load_lynx_pipeline(settings: LynxSettings | None = None) -> LynxPipeline:
@@ -115,17 +166,32 @@ def load_lynx_pipeline(settings: LynxSettings | None = None) -> LynxPipeline:
             "LYNX_CPU_OFFLOAD needs a CUDA device (LYNX_DEVICE)", setting="LYNX_CPU_OFFLOAD"
         )
     dtype = resolve_dtype(settings.model_dtype, device)
+    if settings.step_cache != "off" and settings.compile:
+        raise ConfigurationError(
+            "LYNX_STEP_CACHE cannot be combined with LYNX_COMPILE: the cache hooks decide per step in "
+            "Python, which a full-graph compile refuses; choose one",
+            setting="LYNX_STEP_CACHE",
+        )
+    if settings.fp8 and device.type != "cuda":
+        raise ConfigurationError(
+            f"LYNX_FP8 needs a CUDA device (float8 weights are a GPU feature); the model runs on {device}",
+            setting="LYNX_FP8",
+        )
 
     from lynx_model import LynxModelError, LynxPipeline
 
+    # On an accelerator each component is loaded straight onto it from the memory-mapped shards
+    # (diffusers' device_map): the 14B DiT never needs a full copy in host RAM.
+    placement = {"device_map": "cuda"} if device.type == "cuda" and not settings.cpu_offload else {}
     try:
-        pipe = LynxPipeline.from_pretrained(
-            base,
-            adapter_path=adapter,
-            variant=settings.model_variant,
-            dtype=dtype,
-            device=None if settings.cpu_offload else device,
-        )
+        with _current_cuda_device(device), _quiet_loading():
+            pipe = LynxPipeline.from_pretrained(base, torch_dtype=dtype, **placement)
+            pipe.load_lynx_adapter(adapter, variant=settings.model_variant)
+    except LynxModelError as err:
+        raise as_lynx_error(err) from err
+
+    try:
+        apply_speed_settings(pipe, settings)
     except LynxModelError as err:
         raise as_lynx_error(err) from err
 
@@ -149,6 +215,7 @@ def load_lynx_pipeline(settings: LynxSettings | None = None) -> LynxPipeline:
 
 __all__ = [
     "LynxError",
+    "apply_speed_settings",
     "as_lynx_error",
     "load_lynx_pipeline",
     "resolve_attention_backend",

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from lynx.errors import ConfigurationError
@@ -22,6 +22,15 @@ from lynx.errors import ConfigurationError
 
 def _default_home() -> Path:
     return Path(platformdirs.user_data_dir("lynx", appauthor=False))
+
+
+class LoraFile(BaseModel):
+    """One entry of LYNX_LORAS."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: Path
+    scale: float = 1.0
 
 
 class LynxSettings(BaseSettings):
@@ -429,6 +438,66 @@ class LynxSettings(BaseSettings):
         "CUDA, 'pip install --no-deps flash-attn einops'), '_native_cudnn', 'sage', ...",
     )
 
+    loras: list[LoraFile] = Field(
+        default_factory=list,
+        description="Wan LoRA files applied to the DiT where the model runs (the GPU pool), as a JSON list "
+        "of paths or {\"path\": ..., \"scale\": ...} objects (scale 1.0 unless given), e.g. "
+        "'[\"style.safetensors\", {\"path\": \"/m/lightx2v.safetensors\", \"scale\": 0.8}]'. Relative "
+        "paths are in LYNX_MODELS_DIR/loras. Formats: diffusers', the original Wan/ComfyUI keys, "
+        "musubi-tuner. They are fused into the weights at load; the manifest records each file's sha256 "
+        "and scale.",
+    )
+    step_cache: str = Field(
+        default="off",
+        description="Reuse DiT work across denoising steps with a diffusers cache hook: 'off', "
+        "'first-block' or 'first-block:THRESHOLD' (First Block Cache, threshold 0.05 by default: higher "
+        "skips more), 'taylorseer' or 'taylorseer:INTERVAL' (TaylorSeer lite, a full step every INTERVAL, "
+        "default 5). Faster, slightly different videos: judge the trade with the quality gate's identity "
+        "score. Skipped block-forwards are recorded per job and in the manifest.",
+    )
+    batched_guidance: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Run the 2-3 guidance passes of a denoising step as one batched DiT forward ('auto': on "
+        "CUDA). Same videos within float rounding; needs 2-3x the activation memory.",
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the DiT's repeated blocks (diffusers' compile_repeated_blocks, full "
+        "graph): minutes of compiling when the model loads, faster steps after. Not with LYNX_STEP_CACHE.",
+    )
+    fp8: bool = Field(
+        default=False,
+        description="Store the DiT's and adapters' linear weights in float8 (e4m3) and compute in "
+        "LYNX_MODEL_DTYPE (diffusers layerwise casting): ~14 GiB less GPU memory for the 14B model, "
+        "slightly different videos. CUDA only.",
+    )
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _lora_items(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"path": item} if isinstance(item, (str, Path)) else item for item in value]
+        return value
+
+    @field_validator("step_cache")
+    @classmethod
+    def _check_step_cache(cls, value: str) -> str:
+        value = value.strip().lower()
+        kind, _, option = value.partition(":")
+        try:
+            if kind == "first-block" and (not option or float(option) > 0):
+                return value
+            if kind == "taylorseer" and (not option or int(option) >= 1):
+                return value
+        except ValueError:
+            pass
+        if value == "off":
+            return value
+        raise ValueError(
+            "must be 'off', 'first-block', 'first-block:THRESHOLD' (a positive number), "
+            "'taylorseer' or 'taylorseer:INTERVAL' (a positive whole number of steps)"
+        )
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
@@ -486,6 +555,24 @@ class LynxSettings(BaseSettings):
     def resolved_adapter_path(self) -> Path:
         default = "lynx_lite" if self.model_variant == "lite" else "lynx_full"
         return self.adapter_path or self.resolved_models_dir / default
+
+    @property
+    def resolved_loras(self) -> list[tuple[Path, float]]:
+        """(file, scale) of each LYNX_LORAS entry; relative paths are in LYNX_MODELS_DIR/loras."""
+        folder = self.resolved_models_dir / "loras"
+        return [(_in_models_dir(lora.path.expanduser(), folder), lora.scale) for lora in self.loras]
+
+    @property
+    def step_cache_options(self) -> tuple[str, dict[str, Any]] | None:
+        """LYNX_STEP_CACHE as (kind, options of diffusers' cache config), or None when off."""
+        if self.step_cache == "off":
+            return None
+        kind, _, option = self.step_cache.partition(":")
+        if not option:
+            return kind, {}
+        if kind == "first-block":
+            return kind, {"threshold": float(option)}
+        return kind, {"cache_interval": int(option)}
 
     @property
     def resolved_workdir(self) -> Path:

@@ -3,7 +3,8 @@
 Public API (imported lazily, so ``import lynx_model.errors`` stays cheap)::
 
     from lynx_model import LynxPipeline
-    pipe = LynxPipeline.from_pretrained(base_model_path, adapter_path=..., dtype=torch.bfloat16)
+    pipe = LynxPipeline.from_pretrained(base_model_path, torch_dtype=torch.bfloat16)
+    pipe.load_lynx_adapter(adapter_path)          # lynx_full or lynx_lite, as released
     out = pipe(prompt=..., face_embeds=..., ref_image=..., seed=42)
     out.frames
 """
@@ -25,12 +26,13 @@ _EXPORTS = {
     "LynxResampler": "resampler",
     "LynxIdentityAdapterLayers": "adapters",
     "LynxReferenceAdapterLayers": "adapters",
-    "LynxAdapters": "adapters",
+    "LynxAdapter": "adapters",
     "AdapterSpec": "adapters",
     "load_adapters": "adapters",
     "save_adapters": "adapters",
     "AdapterState": "attention",
-    "AdapterRuntime": "attention",
+    "StackedAdapterState": "attention",
+    "StepCache": "step_cache",
     "LynxIdentityAttnProcessor": "attention",
     "LynxReferenceAttnProcessor": "attention",
     "LynxModelError": "errors",
@@ -40,13 +42,12 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "AdapterRuntime",
     "AdapterSpec",
     "AdapterState",
     "CheckpointMismatchError",
     "DEFAULT_NEGATIVE_PROMPT",
     "IdentityTokens",
-    "LynxAdapters",
+    "LynxAdapter",
     "LynxIdentityAdapterLayers",
     "LynxIdentityAttnProcessor",
     "LynxModelError",
@@ -60,6 +61,8 @@ __all__ = [
     "REFERENCE_PROMPT",
     "ReferenceFeatures",
     "SamplingCheckpoint",
+    "StackedAdapterState",
+    "StepCache",
     "WeightsError",
     "load_adapters",
     "save_adapters",
@@ -76,15 +79,21 @@ def __getattr__(name: str):
 if TYPE_CHECKING:  # pragma: no cover
     from .adapters import (
         AdapterSpec,
-        LynxAdapters,
+        LynxAdapter,
         LynxIdentityAdapterLayers,
         LynxReferenceAdapterLayers,
         load_adapters,
         save_adapters,
     )
-    from .attention import AdapterRuntime, AdapterState, LynxIdentityAttnProcessor, LynxReferenceAttnProcessor
+    from .attention import (
+        AdapterState,
+        LynxIdentityAttnProcessor,
+        LynxReferenceAttnProcessor,
+        StackedAdapterState,
+    )
     from .conditioning import IdentityTokens, PromptEmbeddings, ReferenceFeatures
     from .errors import CheckpointMismatchError, LynxModelError, ModelInputError, WeightsError
     from .pipeline import DEFAULT_NEGATIVE_PROMPT, REFERENCE_PROMPT, LynxPipeline, LynxPipelineOutput
     from .resampler import LynxResampler
     from .sampling import SamplingCheckpoint
+    from .step_cache import StepCache

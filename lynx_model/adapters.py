@@ -29,7 +29,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from safetensors.torch import save_file
 
-from .attention import AdapterRuntime, LynxIdentityAttnProcessor, LynxReferenceAttnProcessor
+from .attention import AdapterState, LynxIdentityAttnProcessor, LynxReferenceAttnProcessor
 from .checkpoint import SafetensorsHeader, check_keys, fingerprint, load_into, read_header
 from .errors import WeightsError
 from .resampler import LynxResampler
@@ -120,6 +120,7 @@ class AdapterSpec:
     identity_config: dict[str, Any]
     reference_config: dict[str, int] | None
     headers: dict[str, SafetensorsHeader] = field(repr=False, compare=False)
+    num_blocks: int = 0
 
     @classmethod
     def from_folder(
@@ -214,7 +215,7 @@ class AdapterSpec:
         if reference is not None:
             reference_config = {"num_layers": num_blocks, "hidden_dim": hidden_dim}
             headers[REFERENCE_FILE] = reference
-        return cls(folder, detected, resampler_config, identity_config, reference_config, headers)
+        return cls(folder, detected, resampler_config, identity_config, reference_config, headers, num_blocks)
 
     @staticmethod
     def _resampler_config(header: SafetensorsHeader) -> dict[str, int]:
@@ -246,56 +247,105 @@ class AdapterSpec:
         return fingerprint(header.path for header in self.headers.values())
 
 
-def _load_checked(model_cls, config: dict, header: SafetensorsHeader, device, dtype, what: str):
-    with torch.device("meta"):
-        model = model_cls(**config)
+def _check_and_load(model: torch.nn.Module, header: SafetensorsHeader, device, dtype, what: str) -> None:
     expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
     check_keys(header, expected, role="adapter", what=what)
     load_into(model, header, device=device, dtype=dtype, role="adapter")
+
+
+def _load_checked(model_cls, config: dict, header: SafetensorsHeader, device, dtype, what: str):
+    with torch.device("meta"):
+        model = model_cls(**config)
+    _check_and_load(model, header, device, dtype, what)
     return model.eval().requires_grad_(False)
 
 
-@dataclass
-class LynxAdapters:
-    """The adapter weights of one pipeline and the runtime slot their processors read."""
+class LynxAdapter(ModelMixin, ConfigMixin):
+    """The branch layers of one Lynx adapter: identity processors, and reference processors (full).
 
-    variant: Variant
-    identity_layers: LynxIdentityAdapterLayers
-    reference_layers: LynxReferenceAdapterLayers | None
-    fingerprint: str | None = None
-    runtime: AdapterRuntime = field(default_factory=AdapterRuntime)
+    A pipeline component (``pipe.lynx_adapter``) whose processors are set on the transformer's
+    attention modules by ``install`` and become their submodules; ``uninstall`` puts diffusers'
+    stock processors back. Saved by ``save_pretrained`` in diffusers' layout (``config.json`` +
+    safetensors, keys ``identity.{k}.*`` / ``reference.{k}.*``); the released three-file layout is
+    read by ``AdapterSpec`` / ``load_adapters`` and written by ``save_adapters``.
+
+    ``source_fingerprint`` names the adapter files the weights were first read from (see
+    ``checkpoint.fingerprint``); it travels with the config so that stored conditioning made with
+    the released files is still accepted by a pipeline re-saved from them.
+    """
+
+    _exclude_from_cpu_offload = True
+
+    @register_to_config
+    def __init__(
+        self,
+        variant: Variant,
+        num_blocks: int,
+        hidden_dim: int,
+        identity_dim: int,
+        num_registers: int = 0,
+        source_fingerprint: str | None = None,
+    ) -> None:
+        super().__init__()
+        layout = variant_layout(variant, num_blocks)
+        self.identity = LynxIdentityAdapterLayers(
+            hidden_dim=hidden_dim, identity_dim=identity_dim, num_registers=num_registers, **layout
+        )
+        self.reference = LynxReferenceAdapterLayers(num_blocks, hidden_dim) if variant == "full" else None
 
     @property
+    def variant(self) -> Variant:
+        return self.config.variant
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.config.source_fingerprint
+
+    # kept under the names the rest of lynx_model has used for the two layer sets
+    @property
+    def identity_layers(self) -> LynxIdentityAdapterLayers:
+        return self.identity
+
+    @property
+    def reference_layers(self) -> LynxReferenceAdapterLayers | None:
+        return self.reference
+
     def processors(self) -> list:
-        processors = self.identity_layers.processors()
-        if self.reference_layers is not None:
-            processors += self.reference_layers.processors()
+        processors = self.identity.processors()
+        if self.reference is not None:
+            processors += self.reference.processors()
         return processors
+
+    def forward(self, *args, **kwargs):  # the processors run inside the transformer
+        raise TypeError("LynxAdapter is not called directly: its processors run inside the transformer")
 
     def install(self, transformer: torch.nn.Module) -> None:
         """Set the processors on ``transformer``'s attention modules (they become its submodules)."""
         blocks = transformer.blocks
+        if len(blocks) != self.config.num_blocks:
+            raise WeightsError(
+                f"this Lynx adapter is made for a {self.config.num_blocks}-block DiT, the transformer has "
+                f"{len(blocks)} blocks"
+            )
         if any(block.attn2.add_k_proj is not None for block in blocks):
             raise WeightsError(
                 "Lynx adapters need a text-to-video Wan transformer (this one has image inputs)"
             )
-        for processor in self.identity_layers.processors():
-            processor.runtime = self.runtime
-            blocks[processor.block_index].attn2.set_processor(processor)
-        if self.reference_layers is not None:
-            for processor in self.reference_layers.processors():
-                processor.runtime = self.runtime
-                blocks[processor.block_index].attn1.set_processor(processor)
+        for processor in self.processors():
+            attn = _branch_attention(transformer, processor)
+            backend = getattr(attn.processor, "_attention_backend", None)
+            attn.set_processor(processor)
+            processor._attention_backend = backend or processor._attention_backend
 
     @staticmethod
     def uninstall(transformer: torch.nn.Module) -> None:
         """Give every attention module of ``transformer`` diffusers' stock processor back."""
-        backend = None
         for block in transformer.blocks:
             for attn in (block.attn1, block.attn2):
-                backend = getattr(attn.processor, "_attention_backend", None) or backend
-                attn.set_processor(WanAttnProcessor())
-                attn.processor._attention_backend = backend
+                if isinstance(attn.processor, (LynxIdentityAttnProcessor, LynxReferenceAttnProcessor)):
+                    backend = attn.processor._attention_backend
+                    attn.set_processor(WanAttnProcessor())
+                    attn.processor._attention_backend = backend
 
     @contextmanager
     def detached(self, transformer: torch.nn.Module) -> Iterator[None]:
@@ -306,6 +356,37 @@ class LynxAdapters:
         finally:
             self.install(transformer)
 
+    @contextmanager
+    def activated(
+        self, transformer: torch.nn.Module, state: AdapterState | None, dtype: torch.dtype | None = None
+    ) -> Iterator[None]:
+        """Hand every processor its branch of ``state`` for the transformer calls inside the block.
+
+        ``dtype``: the transformer's compute dtype (keys and values are made in it); default the
+        adapter's own.
+        """
+        if state is None:
+            yield
+            return
+        try:
+            for processor in self.processors():
+                attn = _branch_attention(transformer, processor)
+                if isinstance(processor, LynxIdentityAttnProcessor) and state.identity_on:
+                    processor.branch = state.identity_kv(processor, attn, dtype)
+                    processor.scale = state.ip_scale
+                elif isinstance(processor, LynxReferenceAttnProcessor) and state.reference_on:
+                    processor.branch = state.reference_kv(processor, attn, dtype)
+                    processor.scale = state.ref_scale
+            yield
+        finally:
+            for processor in self.processors():
+                processor.clear()
+
+
+def _branch_attention(transformer: torch.nn.Module, processor) -> torch.nn.Module:
+    block = transformer.blocks[processor.block_index]
+    return block.attn2 if isinstance(processor, LynxIdentityAttnProcessor) else block.attn1
+
 
 def load_adapters(
     spec: AdapterSpec,
@@ -313,7 +394,7 @@ def load_adapters(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     resampler_dtype: torch.dtype = torch.float32,
-) -> tuple[LynxResampler, LynxAdapters]:
+) -> tuple[LynxResampler, LynxAdapter]:
     """Stream the weights of an inspected adapter folder to ``device`` (checked key by key first)."""
     resampler = _load_checked(
         LynxResampler,
@@ -323,31 +404,26 @@ def load_adapters(
         resampler_dtype,
         "resampler",
     )
-    identity_layers = _load_checked(
-        LynxIdentityAdapterLayers,
-        spec.identity_config,
-        spec.headers[IDENTITY_FILE],
-        device,
-        dtype,
-        spec.variant,
-    )
-    reference_layers = None
-    if spec.reference_config is not None:
-        reference_layers = _load_checked(
-            LynxReferenceAdapterLayers,
-            spec.reference_config,
-            spec.headers[REFERENCE_FILE],
-            device,
-            dtype,
-            "full",
+    config = spec.identity_config
+    with torch.device("meta"):
+        adapter = LynxAdapter(
+            spec.variant,
+            num_blocks=spec.num_blocks,
+            hidden_dim=config["hidden_dim"],
+            identity_dim=config["identity_dim"],
+            num_registers=config["num_registers"],
+            source_fingerprint=spec.fingerprint(),
         )
-    return resampler, LynxAdapters(spec.variant, identity_layers, reference_layers, spec.fingerprint())
+    _check_and_load(adapter.identity, spec.headers[IDENTITY_FILE], device, dtype, spec.variant)
+    if adapter.reference is not None:
+        _check_and_load(adapter.reference, spec.headers[REFERENCE_FILE], device, dtype, "full")
+    return resampler, adapter.eval().requires_grad_(False)
 
 
 def save_adapters(
     folder: str | Path,
     resampler: LynxResampler,
-    adapters: LynxAdapters,
+    adapter: LynxAdapter,
     *,
     dtype: torch.dtype | None = None,
 ) -> Path:
@@ -363,9 +439,9 @@ def save_adapters(
         save_file(tensors, str(folder / name), metadata={"format": "pt"})
 
     write(resampler, RESAMPLER_FILE)
-    write(adapters.identity_layers, IDENTITY_FILE)
-    if adapters.reference_layers is not None:
-        write(adapters.reference_layers, REFERENCE_FILE)
+    write(adapter.identity, IDENTITY_FILE)
+    if adapter.reference is not None:
+        write(adapter.reference, REFERENCE_FILE)
     return folder
 
 

@@ -1,25 +1,33 @@
 """``LynxPipeline``: identity-preserving text-to-video with Lynx adapters on a Wan2.1 DiT.
 
 The pipeline is a diffusers ``DiffusionPipeline`` over the stock Wan components (tokenizer, UMT5
-text encoder, Wan VAE, ``WanTransformer3DModel``, UniPC scheduler) plus the Lynx resampler; the
-identity and reference branches live in attention processors installed on the transformer
-(``lynx_model.attention``). Besides the one-call ``__call__`` it exposes each stage, so a batch
-flow can encode prompts, identities and references once and reuse them:
+text encoder, Wan VAE, ``WanTransformer3DModel``, UniPC scheduler); a Lynx adapter adds two
+components, the ``resampler`` and the ``lynx_adapter`` whose attention processors carry the
+identity and reference branches (``lynx_model.attention``). Loading follows diffusers' adapter
+convention (``load_ip_adapter`` / ``unload_ip_adapter``), and Wan LoRAs load through diffusers'
+``WanLoraLoaderMixin``:
 
-    pipe = LynxPipeline.from_pretrained(base_dir, adapter_path=adapter_dir, dtype=torch.bfloat16)
+    pipe = LynxPipeline.from_pretrained(base_dir, torch_dtype=torch.bfloat16)
+    pipe.load_lynx_adapter(adapter_dir)                        # lynx_full or lynx_lite, as released
+    out = pipe(prompt="a woman walks on the beach", face_embeds=embedding, ref_image=crop, seed=42)
+    pipe.save_pretrained(out_dir)                              # LynxPipeline.from_pretrained(out_dir)
+
+Besides the one-call ``__call__`` it exposes each stage, so a batch flow can encode prompts,
+identities and references once and reuse them:
+
     prompts = pipe.encode_prompt("a woman walks on the beach")
-    identity = pipe.encode_identity(face_embedding)          # IdentityTokens
+    identity = pipe.encode_identity(face_embedding)            # IdentityTokens
     reference = pipe.encode_reference(face_crop_256, seed=42)  # ReferenceFeatures (full only)
     latents = pipe(prompt_embeds=prompts[0], negative_prompt_embeds=prompts[1], identity=identity,
                    reference=reference, seed=42, output_type="latent").frames
-    frames = pipe.decode_latents(latents)                     # float32 [B, F, H, W, 3] in [0, 1]
+    frames = pipe.decode_latents(latents)                      # float32 [B, F, H, W, 3] in [0, 1]
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,21 +38,23 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.loaders import WanLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-from .adapters import AdapterSpec, LynxAdapters, load_adapters, read_transformer_size, save_adapters
-from .attention import AdapterState
+from .adapters import AdapterSpec, LynxAdapter, load_adapters, save_adapters
+from .attention import AdapterState, StackedAdapterState
 from .checkpoint import SafetensorsHeader, fingerprint, read_header
 from .conditioning import IdentityTokens, ReferenceFeatures
-from .errors import ModelInputError, WeightsError
+from .errors import LynxModelError, ModelInputError, WeightsError
+from .lora import LoadedLora
 from .memory import activation_bytes, dit_tokens
 from .resampler import LynxResampler
 from .sampling import SamplingCheckpoint, scheduler_settings, tensor_digest
+from .step_cache import StepCache
 
 # The negative prompt the Lynx reference inference uses by default (Wan's, in English).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -80,26 +90,24 @@ def wan_flow_sigmas(num_inference_steps: int, num_train_timesteps: int = 1000) -
 class LynxPipelineOutput(BaseOutput):
     """``frames``: per video ``[F, H, W, 3]`` float32 in [0, 1] ("np"), a list of PIL images ("pil"),
     or the latents ``[B, 16, F', H/8, W/8]`` in normalised DiT space ("latent"). ``seed``: the seed
-    used, or the list of per-video seeds when a list was passed."""
+    used, or the list of per-video seeds when a list was passed. ``cache_stats``: with a step cache,
+    its kind and the DiT block-forwards it skipped (``lynx_model.step_cache``)."""
 
     frames: Any
     seed: int | list[int]
+    cache_stats: dict[str, Any] | None = None
 
 
-def _dtypes(dtype: torch.dtype | dict[str, torch.dtype]) -> dict[str, torch.dtype]:
-    """Per-component dtypes. The VAE and the resampler stay fp32 unless named explicitly: both run
-    once per video and are the most precision-sensitive parts."""
+def _component_dtypes(dtype: torch.dtype | dict[str, torch.dtype] | None) -> dict[str, torch.dtype]:
+    """Per-component dtypes for DiffusionPipeline.from_pretrained. The VAE and the resampler stay fp32
+    unless named explicitly: both run once per video and are the most precision-sensitive parts."""
+    if dtype is None:
+        dtype = torch.float32
     if not isinstance(dtype, dict):
-        return {
-            "transformer": dtype,
-            "text_encoder": dtype,
-            "adapters": dtype,
-            "vae": torch.float32,
-            "resampler": torch.float32,
-        }
-    default = dtype.get("default", torch.float32)
-    dtypes = {name: dtype.get(name, default) for name in ("transformer", "text_encoder", "vae", "resampler")}
-    dtypes["adapters"] = dtype.get("adapters", dtypes["transformer"])
+        return {"default": dtype, "vae": torch.float32, "resampler": torch.float32}
+    dtypes = dict(dtype)
+    default = dtypes.setdefault("default", torch.float32)
+    dtypes.setdefault("lynx_adapter", dtypes.get("transformer", default))
     return dtypes
 
 
@@ -188,15 +196,6 @@ def check_base_weights(base: Path) -> None:
                 detail += f"; it holds {len(unexpected)} unknown ones, e.g. {_some(unexpected)}"
             message = f"{where} is not a matching {name} checkpoint: {detail}"
             raise WeightsError(message, path=where, role="base")
-
-
-def _load_component(path: Path, load: Callable[[], Any]) -> Any:
-    try:
-        return load()
-    except WeightsError:
-        raise
-    except Exception as err:  # diffusers / transformers raise many kinds; users need one line
-        raise WeightsError(f"could not load {path}: {_first_line(err)}", path=path, role="base") from err
 
 
 def _some(keys: list[str]) -> str:
@@ -294,16 +293,22 @@ def _stack_reference(per_video: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     return [torch.cat(layers, dim=0) for layers in zip(*per_video, strict=True)]
 
 
-class LynxPipeline(DiffusionPipeline):
+class LynxPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     r"""Text-to-video with identity (ID-adapter) and reference (Ref-adapter) conditioning.
 
-    Components: ``tokenizer``, ``text_encoder`` (UMT5), ``vae`` (``AutoencoderKLWan``), ``transformer``
-    (``WanTransformer3DModel`` with Lynx processors installed), ``scheduler`` (UniPC, flow
-    prediction) and ``resampler`` (``LynxResampler``; None for a plain Wan pipeline).
+    Components: ``tokenizer``, ``text_encoder`` (UMT5), ``vae`` (``AutoencoderKLWan``),
+    ``transformer`` (``WanTransformer3DModel``), ``scheduler`` (UniPC, flow prediction) and, once an
+    adapter is loaded, ``resampler`` (``LynxResampler``) and ``lynx_adapter`` (``LynxAdapter``, whose
+    processors are installed on the transformer). Without them it is a plain Wan2.1 pipeline.
+
+    Config: ``sigma_schedule`` ("wan": the timesteps of original Wan2.1 and of the Lynx reference;
+    "scheduler": the scheduler's own, as diffusers' ``WanPipeline``).
     """
 
     model_cpu_offload_seq = "text_encoder->resampler->transformer->vae"
-    _optional_components = ["resampler"]
+    _optional_components = ["resampler", "lynx_adapter"]
+    # its processors live inside the transformer and move with it
+    _exclude_from_cpu_offload = ["lynx_adapter"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
@@ -314,10 +319,14 @@ class LynxPipeline(DiffusionPipeline):
         transformer: WanTransformer3DModel,
         scheduler: UniPCMultistepScheduler,
         resampler: LynxResampler | None = None,
-        adapters: LynxAdapters | None = None,
-        sigma_schedule: Literal["wan", "scheduler"] = "wan",
+        lynx_adapter: LynxAdapter | None = None,
+        sigma_schedule: str = "wan",
     ) -> None:
         super().__init__()
+        if (lynx_adapter is None) != (resampler is None):
+            raise ModelInputError("pass both resampler and lynx_adapter, or neither (plain Wan)")
+        if sigma_schedule not in ("wan", "scheduler"):
+            raise ModelInputError(f"sigma_schedule must be 'wan' or 'scheduler', not {sigma_schedule!r}")
         self.register_modules(
             tokenizer=tokenizer,
             text_encoder=text_encoder,
@@ -325,125 +334,149 @@ class LynxPipeline(DiffusionPipeline):
             transformer=transformer,
             scheduler=scheduler,
             resampler=resampler,
+            lynx_adapter=lynx_adapter,
         )
-        if (adapters is None) != (resampler is None):
-            raise ModelInputError("pass both resampler and adapters, or neither (plain Wan)")
-        self.adapters = adapters
-        if adapters is not None:
-            adapters.install(transformer)
+        self.register_to_config(sigma_schedule=sigma_schedule)
+        if lynx_adapter is not None:
+            lynx_adapter.install(transformer)
         self.vae_scale_factor_temporal = vae.config.scale_factor_temporal
         self.vae_scale_factor_spatial = vae.config.scale_factor_spatial
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
-        self.base_model_path: Path | None = None
         self._base_fingerprint: str | None = None
-        # "wan": the timesteps of original Wan and the Lynx reference; "scheduler": the scheduler's own
-        self.sigma_schedule = sigma_schedule
+        # "auto": the guidance passes of a step run as one batched forward on CUDA
+        self.batched_guidance: bool | Literal["auto"] = "auto"
+        self._compute_dtype: torch.dtype | None = None
+        self._step_cache: StepCache | None = None
+        # LoRA files whose weights are in the transformer (lynx_model.lora.load_loras), for provenance
+        self.loras: list[LoadedLora] = []
+        self._loras_fused = False
+
+    @property
+    def sigma_schedule(self) -> str:
+        return self.config.sigma_schedule
+
+    @sigma_schedule.setter
+    def sigma_schedule(self, value: Literal["wan", "scheduler"]) -> None:
+        if value not in ("wan", "scheduler"):
+            raise ModelInputError(f"sigma_schedule must be 'wan' or 'scheduler', not {value!r}")
+        self.register_to_config(sigma_schedule=value)
 
     # ------------------------------------------------------------------------------------------
     # loading and saving
     # ------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(
-        cls,
-        base_model_path: str | Path,
-        adapter_path: str | Path | None = None,
-        *,
-        variant: Literal["auto", "full", "lite"] = "auto",
-        dtype: torch.dtype | dict[str, torch.dtype] = torch.bfloat16,
-        device: torch.device | str | None = None,
-    ) -> LynxPipeline:
-        """Load a Wan2.1 diffusers folder and (optionally) a released Lynx adapter folder.
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> LynxPipeline:
+        """Load a local Wan2.1 diffusers folder, or a folder ``save_pretrained`` wrote (with its adapter).
 
-        Args:
-            base_model_path: e.g. ``Wan2.1-T2V-14B-Diffusers`` (model_index.json, transformer/, vae/,
-                text_encoder/, tokenizer/, scheduler/).
-            adapter_path: ``lynx_full`` or ``lynx_lite`` as released; None gives a plain Wan pipeline.
-            variant: "auto" infers full or lite from the files; naming one makes a mismatch an error.
-            dtype: compute dtype of the DiT, text encoder and adapters (the VAE and the resampler
-                stay fp32), or a dict per component (keys transformer, text_encoder, vae, resampler,
-                adapters, default). Modules diffusers keeps in fp32 (rope, time embedder, norms,
-                modulation tables) stay fp32 either way.
-            device: where the components go; on an accelerator each one is loaded straight onto it
-                from the memory-mapped safetensors (no full copy in host RAM); None keeps them on the
-                CPU (e.g. for ``enable_model_cpu_offload``).
+        DiffusionPipeline's arguments (``torch_dtype`` or ``dtype``, ``device_map``, ...), with two
+        differences: only local folders (nothing is downloaded), and a single ``torch_dtype`` applies
+        to the DiT, the text encoder and the adapter layers while the VAE and the resampler stay
+        float32 (they run once per video and are the most precision-sensitive; name them in a dict,
+        e.g. ``{"transformer": torch.bfloat16, "default": torch.float32}``, to choose otherwise).
+        Modules diffusers keeps in float32 (rope, time embedder, norms, modulation tables) stay so.
+        Every weight file is checked against its component's config first (headers only).
 
         Raises:
             WeightsError: naming the missing, truncated or mismatched file.
         """
-        base = Path(base_model_path)
-        device = torch.device(device or "cpu")
-        dtypes = _dtypes(dtype)
+        for old in ("adapter_path", "device"):
+            if old in kwargs:  # DiffusionPipeline would only warn and ignore them
+                raise ModelInputError(
+                    f"from_pretrained takes no {old}= any more: load the adapter with "
+                    "pipe.load_lynx_adapter(folder), place the pipeline with device_map= or pipe.to(device)"
+                )
+        base = Path(pretrained_model_name_or_path)
         check_base_folder(base)
-        num_blocks, hidden_dim = read_transformer_size(base / "transformer")
         check_base_weights(base)
-        # headers only: a wrong adapter folder fails before the base model is loaded
-        spec = None
-        if adapter_path is not None:
-            spec = AdapterSpec.from_folder(
-                adapter_path, num_blocks=num_blocks, hidden_dim=hidden_dim, variant=variant
-            )
-
-        # On an accelerator, device_map streams each memory-mapped shard straight to the device:
-        # the 14B DiT never needs a full copy in host RAM.
-        placement = {"device_map": {"": device}} if device.type != "cpu" else {}
-
-        def load_model(cls, name: str):
-            return cls.from_pretrained(
-                base, subfolder=name, dtype=dtypes[name], local_files_only=True, **placement
-            )
-
-        # one component after the other, each moved to the device before the next is read
-        tokenizer = _load_component(
-            base / "tokenizer",
-            lambda: AutoTokenizer.from_pretrained(base, subfolder="tokenizer", local_files_only=True),
-        )
-        text_encoder = _load_component(
-            base / "text_encoder", lambda: load_model(UMT5EncoderModel, "text_encoder")
-        )
-        vae = _load_component(base / "vae", lambda: load_model(AutoencoderKLWan, "vae"))
-        transformer = _load_component(
-            base / "transformer", lambda: load_model(WanTransformer3DModel, "transformer")
-        )
-        scheduler = _load_component(
-            base / "scheduler",
-            lambda: UniPCMultistepScheduler.from_pretrained(
-                base, subfolder="scheduler", local_files_only=True
-            ),
-        )
-        for module in (text_encoder, vae, transformer):
-            module.requires_grad_(False).eval()
-
-        resampler = adapters = None
-        if spec is not None:
-            resampler, adapters = load_adapters(
-                spec, device=device, dtype=dtypes["adapters"], resampler_dtype=dtypes["resampler"]
-            )
-        pipe = cls(
-            tokenizer, text_encoder, vae, transformer, scheduler, resampler=resampler, adapters=adapters
-        )
-        pipe.base_model_path = base
+        dtype = kwargs.pop("torch_dtype", None)  # diffusers before 0.42 called it torch_dtype
+        dtype = kwargs.pop("dtype", None) if dtype is None else dtype
+        kwargs["dtype"] = _component_dtypes(dtype)
+        kwargs.setdefault("local_files_only", True)
+        try:
+            pipe = super().from_pretrained(str(base), **kwargs)
+        except LynxModelError:
+            raise
+        except Exception as err:  # diffusers / transformers raise many kinds; users need one line
+            raise WeightsError(f"could not load {base}: {_first_line(err)}", path=base, role="base") from err
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False).eval()
         return pipe
 
-    def save_pretrained(
-        self, save_directory: str | Path, adapter_directory: str | Path | None = None, **kwargs
-    ):
-        """Write the base model as a plain Wan2.1 diffusers folder and, if given, the adapters in the
-        released layout (``resampler/ip_layers/ref_layers.safetensors``)."""
-        components = {name: getattr(self, name) for name in _BASE_COMPONENTS}
-        detached = self.adapters.detached(self.transformer) if self.adapters is not None else nullcontext()
-        with detached:
-            WanPipeline(**components).save_pretrained(save_directory, **kwargs)
-        if adapter_directory is not None:
-            if self.adapters is None:
-                raise ModelInputError("this pipeline has no adapters to save")
-            save_adapters(adapter_directory, self.resampler, self.adapters)
+    def load_lynx_adapter(
+        self,
+        adapter_path: str | Path,
+        *,
+        variant: Literal["auto", "full", "lite"] = "auto",
+        torch_dtype: torch.dtype | None = None,
+        resampler_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Load a released ``lynx_full`` / ``lynx_lite`` folder (three or two safetensors files, no
+        config) and install its processors; an adapter already loaded is unloaded first.
+
+        The variant is read from the files (``variant`` makes a mismatch an error), every size from
+        tensor shapes, all checked against the transformer before anything big is read. The layers
+        go to the transformer's device in ``torch_dtype`` (default: the transformer's compute
+        dtype), the resampler in ``resampler_dtype``.
+
+        Raises:
+            WeightsError: naming the missing, truncated or mismatched file.
+        """
+        config = self.transformer.config
+        spec = AdapterSpec.from_folder(
+            adapter_path,
+            num_blocks=config.num_layers,
+            hidden_dim=config.num_attention_heads * config.attention_head_dim,
+            variant=variant,
+        )
+        if self.lynx_adapter is not None:
+            self.unload_lynx_adapter()
+        device = get_module_execution_device(self.transformer)
+        resampler, adapter = load_adapters(
+            spec, device=device, dtype=torch_dtype or self.compute_dtype, resampler_dtype=resampler_dtype
+        )
+        adapter.install(self.transformer)
+        self.register_modules(resampler=resampler, lynx_adapter=adapter)
+
+    def unload_lynx_adapter(self) -> None:
+        """Remove the adapter: diffusers' stock processors go back and the pipeline is plain Wan again."""
+        if self.lynx_adapter is not None:
+            LynxAdapter.uninstall(self.transformer)
+        self.register_modules(resampler=None, lynx_adapter=None)
+
+    def save_lynx_adapter(self, adapter_directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+        """Write the loaded adapter in the released layout (resampler, ip_layers, ref_layers)."""
+        adapter = self._require_adapter("save_lynx_adapter")
+        return save_adapters(adapter_directory, self.resampler, adapter, dtype=dtype)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """Write the whole pipeline (``model_index.json`` names ``LynxPipeline``) so that
+        ``LynxPipeline.from_pretrained(save_directory)`` loads it back with its adapter. The
+        transformer is saved without the Lynx processors: its folder is a plain Wan transformer."""
+        adapter = self.lynx_adapter
+        with adapter.detached(self.transformer) if adapter is not None else nullcontext():
+            super().save_pretrained(save_directory, **kwargs)
+
+    def fuse_lora(self, *args, **kwargs) -> None:
+        super().fuse_lora(*args, **kwargs)
+        self._loras_fused = True
+
+    def unfuse_lora(self, *args, **kwargs) -> None:
+        super().unfuse_lora(*args, **kwargs)
+        self._loras_fused = False
+
+    def unload_lora_weights(self, *args, **kwargs) -> None:
+        """diffusers' unload; fused LoRA weights stay in the transformer (and in ``self.loras``)."""
+        super().unload_lora_weights(*args, **kwargs)
+        if not self._loras_fused:
+            self.loras = []
 
     # ------------------------------------------------------------------------------------------
     # facts about the loaded model
     # ------------------------------------------------------------------------------------------
     @property
     def variant(self) -> Literal["full", "lite"] | None:
-        return self.adapters.variant if self.adapters is not None else None
+        return self.lynx_adapter.variant if self.lynx_adapter is not None else None
 
     @property
     def default_num_frames(self) -> int:
@@ -452,6 +485,30 @@ class LynxPipeline(DiffusionPipeline):
     @property
     def default_fps(self) -> int:
         return VARIANT_DEFAULTS[self.variant][1]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the DiT computes in (its weights' dtype, unless they are stored in FP8)."""
+        return self._compute_dtype or self.transformer.dtype
+
+    @property
+    def base_model_path(self) -> Path | None:
+        name = self.name_or_path
+        return Path(name) if name else None
+
+    @property
+    def adapter_fingerprint(self) -> str | None:
+        return self.lynx_adapter.fingerprint if self.lynx_adapter is not None else None
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        """Identifies the base weights (reference features depend on them); None if not loaded from disk."""
+        if self._base_fingerprint is None and self.base_model_path is not None:
+            files = [
+                p for name in _WEIGHT_COMPONENTS for p in (self.base_model_path / name).glob("*.safetensors")
+            ]
+            self._base_fingerprint = fingerprint(files) if files else None
+        return self._base_fingerprint
 
     def activation_bytes_per_video(
         self,
@@ -484,51 +541,60 @@ class LynxPipeline(DiffusionPipeline):
         return activation_bytes(
             config,
             tokens,
-            dtype=self.transformer.dtype,
+            dtype=self.compute_dtype,
             passes_per_forward=guidance_passes,
             reference_tokens=reference_tokens,
         )
 
-    @property
-    def adapter_fingerprint(self) -> str | None:
-        return self.adapters.fingerprint if self.adapters is not None else None
+    # ------------------------------------------------------------------------------------------
+    # speed switches: step cache, FP8 weights (torch.compile: pipe.transformer.compile_repeated_blocks)
+    # ------------------------------------------------------------------------------------------
+    def enable_step_cache(self, kind: str, **options: Any) -> None:
+        """Reuse block computations across denoising steps with one of diffusers' cache hooks.
+
+        ``kind``: "first-block" (``FirstBlockCacheConfig``, option ``threshold``) or "taylorseer"
+        (``TaylorSeerCacheConfig`` in its lite mode: whole blocks skipped on predicted steps,
+        options ``cache_interval``, ``disable_cache_before_step``, ...). Each guidance pass keeps
+        its own cache state; the block-forwards skipped are counted in ``out.cache_stats``.
+        """
+        self.disable_step_cache()
+        self._step_cache = StepCache(kind, options)
+        self._step_cache.enable(self.transformer)
+
+    def disable_step_cache(self) -> None:
+        if self._step_cache is not None:
+            self._step_cache.disable(self.transformer)
+        self._step_cache = None
 
     @property
-    def base_fingerprint(self) -> str | None:
-        """Identifies the base weights (reference features depend on them); None if not loaded from disk."""
-        if self._base_fingerprint is None and self.base_model_path is not None:
-            files = [
-                p for name in _WEIGHT_COMPONENTS for p in (self.base_model_path / name).glob("*.safetensors")
-            ]
-            self._base_fingerprint = fingerprint(files)
-        return self._base_fingerprint
+    def step_cache(self) -> StepCache | None:
+        return self._step_cache
+
+    def enable_fp8(self) -> None:
+        """Store the DiT's (and the adapter layers') linear weights in float8 (e4m3) and compute in
+        the current dtype, with diffusers' layerwise casting: about half the weight memory of bf16.
+        CUDA only."""
+        device = get_module_execution_device(self.transformer)
+        if device.type != "cuda":
+            raise ModelInputError(f"FP8 weights need a CUDA device; the transformer is on {device}")
+        self._store_weights_in_fp8()
+
+    def _store_weights_in_fp8(self) -> None:
+        # Lynx processors are transformer submodules: their linear layers are cast like the DiT's,
+        # and their keys/values are made in the compute dtype (see LynxAdapter.activated)
+        compute = self.compute_dtype
+        self.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
+        self._compute_dtype = compute
 
     # ------------------------------------------------------------------------------------------
     # stage 1: text
     # ------------------------------------------------------------------------------------------
     def _text_embeddings(self, prompts: list[str], max_sequence_length: int, device, dtype) -> torch.Tensor:
-        # UMT5 states of the real tokens, zero-padded to max_sequence_length (no mask downstream).
-        prompts = [prompt_clean(p) for p in prompts]
-        tokens = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=max_sequence_length,
-            truncation=True,
-            add_special_tokens=True,
-            return_attention_mask=True,
-            return_tensors="pt",
+        # UMT5 states of the real tokens, zero-padded to max_sequence_length (no mask downstream):
+        # diffusers' own Wan prompt encoding, unchanged
+        return WanPipeline._get_t5_prompt_embeds(
+            self, prompts, max_sequence_length=max_sequence_length, device=device, dtype=dtype
         )
-        lengths = tokens.attention_mask.gt(0).sum(dim=1).long()
-        encoder_device = get_module_execution_device(self.text_encoder)
-        states = self.text_encoder(
-            tokens.input_ids.to(encoder_device), tokens.attention_mask.to(encoder_device)
-        ).last_hidden_state
-        states = states.to(dtype=dtype, device=device)
-        padded = [
-            torch.cat([s[:n], s.new_zeros(max_sequence_length - int(n), s.shape[1])])
-            for s, n in zip(states, lengths, strict=True)
-        ]
-        return torch.stack(padded)
 
     def encode_prompt(
         self,
@@ -544,8 +610,8 @@ class LynxPipeline(DiffusionPipeline):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """UMT5 embeddings ``[B, 512, text_dim]`` of the prompt and of the negative prompt.
 
-        ``negative_prompt=None`` uses ``DEFAULT_NEGATIVE_PROMPT``; pass "" for an empty one. Wrap
-        the result in ``PromptEmbeddings`` to store it.
+        ``negative_prompt=None`` uses ``DEFAULT_NEGATIVE_PROMPT`` (WanPipeline's default is "");
+        pass "" for an empty one. Wrap the result in ``PromptEmbeddings`` to store it.
         """
         device = device or self._execution_device
         dtype = dtype or self.text_encoder.dtype
@@ -566,12 +632,12 @@ class LynxPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------
     # stage 2: identity
     # ------------------------------------------------------------------------------------------
-    def _require_adapters(self, what: str) -> LynxAdapters:
-        if self.adapters is None:
+    def _require_adapter(self, what: str) -> LynxAdapter:
+        if self.lynx_adapter is None:
             raise ModelInputError(
-                f"{what} needs Lynx adapters; this pipeline was loaded without adapter_path"
+                f"{what} needs a Lynx adapter; load one with pipe.load_lynx_adapter(folder)"
             )
-        return self.adapters
+        return self.lynx_adapter
 
     @torch.no_grad()
     def encode_identity(self, face_embeds: Any) -> IdentityTokens:
@@ -579,13 +645,13 @@ class LynxPipeline(DiffusionPipeline):
 
         ``uncond`` is the resampler applied to an all-zero embedding (the unconditional identity).
         """
-        adapters = self._require_adapters("encode_identity")
+        adapter = self._require_adapter("encode_identity")
         embeds = _face_embedding_tensor(face_embeds, self.resampler.config.embedding_dim)
-        device = self._execution_device
+        device = get_module_execution_device(self.resampler)
         embeds = embeds.to(device=device, dtype=self.resampler.dtype)
         cond = self.resampler(embeds)
         uncond = self.resampler(torch.zeros_like(embeds))
-        return IdentityTokens(cond, uncond, adapters.variant, adapters.fingerprint)
+        return IdentityTokens(cond, uncond, adapter.variant, adapter.fingerprint)
 
     # ------------------------------------------------------------------------------------------
     # stage 3: reference
@@ -608,20 +674,44 @@ class LynxPipeline(DiffusionPipeline):
         return latents / inv_std + mean
 
     def _capture_features(self, pixels: torch.Tensor, seed: int, text: torch.Tensor) -> list[torch.Tensor]:
+        """Every block's attn1 input for the VAE sample of ``pixels``, read with forward pre-hooks."""
         device = self._execution_device
         generator = torch.Generator("cpu").manual_seed(seed + 1)
-        posterior = self.vae.encode(pixels.to(device=device, dtype=self.vae.dtype)).latent_dist
+        vae_device = get_module_execution_device(self.vae)
+        posterior = self.vae.encode(pixels.to(device=vae_device, dtype=self.vae.dtype)).latent_dist
         latents = self._normalize_latents(posterior.sample(generator=generator))
-        dtype = self.transformer.dtype
-        state = AdapterState(capture=True)
-        with self.adapters.runtime.use(state):
-            self.transformer(
-                hidden_states=latents.to(device=device, dtype=dtype),
-                timestep=torch.zeros(latents.shape[0], dtype=torch.long, device=device),
-                encoder_hidden_states=text.to(dtype),
-                return_dict=False,
-            )
-        return [state.captured[i] for i in range(len(self.transformer.blocks))]
+        captured: dict[int, torch.Tensor] = {}
+        blocks = self.transformer.blocks
+        hooks = [
+            block.attn1.register_forward_pre_hook(lambda module, args, i=i: captured.__setitem__(i, args[0]))
+            for i, block in enumerate(blocks)
+        ]
+        # one plain forward: no step cache (a cached block would capture nothing), compiled blocks
+        # run eagerly (the hooks would recompile them), adapter branches off
+        try:
+            with self._uncached(), torch.compiler.set_stance("force_eager"):
+                self.transformer(
+                    hidden_states=latents.to(device=device, dtype=self.compute_dtype),
+                    timestep=torch.zeros(latents.shape[0], dtype=torch.long, device=device),
+                    encoder_hidden_states=text.to(self.compute_dtype),
+                    return_dict=False,
+                )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [captured[i] for i in range(len(blocks))]
+
+    @contextmanager
+    def _uncached(self) -> Iterator[None]:
+        step_cache = self._step_cache
+        if step_cache is None:
+            yield
+            return
+        step_cache.disable(self.transformer)
+        try:
+            yield
+        finally:
+            step_cache.enable(self.transformer)
 
     @torch.no_grad()
     def encode_reference(
@@ -635,17 +725,17 @@ class LynxPipeline(DiffusionPipeline):
         the same for every face of a size and seed, so a batch may pass the ``uncond`` of an
         earlier result instead of computing it again.
         """
-        adapters = self._require_adapters("encode_reference")
-        if adapters.reference_layers is None:
+        adapter = self._require_adapter("encode_reference")
+        if adapter.reference is None:
             raise ModelInputError(
                 "the lite adapter has no reference branch: pass ref_image/reference only to full"
             )
         pixels = _reference_pixels(ref_image)
-        text = self._text_embeddings([REFERENCE_PROMPT], 512, self._execution_device, self.transformer.dtype)
+        text = self._text_embeddings([REFERENCE_PROMPT], 512, self._execution_device, self.compute_dtype)
         cond = self._capture_features(pixels, seed, text)
         if uncond is None:
             uncond = self._capture_features(torch.zeros_like(pixels), seed, text)
-        return ReferenceFeatures(cond, uncond, seed, self.base_fingerprint, adapters.fingerprint)
+        return ReferenceFeatures(cond, uncond, seed, self.base_fingerprint, adapter.fingerprint)
 
     def _references_for_seeds(self, ref_image: Any, seeds: list[int]) -> list[ReferenceFeatures]:
         """Reference features of one crop for each seed (each distinct seed encoded once)."""
@@ -703,26 +793,25 @@ class LynxPipeline(DiffusionPipeline):
             height // self.vae_scale_factor_spatial,
             width // self.vae_scale_factor_spatial,
         )
-        return randn_tensor(
-            shape, generator=generator, device=device or self._execution_device, dtype=torch.float32
-        )
+        device = device or self._execution_device
+        return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
 
     def _check_identity(self, identity: IdentityTokens) -> None:
-        adapters = self.adapters
-        expected_dim = adapters.identity_layers.config.identity_dim
-        if identity.variant != adapters.variant or identity.token_dim != expected_dim:
+        adapter = self.lynx_adapter
+        expected_dim = adapter.config.identity_dim
+        if identity.variant != adapter.variant or identity.token_dim != expected_dim:
             raise ModelInputError(
                 f"identity tokens were made for a {identity.variant} adapter ({identity.token_dim}-d), "
-                f"this pipeline runs {adapters.variant} ({expected_dim}-d)"
+                f"this pipeline runs {adapter.variant} ({expected_dim}-d)"
             )
         if (
             identity.adapter_fingerprint
-            and adapters.fingerprint
-            and identity.adapter_fingerprint != adapters.fingerprint
+            and adapter.fingerprint
+            and identity.adapter_fingerprint != adapter.fingerprint
         ):
             raise ModelInputError(
                 f"identity tokens come from other adapter weights ({identity.adapter_fingerprint}, "
-                f"loaded: {adapters.fingerprint}); encode the face again with this pipeline"
+                f"loaded: {adapter.fingerprint}); encode the face again with this pipeline"
             )
 
     def _check_reference(self, reference: ReferenceFeatures) -> None:
@@ -769,16 +858,97 @@ class LynxPipeline(DiffusionPipeline):
         finally:
             self._progress_bar_config = saved
 
-    def _predict(self, latents, timestep, text, state: AdapterState | None, cache_name: str) -> torch.Tensor:
-        use = self.adapters.runtime.use(state) if state is not None else nullcontext()
-        with use, self.transformer.cache_context(cache_name):
+    def _use_batched_guidance(self, requested: bool | None) -> bool:
+        choice = self.batched_guidance if requested is None else requested
+        if choice == "auto":
+            return get_module_execution_device(self.transformer).type == "cuda"
+        return bool(choice)
+
+    def _predict(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        state: AdapterState | None,
+        cache_name: str,
+        *,
+        step_index: int | None = None,
+        attention_kwargs: dict | None = None,
+        passes: int = 1,
+    ) -> torch.Tensor:
+        adapter = self.lynx_adapter
+        activated = (
+            adapter.activated(self.transformer, state, self.compute_dtype) if adapter else nullcontext()
+        )
+        counting = self._step_cache.counting(passes) if self._step_cache is not None else nullcontext()
+        context = self.transformer.cache_context(cache_name, step_index=step_index, timestep=timestep[0])
+        with activated, context, counting:
             return self.transformer(
-                hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False
+                hidden_states=latents,
+                timestep=timestep,
+                encoder_hidden_states=text,
+                attention_kwargs=attention_kwargs,
+                return_dict=False,
             )[0]
+
+    def _noise_prediction(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        passes: list[GuidancePass],
+        combine: Callable[[list[torch.Tensor]], torch.Tensor],
+        *,
+        batched: bool,
+        step_index: int,
+        attention_kwargs: dict | None,
+    ) -> torch.Tensor:
+        """The guided noise prediction of one step: the passes one after another, or as one forward
+        of the passes stacked along the batch (each with its own identity and reference inputs)."""
+        model_input = latents.to(self.compute_dtype)
+        videos = latents.shape[0]
+        if batched and len(passes) > 1:
+            state = _stacked_state([p.state for p in passes], videos)
+            if state is not False:
+                out = self._predict(
+                    model_input.repeat(len(passes), 1, 1, 1, 1),
+                    t.expand(videos * len(passes)),
+                    torch.cat([p.text for p in passes]),
+                    state,
+                    "guidance",
+                    step_index=step_index,
+                    attention_kwargs=attention_kwargs,
+                    passes=len(passes),
+                )
+                return combine(list(out.chunk(len(passes))))
+        predictions = [
+            self._predict(
+                model_input,
+                t.expand(videos),
+                p.text,
+                p.state,
+                p.name,
+                step_index=step_index,
+                attention_kwargs=attention_kwargs,
+            )
+            for p in passes
+        ]
+        return combine(predictions)
 
     @property
     def interrupt(self) -> bool:
         return self._interrupt
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def attention_kwargs(self) -> dict | None:
+        return self._attention_kwargs
 
     @torch.no_grad()
     def __call__(
@@ -803,9 +973,11 @@ class LynxPipeline(DiffusionPipeline):
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         identity: IdentityTokens | None = None,
-        reference: ReferenceFeatures | None = None,
+        reference: ReferenceFeatures | Sequence[ReferenceFeatures] | None = None,
         output_type: Literal["np", "pil", "pt", "latent"] = "np",
         return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        batched_guidance: bool | None = None,
         progress_callback: ProgressCallback | None = None,
         progress: bool = True,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
@@ -825,8 +997,9 @@ class LynxPipeline(DiffusionPipeline):
 
         Args:
             face_embeds / identity: the face (512-d embedding) or its precomputed ``IdentityTokens``.
-            ref_image / reference: full only; a 256x256 aligned face crop or its ``ReferenceFeatures``;
-                None leaves the reference branch off.
+            ref_image / reference: full only; a 256x256 aligned face crop or its ``ReferenceFeatures``
+                (one shared by every video, or a list with one per video); None leaves the
+                reference branch off.
             num_frames: 4k+1 frames; None uses the release default (81 full, 121 lite).
             seed: initial noise comes from a CPU generator seeded ``seed`` (float32); the reference
                 VAE sample from one seeded ``seed + 1``. None draws a random seed (returned). A list
@@ -838,7 +1011,11 @@ class LynxPipeline(DiffusionPipeline):
                 as ``WanPipeline`` does with a generator.
             generator: overrides the noise generator of an int seed (the reference still uses
                 ``seed + 1``).
-            reference: one ``ReferenceFeatures`` shared by every video, or a list with one per video.
+            attention_kwargs: passed to the transformer, as in ``WanPipeline`` (``{"scale": s}``
+                scales the loaded LoRAs).
+            batched_guidance: run the guidance passes of a step as one forward of 2 or 3 times the
+                batch (same result within float rounding, more memory, faster on a GPU); None
+                follows ``pipe.batched_guidance`` ("auto": on for CUDA).
             output_type: "np" (float32 [0, 1]), "pil", "pt", or "latent" (normalised DiT latents).
             progress_callback: called after every step as ``(step_index, num_steps, timestep)``.
             progress: show the tqdm bar (configure it with ``set_progress_bar_config``).
@@ -848,6 +1025,8 @@ class LynxPipeline(DiffusionPipeline):
                 gives (bit for bit on the same device and dtype).
             checkpoint_callback: receives a ``SamplingCheckpoint`` (CPU copies) after every
                 ``checkpoint_steps`` steps and after the last one; hand it to another thread to store.
+
+        Returns ``LynxPipelineOutput(frames, seed, cache_stats)``.
         """
         # 1. check inputs
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -868,11 +1047,14 @@ class LynxPipeline(DiffusionPipeline):
         if seed is None:
             seed = random.randrange(2**31)
         seeds = _seed_list(seed)
+        if seeds is not None and generator is not None:
+            raise ModelInputError("pass either a list of seeds or a generator, not both")
         self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs
         self._interrupt = False
         do_guidance = guidance_scale > 1.0
         device = self._execution_device
-        transformer_dtype = self.transformer.dtype
+        compute_dtype = self.compute_dtype
 
         # 2. text
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
@@ -884,24 +1066,20 @@ class LynxPipeline(DiffusionPipeline):
             max_sequence_length=max_sequence_length,
             device=device,
         )
-        prompt_embeds = prompt_embeds.to(device=device, dtype=transformer_dtype)
-        if negative_prompt_embeds is not None:
-            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=transformer_dtype)
         num_prompts = prompt_embeds.shape[0]
         num_videos_per_prompt = _videos_per_prompt(seeds, num_prompts, num_videos_per_prompt)
         batch_size = num_prompts * num_videos_per_prompt
-        if num_videos_per_prompt > 1:
-            # prompt-major order, as WanPipeline: [p0 v0, p0 v1, ..., p1 v0, ...]
-            prompt_embeds = prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0)
-            if negative_prompt_embeds is not None:
-                negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(
-                    num_videos_per_prompt, dim=0
-                )
+        # prompt-major order, as WanPipeline: [p0 v0, p0 v1, ..., p1 v0, ...]
+        prompt_embeds = prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0)
+        prompt_embeds = prompt_embeds.to(device=device, dtype=compute_dtype)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0)
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=compute_dtype)
 
         # 3. identity and reference, computed once for the whole generation
         cond_state = uncond_state = None
         reference_cond = reference_uncond = None
-        if self.adapters is not None:
+        if self.lynx_adapter is not None:
             if identity is None:
                 if face_embeds is None:
                     raise ModelInputError("pass face_embeds (or precomputed identity tokens)")
@@ -918,12 +1096,15 @@ class LynxPipeline(DiffusionPipeline):
             uncond_state = AdapterState(
                 identity.uncond, reference_uncond, ip_scale=ip_scale, ref_scale=ref_scale
             )
-        three_pass = (
-            do_guidance
-            and self.variant == "full"
-            and guidance_scale_id is not None
-            and (cond_state.identity_on or cond_state.reference_on)
+        passes, combine = _guidance(
+            prompt_embeds,
+            negative_prompt_embeds if do_guidance else None,
+            cond_state,
+            uncond_state,
+            guidance_scale,
+            guidance_scale_id if self.variant == "full" else None,
         )
+        batched = self._use_batched_guidance(batched_guidance)
 
         # 4. timesteps
         if self.sigma_schedule == "wan" and self.scheduler.config.get("use_flow_sigmas", False):
@@ -935,8 +1116,6 @@ class LynxPipeline(DiffusionPipeline):
         self.scheduler.set_begin_index(0)
 
         # 5. initial noise: float32 from a CPU generator, as the reference does
-        if seeds is not None and generator is not None:
-            raise ModelInputError("pass either a list of seeds or a generator, not both")
         if latents is None:
             latents = self.prepare_latents(
                 batch_size, height, width, num_frames, seeds or seed, generator=generator, device=device
@@ -953,12 +1132,17 @@ class LynxPipeline(DiffusionPipeline):
             conditions = {
                 "initial_noise": tensor_digest([latents]),
                 "inputs": tensor_digest(inputs),
-                "guidance": [guidance_scale, guidance_scale_id if three_pass else None, ip_scale, ref_scale],
+                "guidance": [
+                    guidance_scale,
+                    guidance_scale_id if len(passes) == 3 else None,
+                    ip_scale,
+                    ref_scale,
+                ],
                 "weights": [
                     self.variant,
                     self.base_fingerprint,
                     self.adapter_fingerprint,
-                    str(transformer_dtype),
+                    str(compute_dtype),
                 ],
                 "scheduler": {**scheduler_settings(self.scheduler), "sigma_schedule": self.sigma_schedule},
             }
@@ -971,57 +1155,113 @@ class LynxPipeline(DiffusionPipeline):
         # 6. denoising loop
         num_steps = len(timesteps)
         self._num_timesteps = num_steps
-        with self._progress(progress, num_steps) as bar:
-            bar.update(start)
-            for i, t in enumerate(timesteps):
-                if self.interrupt or i < start:
-                    continue
-                model_input = latents.to(transformer_dtype)
-                timestep = t.expand(latents.shape[0])
-                noise_cond = self._predict(model_input, timestep, prompt_embeds, cond_state, "cond")
-                if not do_guidance:
-                    noise_pred = noise_cond
-                else:
-                    noise_uncond = self._predict(
-                        model_input, timestep, negative_prompt_embeds, uncond_state, "uncond"
+        if self._step_cache is not None:
+            self._step_cache.start()
+        try:
+            with self._progress(progress, num_steps) as bar:
+                bar.update(start)
+                for i, t in enumerate(timesteps):
+                    if self.interrupt or i < start:
+                        continue
+                    noise_pred = self._noise_prediction(
+                        latents,
+                        t,
+                        passes,
+                        combine,
+                        batched=batched,
+                        step_index=i,
+                        attention_kwargs=attention_kwargs,
                     )
-                    if three_pass:
-                        noise_id = self._predict(
-                            model_input, timestep, negative_prompt_embeds, cond_state, "identity"
-                        )
-                        noise_pred = (
-                            noise_uncond
-                            + guidance_scale_id * (noise_id - noise_uncond)
-                            + guidance_scale * (noise_cond - noise_id)
-                        )
-                    else:
-                        noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-                done = i + 1
-                if checkpoint_callback is not None and (done % checkpoint_steps == 0 or done == num_steps):
-                    state = SamplingCheckpoint.capture(self.scheduler, latents, done, seed, conditions)
-                    checkpoint_callback(state)
+                    latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                    done = i + 1
+                    if checkpoint_callback is not None and (
+                        done % checkpoint_steps == 0 or done == num_steps
+                    ):
+                        state = SamplingCheckpoint.capture(self.scheduler, latents, done, seed, conditions)
+                        checkpoint_callback(state)
 
-                if callback_on_step_end is not None:
-                    scope = {
-                        "latents": latents,
-                        "prompt_embeds": prompt_embeds,
-                        "negative_prompt_embeds": negative_prompt_embeds,
-                    }
-                    outputs = callback_on_step_end(
-                        self, i, t, {k: scope[k] for k in callback_on_step_end_tensor_inputs}
-                    )
-                    latents = outputs.pop("latents", latents)
-                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-                if progress_callback is not None:
-                    progress_callback(i, num_steps, float(t))
-                bar.update()
+                    if callback_on_step_end is not None:
+                        scope = {
+                            "latents": latents,
+                            "prompt_embeds": prompt_embeds,
+                            "negative_prompt_embeds": negative_prompt_embeds,
+                        }
+                        outputs = callback_on_step_end(
+                            self, i, t, {k: scope[k] for k in callback_on_step_end_tensor_inputs}
+                        )
+                        latents = outputs.pop("latents", latents)
+                        if "prompt_embeds" in outputs or "negative_prompt_embeds" in outputs:
+                            prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                            negative_prompt_embeds = outputs.pop(
+                                "negative_prompt_embeds", negative_prompt_embeds
+                            )
+                            passes, combine = _guidance(
+                                prompt_embeds,
+                                negative_prompt_embeds if do_guidance else None,
+                                cond_state,
+                                uncond_state,
+                                guidance_scale,
+                                guidance_scale_id if self.variant == "full" else None,
+                            )
+                    if progress_callback is not None:
+                        progress_callback(i, num_steps, float(t))
+                    bar.update()
 
-        # 7. decode
-        frames = latents if output_type == "latent" else self.decode_latents(latents, output_type=output_type)
-        self.maybe_free_model_hooks()
+            # 7. decode
+            if output_type == "latent":
+                frames = latents
+            else:
+                frames = self.decode_latents(latents, output_type=output_type)
+        finally:
+            cache_stats = self._step_cache.stats() if self._step_cache is not None else None
+            self.maybe_free_model_hooks()  # also resets the step cache's state for the next call
         used = list(seeds) if seeds is not None else seed
         if not return_dict:
             return (frames, used)
-        return LynxPipelineOutput(frames=frames, seed=used)
+        return LynxPipelineOutput(frames=frames, seed=used, cache_stats=cache_stats)
+
+
+@dataclass
+class GuidancePass:
+    """One transformer evaluation of a guidance step: its name (the cache context), text and adapter state."""
+
+    name: str
+    text: torch.Tensor
+    state: AdapterState | None
+
+
+def _guidance(text, negative_text, cond_state, uncond_state, guidance_scale, guidance_scale_id):
+    """The passes of one step and how their predictions combine (LYNX_SPEC 5)."""
+    cond = GuidancePass("cond", text, cond_state)
+    if negative_text is None:
+        return [cond], lambda predictions: predictions[0]
+    uncond = GuidancePass("uncond", negative_text, uncond_state)
+    three_pass = (
+        guidance_scale_id is not None
+        and cond_state is not None
+        and (cond_state.identity_on or cond_state.reference_on)
+    )
+    if three_pass:
+        identity = GuidancePass("identity", negative_text, cond_state)
+
+        def combine(predictions):
+            e_c, e_u, e_i = predictions
+            return e_u + guidance_scale_id * (e_i - e_u) + guidance_scale * (e_c - e_i)
+
+        return [cond, uncond, identity], combine
+
+    def combine_two(predictions):
+        e_c, e_u = predictions
+        return e_u + guidance_scale * (e_c - e_u)
+
+    return [cond, uncond], combine_two
+
+
+def _stacked_state(states: list[AdapterState | None], videos: int) -> AdapterState | None | Literal[False]:
+    """One state for passes stacked along the batch; None without adapters, False if they cannot stack."""
+    if all(state is None for state in states):
+        return None
+    try:
+        return StackedAdapterState(states, videos)
+    except ValueError:
+        return False

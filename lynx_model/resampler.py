@@ -3,6 +3,10 @@
 A fixed set of learned latent queries attends, layer after layer, to the projected face embedding
 (and to themselves); the result is projected to the width the DiT's identity branch expects. The
 module and parameter names follow the released ``resampler.safetensors`` so that file loads as is.
+
+Kept rather than diffusers' ``IPAdapterPlusImageProjection`` (the same Perceiver): that is a plain
+``nn.Module`` a pipeline cannot save or load as a component, and its key conversion lives in the
+UNet loader, while the released file must load unchanged.
 """
 
 from __future__ import annotations

@@ -165,13 +165,7 @@ def _write_base(folder: Path, spec: TinyModelSpec) -> None:
 
 
 def _write_adapter(folder: Path, variant: str, spec: TinyModelSpec, generator: torch.Generator) -> None:
-    from .adapters import (
-        LynxAdapters,
-        LynxIdentityAdapterLayers,
-        LynxReferenceAdapterLayers,
-        save_adapters,
-        variant_layout,
-    )
+    from .adapters import LynxAdapter, save_adapters
     from .resampler import LynxResampler
 
     identity_dim = spec.full_identity_dim if variant == "full" else spec.lite_identity_dim
@@ -185,19 +179,16 @@ def _write_adapter(folder: Path, variant: str, spec: TinyModelSpec, generator: t
         output_dim=identity_dim,
         ff_mult=4,
     )
-    identity_layers = LynxIdentityAdapterLayers(
+    adapter = LynxAdapter(
+        variant,
+        num_blocks=spec.num_layers,
         hidden_dim=spec.hidden_dim,
         identity_dim=identity_dim,
         num_registers=spec.num_registers if variant == "full" else 0,
-        **variant_layout(variant, spec.num_layers),
     )
-    reference_layers = (
-        LynxReferenceAdapterLayers(spec.num_layers, spec.hidden_dim) if variant == "full" else None
-    )
-    for module in (resampler, identity_layers, reference_layers):
-        if module is not None:
-            _randomize(module, generator)
-    save_adapters(folder, resampler, LynxAdapters(variant, identity_layers, reference_layers))
+    for module in (resampler, adapter):
+        _randomize(module, generator)
+    save_adapters(folder, resampler, adapter)
 
 
 def _is_complete(root: Path, manifest: dict, variants: list[str]) -> bool:
@@ -284,3 +275,59 @@ def tiny_reference_image(seed: int = 0, size: int = 256) -> np.ndarray:
     coarse = rng.uniform(0, 255, size=(8, 8, 3))
     image = np.kron(coarse, np.ones((size // 8, size // 8, 1)))
     return np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+
+
+# (original Wan / ComfyUI name, diffusers name) of the linear layers a Wan LoRA adapts in each block
+_PROJECTIONS = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0"}
+_LORA_TARGETS = [
+    *((f"self_attn.{o}", f"attn1.{c}") for o, c in _PROJECTIONS.items()),
+    *((f"cross_attn.{o}", f"attn2.{c}") for o, c in _PROJECTIONS.items()),
+    ("ffn.0", "ffn.net.0.proj"),
+    ("ffn.2", "ffn.net.2"),
+]
+
+
+def write_tiny_lora(
+    path: str | Path,
+    spec: TinyModelSpec | None = None,
+    *,
+    layout: Literal["diffusers", "wan", "musubi"] = "diffusers",
+    rank: int = 4,
+    seed: int = 0,
+    zero_up: bool = False,
+) -> Path:
+    """A random LoRA for the tiny transformer, in one of the formats diffusers reads for Wan.
+
+    ``layout``: "diffusers" (``transformer.blocks.{i}.attn1.to_q.lora_A.weight``), "wan" (the
+    original Wan / ComfyUI keys, ``diffusion_model.blocks.{i}.self_attn.q.lora_A.weight``) or
+    "musubi" (kohya's musubi-tuner, ``lora_unet_blocks_{i}_self_attn_q.lora_down.weight`` with an
+    alpha equal to the rank). The same ``seed`` gives the same matrices in every layout.
+    ``zero_up``: all B ("up") matrices zero, a LoRA that changes nothing.
+    """
+    from safetensors.torch import save_file
+
+    spec = spec or TinyModelSpec()
+    generator = torch.Generator().manual_seed(seed)
+    width, ffn = spec.hidden_dim, spec.ffn_dim
+    sizes = {"ffn.0": (width, ffn), "ffn.2": (ffn, width)}
+    tensors: dict[str, torch.Tensor] = {}
+    for block in range(spec.num_layers):
+        for original, converted in _LORA_TARGETS:
+            fan_in, fan_out = sizes.get(original, (width, width))
+            down = torch.randn(rank, fan_in, generator=generator) / fan_in**0.5
+            up = torch.randn(fan_out, rank, generator=generator) * 0.2
+            if zero_up:
+                up = torch.zeros_like(up)
+            if layout == "diffusers":
+                stem, a, b = f"transformer.blocks.{block}.{converted}", "lora_A", "lora_B"
+            elif layout == "wan":
+                stem, a, b = f"diffusion_model.blocks.{block}.{original}", "lora_A", "lora_B"
+            else:
+                stem, a, b = f"lora_unet_blocks_{block}_{original.replace('.', '_')}", "lora_down", "lora_up"
+                tensors[f"{stem}.alpha"] = torch.tensor(float(rank))
+            tensors[f"{stem}.{a}.weight"] = down
+            tensors[f"{stem}.{b}.weight"] = up
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path

@@ -103,6 +103,9 @@ def decode_job(job: GpuJob, recorder: Any) -> GpuJob:
         variant=job.model.variant,
         model_version=job.model.version,
         model_seconds=job.timings.get("sample", 0.0) + job.timings["decode"],
+        # what the deliver stage's manifest names besides the weights: LoRAs and the step cache
+        loras=list(job.model.loras),
+        step_cache=job.cache_stats,
     )
     if len(seeds) > 1:
         recorder.metrics["candidates"] = [

@@ -237,7 +237,12 @@ def _provenance(ticket: JobTicket, intermediate: StoredObject, seed: int) -> Pro
         prompt=ticket.prompt,
         negative_prompt=ticket.settings.negative_prompt or "",
         seed=seed,
-        model=ModelInfo(variant=video.variant or "full", version=video.model_version or "unknown"),
+        model=ModelInfo(
+            variant=video.variant or "full",
+            version=video.model_version or "unknown",
+            loras=tuple(video.loras),
+            step_cache=video.step_cache,
+        ),
         settings=ticket.settings.model_dump(mode="json"),
         inputs=(InputArtifact(key=intermediate.key, sha256=intermediate.sha256, role="intermediate_video"),),
         subject=_subject_record(ticket),

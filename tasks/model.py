@@ -45,6 +45,7 @@ class LoadedModel:
     variant: Variant
     base_fingerprint: str | None
     adapter_fingerprint: str | None
+    loras: tuple[dict[str, Any], ...] = ()
 
     @property
     def version(self) -> str:
@@ -75,6 +76,7 @@ class GpuJob:
     prompt_embeds: torch.Tensor | None = None
     negative_prompt_embeds: torch.Tensor | None = None
     latents: torch.Tensor | None = None
+    cache_stats: dict[str, Any] | None = None
     intermediate_key: str | None = None
     error_stage: str | None = None
     error_text: str | None = None
@@ -111,6 +113,11 @@ def _identity(settings: LynxSettings) -> tuple[Any, ...]:
         settings.cpu_offload,
         settings.vae_tiling,
         settings.attention_backend,
+        tuple(settings.resolved_loras),
+        settings.step_cache,
+        settings.batched_guidance,
+        settings.compile,
+        settings.fp8,
     )
 
 
@@ -130,7 +137,8 @@ def loaded_model(settings: LynxSettings) -> tuple[LoadedModel, bool]:
                 f"{settings.resolved_adapter_path} holds no Lynx adapters", setting="LYNX_ADAPTER_PATH"
             )
         pipe.set_progress_bar_config(disable=True)  # workers report progress as a Prefect artifact
-        _loaded[key] = LoadedModel(pipe, pipe.variant, pipe.base_fingerprint, pipe.adapter_fingerprint)
+        loras = tuple(lora.as_record() for lora in pipe.loras)
+        _loaded[key] = LoadedModel(pipe, pipe.variant, pipe.base_fingerprint, pipe.adapter_fingerprint, loras)
         return _loaded[key], False
 
 

@@ -245,12 +245,22 @@ def denoise(
     if resume is not None:
         run_logger().info("resuming job %s at step %s/%s", job.job_id, resume.steps_done, resume.total_steps)
         try:
-            return job.model.pipe(**arguments, resume_from=resume).frames, resume.steps_done
+            return job.model.pipe(**arguments, resume_from=resume), resume.steps_done
         except CheckpointMismatchError as err:  # raised before any step: start over
             run_logger().warning("job %s: %s; sampling from step 0", job.job_id, err)
             svc = services()
             ledger.drop_checkpoints(svc.tracker, svc.store, job.job_id, batch=batch_tag)
-    return job.model.pipe(**arguments).frames, 0
+    return job.model.pipe(**arguments), 0
+
+
+def merged_cache_stats(per_batch: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The step cache's counts of a job's candidate batches, added up (one batch: as it is)."""
+    if not per_batch:
+        return None
+    merged = dict(per_batch[0])
+    for name in ("block_forwards", "skipped_block_forwards"):
+        merged[name] = sum(stats[name] for stats in per_batch)
+    return merged
 
 
 def batch_tag(batch: list[int], seeds: list[int]) -> str:
@@ -261,8 +271,8 @@ def batch_tag(batch: list[int], seeds: list[int]) -> str:
 def sample_batch(
     job: GpuJob, batch: list[int], tag: str, progress: Any, every: int, scratch: Path
 ) -> tuple[Any, int, list[int], int]:
-    """Sample one batch of the job's videos with checkpoints; returns latents, start step, the
-    steps checkpointed and the failed checkpoint writes."""
+    """Sample one batch of the job's videos with checkpoints; returns the pipeline's output, the
+    start step, the steps checkpointed and the failed checkpoint writes."""
     svc = services()
     resume = stored_checkpoint(svc, job.job_id, scratch, batch=tag)
     writer = CheckpointWriter(svc, job.job_id, scratch, batch=tag) if every else None
@@ -270,11 +280,11 @@ def sample_batch(
     if writer is not None:
         options.update(checkpoint_callback=writer, checkpoint_steps=every)
     try:
-        latents, start = denoise(job, batch if len(batch) > 1 else batch[0], resume, tag, **options)
+        output, start = denoise(job, batch if len(batch) > 1 else batch[0], resume, tag, **options)
     finally:
         if writer is not None:
             writer.close()
-    return latents, start, (writer.stored if writer is not None else []), (writer.failed if writer else 0)
+    return output, start, (writer.stored if writer is not None else []), (writer.failed if writer else 0)
 
 
 def sample_job(job: GpuJob, recorder: Any) -> GpuJob:
@@ -291,7 +301,7 @@ def sample_job(job: GpuJob, recorder: Any) -> GpuJob:
     batches = [seeds[i : i + size] for i in range(0, len(seeds), size)]
     progress = SamplingProgress(job.job_id, steps * len(seeds))
     started = time.monotonic()
-    latents, seconds, starts, stored, failed = [], [], [], [], 0
+    latents, seconds, starts, stored, failed, cache_stats = [], [], [], [], 0, []
     with tempfile.TemporaryDirectory(dir=svc.workdir("checkpoints")) as scratch:
         for batch in batches:
             begun = time.monotonic()
@@ -299,12 +309,15 @@ def sample_job(job: GpuJob, recorder: Any) -> GpuJob:
             out, start, saved, failures = sample_batch(
                 job, batch, batch_tag(batch, seeds), callback, every, Path(scratch)
             )
-            latents.append(out)
+            latents.append(out.frames)
+            if out.cache_stats is not None:
+                cache_stats.append(out.cache_stats)
             starts.append(start)
             stored += saved
             failed += failures
             seconds.append(round(time.monotonic() - begun, 3))
     job.latents = latents[0] if len(latents) == 1 else torch.cat(latents)
+    job.cache_stats = merged_cache_stats(cache_stats)
     job.timings["sample"] = time.monotonic() - started
     steps_run = sum(steps - start for start in starts)  # denoising steps (of a whole batch) this run made
     svc.tracker.record_compute_event(
@@ -325,6 +338,8 @@ def sample_job(job: GpuJob, recorder: Any) -> GpuJob:
         recorder.metrics["checkpoint_failures"] = failed
     if len(seeds) > 1:
         recorder.metrics.update(candidates=len(seeds), seeds=seeds, batches=batches, batch_seconds=seconds)
+    if job.cache_stats is not None:
+        recorder.metrics.update(step_cache=job.cache_stats)
     return job
 
 

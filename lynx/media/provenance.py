@@ -64,12 +64,37 @@ class InputArtifact(BaseModel):
     role: str = Field(default="input", description="e.g. 'reference_image', 'intermediate_video'.")
 
 
+class LoraRecord(BaseModel):
+    """A LoRA file fused into the DiT (LYNX_LORAS)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    file: str = Field(description="The file's name.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    scale: float
+
+
+class StepCacheRecord(BaseModel):
+    """The step cache a video was sampled with (LYNX_STEP_CACHE) and what it skipped."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: str = Field(description="'first-block' or 'taylorseer'.")
+    options: dict[str, Any] = Field(default_factory=dict)
+    block_forwards: int = Field(ge=0, description="DiT block-forwards of the sampling (per guidance pass).")
+    skipped_block_forwards: int = Field(ge=0, description="Of those, the ones the cache skipped.")
+
+
 class ModelInfo(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     name: str = "lynx"
     variant: str = Field(default="full", description="'full' or 'lite'.")
     version: str = Field(default="unknown", description="Release tag or a fingerprint of the weights.")
+    loras: tuple[LoraRecord, ...] = Field(default=(), description="LoRA files fused into the DiT.")
+    step_cache: StepCacheRecord | None = Field(
+        default=None, description="Step caching of the sampling; None: every block of every step ran."
+    )
 
     def label(self) -> str:
         return f"{self.name}-{self.variant} {self.version}"

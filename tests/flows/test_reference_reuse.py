@@ -9,9 +9,8 @@ from lynx_model.testing import tiny_reference_image
 
 
 def test_passing_an_earlier_unconditional_reference_gives_the_same_features(tiny_model_dir):
-    pipe = LynxPipeline.from_pretrained(
-        tiny_model_dir / "base", adapter_path=tiny_model_dir / "lynx_full", dtype=torch.float32
-    )
+    pipe = LynxPipeline.from_pretrained(tiny_model_dir / "base", torch_dtype=torch.float32)
+    pipe.load_lynx_adapter(tiny_model_dir / "lynx_full")
     first = pipe.encode_reference(tiny_reference_image(seed=1, size=64), seed=5)
     second = pipe.encode_reference(tiny_reference_image(seed=2, size=64), seed=5)
     reused = pipe.encode_reference(tiny_reference_image(seed=2, size=64), seed=5, uncond=first.uncond)

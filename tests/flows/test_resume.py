@@ -173,9 +173,8 @@ def test_a_checkpoint_of_another_generation_is_dropped_and_the_job_sampled_from_
     # a checkpoint of a generation with another seed, stored under this job's key
     from lynx_model import LynxPipeline
 
-    pipe = LynxPipeline.from_pretrained(
-        tiny_model_dir / "base", adapter_path=tiny_model_dir / "lynx_full", dtype=torch.float32
-    )
+    pipe = LynxPipeline.from_pretrained(tiny_model_dir / "base", torch_dtype=torch.float32)
+    pipe.load_lynx_adapter(tiny_model_dir / "lynx_full")
     pipe.set_progress_bar_config(disable=True)
     saved = []
     pipe(

@@ -26,9 +26,10 @@ def tiny_models(tmp_path_factory):
 
 
 def load(base, adapter=None, **kwargs) -> LynxPipeline:
-    pipe = LynxPipeline.from_pretrained(
-        base, adapter_path=adapter, dtype=kwargs.pop("dtype", torch.float32), **kwargs
-    )
+    """The pipeline of a base folder, with the released adapter folder ``adapter`` loaded (if any)."""
+    pipe = LynxPipeline.from_pretrained(base, torch_dtype=kwargs.pop("dtype", torch.float32))
+    if adapter is not None:
+        pipe.load_lynx_adapter(adapter, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
 
 from lynx_model import (
-    AdapterRuntime,
     AdapterState,
     LynxIdentityAttnProcessor,
     LynxReferenceAttnProcessor,
@@ -59,6 +59,19 @@ def _heads(t):
     return t.unflatten(-1, (HEADS, HEAD_DIM))
 
 
+@contextmanager
+def handed(processor, attn, state):
+    """What LynxAdapter.activated does for one processor: hand it its branch of ``state``."""
+    if isinstance(processor, LynxIdentityAttnProcessor) and state.identity_on:
+        processor.branch, processor.scale = state.identity_kv(processor, attn, None), state.ip_scale
+    elif isinstance(processor, LynxReferenceAttnProcessor) and state.reference_on:
+        processor.branch, processor.scale = state.reference_kv(processor, attn, None), state.ref_scale
+    try:
+        yield
+    finally:
+        processor.clear()
+
+
 def _rms(t, eps):
     return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps)
 
@@ -74,17 +87,17 @@ def test_identity_processor(own_key_norm):
         ),
         seed=3,
     )
-    runtime = AdapterRuntime()
-    processor.runtime = runtime
     attn.set_processor(processor)
-    # no state, or scale 0: bit-identical to diffusers' processor
+    # no branch handed over, or scale 0: bit-identical to diffusers' processor
     assert torch.equal(attn(x, text), stock)
     tokens = torch.randn(1, 4, 12)
-    with runtime.use(AdapterState(identity=tokens, ip_scale=0.0)):
+    with handed(processor, attn, AdapterState(identity=tokens, ip_scale=0.0)):
+        assert processor.branch is None
         assert torch.equal(attn(x, text), stock)
 
-    with runtime.use(AdapterState(identity=tokens, ip_scale=0.7)):
+    with handed(processor, attn, AdapterState(identity=tokens, ip_scale=0.7)):
         out = attn(x, text)
+    assert processor.branch is None  # taken back after the call
 
     # explicit: q from attn2's normed query; keys normed by attn2's norm_k (full) or parameter-free RMS (lite)
     q = _heads(attn.norm_q(attn.to_q(x)))
@@ -99,23 +112,17 @@ def test_identity_processor(own_key_norm):
     torch.testing.assert_close(out, expected, rtol=0, atol=2e-6)
 
 
-def test_reference_processor_and_capture():
+def test_reference_processor():
     attn = _attention(cross=False)
     x = torch.randn(2, 12, DIM)
     rotary = _rotary(12)
     stock = WanAttnProcessor()(attn, x, None, None, rotary)
     processor = _randomize(LynxReferenceAttnProcessor(DIM, block_index=1), seed=4)
-    runtime = AdapterRuntime()
-    processor.runtime = runtime
     attn.set_processor(processor)
     assert torch.equal(attn(x, rotary_emb=rotary), stock)
 
-    with runtime.use(AdapterState(capture=True)) as state:
-        assert torch.equal(attn(x, rotary_emb=rotary), stock)
-    assert state.captured[1] is x
-
     features = [None, torch.randn(1, 5, DIM)]
-    with runtime.use(AdapterState(reference=features, ref_scale=1.3)):
+    with handed(processor, attn, AdapterState(reference=features, ref_scale=1.3)):
         out = attn(x, rotary_emb=rotary)
 
     def rotate(t, cos, sin):
@@ -136,13 +143,37 @@ def test_reference_processor_and_capture():
 def test_batched_generation_matches_one_sample_at_a_time():
     attn = _attention(cross=True)
     processor = _randomize(LynxIdentityAttnProcessor(DIM, 12), seed=5)
-    processor.runtime = AdapterRuntime()
     attn.set_processor(processor)
     x, text, tokens = torch.randn(3, 6, DIM), torch.randn(3, 4, DIM), torch.randn(1, 4, 12)
-    with processor.runtime.use(AdapterState(identity=tokens)):
+    with handed(processor, attn, AdapterState(identity=tokens)):
         batched = attn(x, text)
-        single = torch.cat([attn(x[i : i + 1], text[i : i + 1]) for i in range(3)])
-    torch.testing.assert_close(batched, single, rtol=0, atol=1e-6)
+    singles = []
+    for i in range(3):
+        with handed(processor, attn, AdapterState(identity=tokens)):
+            singles.append(attn(x[i : i + 1], text[i : i + 1]))
+    torch.testing.assert_close(batched, torch.cat(singles), rtol=0, atol=1e-6)
+
+
+def test_stacked_states_give_each_part_its_own_branch_inputs():
+    """Guidance passes batched into one call: each part of the batch sees its own identity."""
+    from lynx_model import StackedAdapterState
+
+    attn = _attention(cross=True)
+    processor = _randomize(LynxIdentityAttnProcessor(DIM, 12), seed=5)
+    attn.set_processor(processor)
+    x, text = torch.randn(2, 6, DIM), torch.randn(2, 4, DIM)
+    cond, uncond = AdapterState(identity=torch.randn(1, 4, 12)), AdapterState(identity=torch.randn(1, 4, 12))
+    with handed(processor, attn, StackedAdapterState([cond, uncond, cond], videos=2)):
+        stacked = attn(x.repeat(3, 1, 1), text.repeat(3, 1, 1))
+    expected = []
+    for state in (cond, uncond, cond):
+        with handed(processor, attn, state):
+            expected.append(attn(x, text))
+    torch.testing.assert_close(stacked, torch.cat(expected), rtol=0, atol=1e-6)
+    assert (expected[0] - expected[1]).abs().max() > 1e-3
+    # parts that switch branches differently cannot share one forward
+    with pytest.raises(ValueError, match="same branches"):
+        StackedAdapterState([cond, AdapterState(identity=None)], videos=2)
 
 
 def test_resampler_matches_the_perceiver_equations():

@@ -10,7 +10,7 @@ import torch
 from lynx_model import ModelInputError
 from lynx_model.memory import activation_bytes, dit_tokens, videos_that_fit
 
-from .conftest import SIZE, generate
+from .conftest import SIZE, generate, load
 
 
 def test_each_video_of_a_seed_list_is_the_one_video_call_with_its_seed(full_pipe, face, ref_image):
@@ -118,3 +118,43 @@ def test_activation_estimate_for_the_released_shapes(full_pipe):
     assert full_pipe.activation_bytes_per_video(64, 96, 5) > small
     assert full_pipe.activation_bytes_per_video(32, 48, 5, guidance_passes=3) == 3 * small
     assert full_pipe.activation_bytes_per_video(32, 48, 5, per_video_reference=True) > small
+
+
+def _transformer_calls(pipe, run):
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    try:
+        return run(), calls
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("variant", ["full", "lite", "plain"])
+def test_batched_guidance_equals_the_passes_one_after_another(
+    variant, full_pipe, lite_pipe, tiny_models, face, ref_image
+):
+    pipe = {"full": full_pipe, "lite": lite_pipe}.get(variant) or load(tiny_models.base)
+    identity = pipe.encode_identity(face) if variant != "plain" else None
+    reference = [pipe.encode_reference(ref_image, s) for s in (3, 4)] if variant == "full" else None
+    args = {"identity": identity, "reference": reference, "seed": [3, 4], "num_inference_steps": 3}
+    sequential, calls = _transformer_calls(pipe, lambda: generate(pipe, batched_guidance=False, **args))
+    passes = {"full": 3, "lite": 2, "plain": 2}[variant]
+    assert calls == [2] * (3 * passes)  # two videos, each pass its own forward
+    batched, calls = _transformer_calls(pipe, lambda: generate(pipe, batched_guidance=True, **args))
+    assert calls == [2 * passes] * 3  # one forward per step
+    torch.testing.assert_close(batched, sequential, rtol=0, atol=1e-5)
+    assert (sequential[0] - sequential[1]).abs().max() > 1e-3
+
+
+def test_batched_guidance_follows_the_pipeline_setting(full_pipe, face):
+    assert full_pipe.batched_guidance == "auto"
+    _, calls = _transformer_calls(full_pipe, lambda: generate(full_pipe, face, num_inference_steps=1))
+    assert calls == [1, 1, 1]  # auto: off on the CPU
+    full_pipe.batched_guidance = True
+    try:
+        _, calls = _transformer_calls(full_pipe, lambda: generate(full_pipe, face, num_inference_steps=1))
+    finally:
+        full_pipe.batched_guidance = "auto"
+    assert calls == [3]

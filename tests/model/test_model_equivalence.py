@@ -69,6 +69,21 @@ def test_plain_pipeline_without_adapters_is_wan(tiny_models, wan_latents):
         assert torch.equal(generate(pipe), wan_latents)
 
 
+def test_unloading_the_adapter_restores_plain_wan_exactly(tiny_models, face, ref_image, wan_latents):
+    pipe = load(tiny_models.base, tiny_models.full)
+    with_adapter = generate(pipe, face, ref_image)
+    pipe.unload_lynx_adapter()
+    assert pipe.variant is None and pipe.resampler is None and pipe.lynx_adapter is None
+    assert not any("processor" in name for name, _ in pipe.transformer.named_parameters())
+    with scheduler_timesteps(pipe):
+        assert torch.equal(generate(pipe), wan_latents)
+    # and loading it again (here: the lite one first) gives the same videos as before
+    pipe.load_lynx_adapter(tiny_models.lite)
+    assert pipe.variant == "lite"
+    pipe.load_lynx_adapter(tiny_models.full)
+    assert torch.equal(generate(pipe, face, ref_image), with_adapter)
+
+
 def test_each_branch_changes_the_output(full_pipe, lite_pipe, face, ref_image):
     off = generate(full_pipe, face, ref_image, ip_scale=0.0, ref_scale=0.0)
     identity_only = generate(full_pipe, face, ref_image, ref_scale=0.0)
@@ -97,7 +112,7 @@ def _one_step_by_hand(pipe, combine):
     t = scheduler.timesteps[0]
 
     def dit(text, identity=None, reference=None):
-        with pipe.adapters.runtime.use(AdapterState(identity, reference)):
+        with pipe.lynx_adapter.activated(pipe.transformer, AdapterState(identity, reference)):
             return pipe.transformer(
                 hidden_states=x, timestep=t.expand(1), encoder_hidden_states=text, return_dict=False
             )[0]

@@ -153,7 +153,8 @@ CHILD = textwrap.dedent(
     from lynx_model.testing import tiny_face_embedding, tiny_reference_image
 
     base, adapter, out, block_at, args = sys.argv[1:6]
-    pipe = LynxPipeline.from_pretrained(base, adapter_path=adapter, dtype=torch.float32)
+    pipe = LynxPipeline.from_pretrained(base, torch_dtype=torch.float32)
+    pipe.load_lynx_adapter(adapter)
     pipe.set_progress_bar_config(disable=True)
 
     def store(checkpoint):  # written whole, then renamed into place

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 
 import pytest
@@ -100,3 +101,72 @@ def test_auto_attention_backend_is_flash_only_where_flash_attn_can_run(tiny_mode
     assert {b.attn1.processor._attention_backend for b in blocks} | {
         b.attn2.processor._attention_backend for b in blocks
     } == {None}
+
+
+def test_loras_from_the_settings_are_fused_and_recorded(tiny_models, tmp_path, face, ref_image):
+    from lynx_model.lora import load_loras
+    from lynx_model.testing import write_tiny_lora
+
+    from .conftest import generate, load
+
+    lora = write_tiny_lora(tmp_path / "models" / "loras" / "style.safetensors", seed=6)
+    paths = {"base_model_path": tiny_models.base, "adapter_path": tiny_models.full}
+    # a relative path is looked up in LYNX_MODELS_DIR/loras
+    config = settings(
+        tmp_path, models_dir=tmp_path / "models", loras=[{"path": "style.safetensors", "scale": 0.5}], **paths
+    )
+    pipe = load_lynx_pipeline(config)
+    assert [record.as_record() for record in pipe.loras] == [
+        {"file": "style.safetensors", "sha256": hashlib.sha256(lora.read_bytes()).hexdigest(), "scale": 0.5}
+    ]
+    assert pipe.get_list_adapters() == {}  # fused into the weights: no LoRA layers left to run
+    fused = generate(pipe, face, ref_image)
+    unfused = load(tiny_models.base, tiny_models.full)
+    load_loras(unfused, [(lora, 0.5)])
+    torch.testing.assert_close(fused, generate(unfused, face, ref_image), rtol=0, atol=1e-5)
+    assert (fused - generate(load(tiny_models.base, tiny_models.full), face, ref_image)).abs().max() > 1e-3
+
+
+def test_lora_problems_name_the_file_and_the_setting(tiny_models, tmp_path):
+    from lynx_model.testing import TinyModelSpec, write_tiny_lora
+
+    paths = {"base_model_path": tiny_models.base, "adapter_path": tiny_models.full}
+    with pytest.raises(ModelWeightsError, match=r"LoRA file not found: .*/nowhere\.safetensors") as info:
+        load_lynx_pipeline(settings(tmp_path, loras=["/nowhere.safetensors"], **paths))
+    assert info.value.setting == "LYNX_LORAS"
+    wide = write_tiny_lora(tmp_path / "wide.safetensors", TinyModelSpec(num_heads=4))
+    with pytest.raises(ModelWeightsError, match=r"wide\.safetensors does not fit") as info:
+        load_lynx_pipeline(settings(tmp_path, loras=[str(wide)], **paths))
+    assert info.value.setting == "LYNX_LORAS" and "\n" not in str(info.value)
+
+
+def test_speed_settings_reach_the_pipeline_and_impossible_ones_name_the_setting(tiny_models, tmp_path):
+    paths = {"base_model_path": tiny_models.base, "adapter_path": tiny_models.full}
+    pipe = load_lynx_pipeline(settings(tmp_path, batched_guidance="on", step_cache="taylorseer:3", **paths))
+    assert pipe.batched_guidance is True
+    assert pipe.step_cache.kind == "taylorseer" and pipe.step_cache.config.cache_interval == 3
+    assert pipe.transformer.is_cache_enabled
+    assert load_lynx_pipeline(settings(tmp_path, **paths)).batched_guidance == "auto"
+    with pytest.raises(ConfigurationError, match="cannot be combined with LYNX_COMPILE") as info:
+        load_lynx_pipeline(settings(tmp_path, step_cache="first-block", compile=True, **paths))
+    assert info.value.setting == "LYNX_STEP_CACHE"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigurationError, match="LYNX_FP8 needs a CUDA device") as info:
+            load_lynx_pipeline(settings(tmp_path, fp8=True, **paths))
+        assert info.value.setting == "LYNX_FP8"
+
+
+@pytest.mark.parametrize(
+    "value", ["fbc", "first-block:-1", "taylorseer:0", "taylorseer:2.5", "first-block:x"]
+)
+def test_bad_step_cache_values_are_refused_by_the_settings(value, monkeypatch):
+    from lynx.settings import get_settings
+
+    monkeypatch.setenv("LYNX_STEP_CACHE", value)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ConfigurationError, match="LYNX_STEP_CACHE") as info:
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+    assert "\n" not in str(info.value)

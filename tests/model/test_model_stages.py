@@ -9,8 +9,16 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import WanPipeline
+from safetensors.torch import load_file
 
-from lynx_model import IdentityTokens, LynxPipeline, ModelInputError, PromptEmbeddings, ReferenceFeatures
+from lynx_model import (
+    IdentityTokens,
+    LynxPipeline,
+    LynxReferenceAttnProcessor,
+    ModelInputError,
+    PromptEmbeddings,
+    ReferenceFeatures,
+)
 from lynx_model.testing import TinyModelSpec, write_tiny_models
 
 from .conftest import NEGATIVE, PROMPT, SIZE, generate, load
@@ -179,22 +187,44 @@ def test_bad_arguments_are_explained(full_pipe, face, kwargs, message):
 
 
 def test_save_pretrained_round_trip(full_pipe, face, ref_image, tmp_path):
-    full_pipe.save_pretrained(tmp_path / "base", adapter_directory=tmp_path / "lynx_full")
-    # the base folder is a plain Wan2.1 folder: diffusers' own WanPipeline loads it
-    index = json.loads((tmp_path / "base" / "model_index.json").read_text())
-    assert index["_class_name"] == "WanPipeline"
-    WanPipeline.from_pretrained(tmp_path / "base")
+    full_pipe.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["_class_name"] == "LynxPipeline" and index["sigma_schedule"] == "wan"
+    assert index["resampler"] == ["lynx_model.resampler", "LynxResampler"]
+    assert index["lynx_adapter"] == ["lynx_model.adapters", "LynxAdapter"]
+    # the transformer folder is a plain Wan transformer: no Lynx processor weights in it
+    transformer_keys = load_file(
+        str(tmp_path / "saved" / "transformer" / "diffusion_pytorch_model.safetensors")
+    )
+    assert not any("processor" in key for key in transformer_keys)
+    # the pipeline that saved still has its adapter installed
+    assert full_pipe.variant == "full"
+    assert isinstance(full_pipe.transformer.blocks[0].attn1.processor, LynxReferenceAttnProcessor)
+
+    reloaded = LynxPipeline.from_pretrained(tmp_path / "saved")
+    reloaded.set_progress_bar_config(disable=True)
+    assert reloaded.variant == "full" and reloaded.adapter_fingerprint == full_pipe.adapter_fingerprint
+    assert reloaded.resampler.dtype == torch.float32
+    assert torch.equal(generate(reloaded, face, ref_image), generate(full_pipe, face, ref_image))
+
+    # the released three-file layout, written back and read again
+    full_pipe.save_lynx_adapter(tmp_path / "lynx_full")
     assert sorted(p.name for p in (tmp_path / "lynx_full").iterdir()) == [
         "ip_layers.safetensors",
         "ref_layers.safetensors",
         "resampler.safetensors",
     ]
-    # the pipeline that saved still has its adapters installed
-    assert full_pipe.variant == "full"
+    again = load(tmp_path / "saved", tmp_path / "lynx_full")
+    assert torch.equal(generate(again, face, ref_image), generate(full_pipe, face, ref_image))
 
-    reloaded = load(tmp_path / "base", tmp_path / "lynx_full")
-    assert torch.equal(generate(reloaded, face, ref_image), generate(full_pipe, face, ref_image))
-    assert reloaded.adapter_fingerprint == full_pipe.adapter_fingerprint
+
+def test_plain_pipeline_saves_as_plain_wan_and_loads_in_diffusers(tiny_models, tmp_path):
+    pipe = load(tiny_models.base)
+    pipe.save_pretrained(tmp_path / "plain")
+    index = json.loads((tmp_path / "plain" / "model_index.json").read_text())
+    assert index["resampler"] == [None, None] and index["lynx_adapter"] == [None, None]
+    WanPipeline.from_pretrained(tmp_path / "plain")  # diffusers' own class reads the components
+    assert load(tmp_path / "plain").variant is None
 
 
 def test_default_frames_and_fps_follow_the_variant(full_pipe, lite_pipe, tiny_models):
@@ -211,3 +241,30 @@ def test_attention_backend_reaches_the_lynx_processors(tiny_models, face, ref_im
     backends |= {block.attn2.processor._attention_backend for block in pipe.transformer.blocks}
     assert {str(b.value) for b in backends} == {"_native_math"}
     torch.testing.assert_close(generate(pipe, face, ref_image), before, rtol=0, atol=1e-5)
+
+
+def test_fp8_weights_are_refused_on_the_cpu_and_the_casting_path_works_with_the_processors(
+    tiny_models, face, ref_image
+):
+    pipe = load(tiny_models.base, tiny_models.full)
+    with pytest.raises(ModelInputError, match="FP8 weights need a CUDA device; the transformer is on cpu"):
+        pipe.enable_fp8()
+    reference = generate(pipe, face, ref_image)
+    # what enable_fp8 does on CUDA, run here to check the plumbing (not the speed): weights stored
+    # in float8, the DiT and the Lynx branches computing in float32
+    pipe._store_weights_in_fp8()
+    block = pipe.transformer.blocks[0]
+    assert block.attn1.to_q.weight.dtype == torch.float8_e4m3fn
+    assert block.attn2.processor.to_k_ip.weight.dtype == torch.float8_e4m3fn
+    assert block.attn1.processor.to_k_ref.weight.dtype == torch.float8_e4m3fn
+    assert pipe.compute_dtype == torch.float32
+    fp8 = generate(pipe, face, ref_image)
+    assert fp8.dtype == torch.float32 and torch.isfinite(fp8).all()
+    assert 0 < (fp8 - reference).abs().max() < 0.2 * reference.abs().max()
+
+
+def test_the_old_loading_keywords_are_refused_not_ignored(tiny_models):
+    with pytest.raises(ModelInputError, match=r"no adapter_path= any more: .*load_lynx_adapter"):
+        LynxPipeline.from_pretrained(tiny_models.base, adapter_path=tiny_models.full)
+    with pytest.raises(ModelInputError, match=r"no device= any more"):
+        LynxPipeline.from_pretrained(tiny_models.base, device="cpu")
