@@ -302,8 +302,7 @@ class SeaweedServer:
             try:
                 # Another server on a port we picked could answer in its stead: the gateway
                 # must be ours.
-                if _listening_pid_has(self._process.pid, self.ports.s3):
-                    client.list_buckets()
+                if _listening_pid_has(self._process.pid, self.ports.s3) and self._serves_reads(client):
                     return
             except Exception as err:  # not listening yet, or the filer is still starting
                 last_error = err
@@ -312,6 +311,42 @@ class SeaweedServer:
         raise SeaweedError(
             f"SeaweedFS did not answer S3 at {self.endpoint} within {timeout:.0f} s: {last_error}"
         )
+
+    def _serves_reads(self, client) -> bool:
+        """Whether the gateway serves reads of what the folder holds, not only listings.
+
+        After a restart the S3 gateway answers listings before the volume server has registered
+        its volumes with the master; a GET in that gap fails. So: every volume file on disk must be
+        known to the master, and the first object of every bucket must read.
+        """
+        on_disk = {path.stem for path in self.data_dir.rglob("*.dat")}
+        if on_disk:
+            url = f"http://{HOST}:{self.ports.master}/vol/status"
+            response = _quick_http_client().request("GET", url)
+            if response.status != 200:
+                return False
+            status = json.loads(response.data)
+            known = set()
+            for racks in status.get("Volumes", {}).get("DataCenters", {}).values():
+                for nodes in racks.values():
+                    for volumes in nodes.values():
+                        for volume in volumes or []:
+                            prefix = f"{volume['Collection']}_" if volume.get("Collection") else ""
+                            known.add(f"{prefix}{volume['Id']}")
+            if not on_disk <= known:
+                return False
+        for bucket in client.list_buckets():
+            for item in client.list_objects(bucket.name, recursive=True):
+                if item.is_dir or not item.size:
+                    continue
+                response = client.get_object(bucket.name, item.object_name, offset=0, length=1)
+                try:
+                    response.read()
+                finally:
+                    response.close()
+                    response.release_conn()
+                break
+        return True
 
     def _wait_exit(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

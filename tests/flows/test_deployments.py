@@ -125,3 +125,15 @@ def test_the_example_campaign_is_valid():
 
 def test_start_workers_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(DEPLOYMENTS / "start-workers.sh")], check=True)
+
+
+def test_every_shell_script_is_executable_in_git():
+    """The README runs `deployments/start-workers.sh setup`: a script committed without its run
+    bit fails with "Permission denied" on a fresh clone (mode 100644 in the index)."""
+    listing = subprocess.run(
+        ["git", "ls-files", "-s", "--", "deployments", "scripts"],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+    ).stdout.splitlines()
+    scripts = {line.split("\t", 1)[1]: line.split()[0] for line in listing if line.endswith(".sh")}
+    assert "deployments/start-workers.sh" in scripts
+    assert {path: mode for path, mode in scripts.items() if mode != "100755"} == {}
