@@ -50,6 +50,20 @@ def ensure_demo_setup(settings: LynxSettings) -> Path:
     return ensure_demo_model(settings)
 
 
+def demo_worker_env(settings: LynxSettings, variant: Variant = "full") -> dict[str, str]:
+    """The LYNX_* lines that point a worker (or any lynx process) at the demo face pack and model
+    under ``settings``' models folder, as built by ``ensure_demo_setup``."""
+    root = settings.resolved_demo_model_dir
+    return {
+        "LYNX_MODELS_DIR": str(settings.resolved_models_dir),
+        "LYNX_FACE_PACK": settings.face_pack,
+        "LYNX_DEMO_MODEL_DIR": str(root),
+        "LYNX_BASE_MODEL_PATH": str(root / "base"),
+        "LYNX_ADAPTER_PATH": str(root / f"lynx_{variant}"),
+        "LYNX_MODEL_VARIANT": variant,
+    }
+
+
 @contextmanager
 def demo_model_environment(settings: LynxSettings, variant: Variant = "full") -> Iterator[None]:
     """Point LYNX_BASE_MODEL_PATH / LYNX_ADAPTER_PATH at the demo model while the block runs."""

@@ -36,7 +36,7 @@ _COMMAND_GROUPS: list[tuple[str, str | None]] = [
     ("subject", "subject"),
     ("deliver", "deliver"),
     ("faces", "faces"),
-    ("models", None),
+    ("models", "models"),
     ("generate", None),
     ("eval", "eval"),
     ("bench", None),

