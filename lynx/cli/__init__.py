@@ -40,6 +40,8 @@ _COMMAND_GROUPS: list[tuple[str, str | None]] = [
     ("generate", None),
     ("eval", "eval"),
     ("bench", None),
+    ("campaign", "campaign"),
+    ("jobs", "jobs"),
 ]
 
 
