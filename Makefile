@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 GPU ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint clean-venv
+.PHONY: setup demo test test-fast lint clean-venv stack-up stack-down
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,16 @@ test: setup
 test-fast: setup
 	@scripts/ensure-chromium.sh
 	$(PY) -m pytest -m "not slow and not server" $(PYTEST_ARGS)
+
+# A local production-like stack (Prefect server on the local PostgreSQL, SeaweedFS, pools,
+# deployments, a CPU and a GPU worker on the tiny demo model), all under STACK_DIR; see README.
+STACK_DIR ?= .stack
+STACK_PORT ?= 4200
+stack-up: setup
+	$(PY) -m deployments.stack up --state-dir $(STACK_DIR) --port $(STACK_PORT)
+
+stack-down:
+	$(PY) -m deployments.stack down --state-dir $(STACK_DIR)
 
 lint: setup
 	$(PY) -m ruff check .
