@@ -72,9 +72,13 @@ def _read_pids(state: Path) -> list[dict]:
 def _record(state: Path, name: str, pid: int, expect: str | None = None) -> None:
     """Add ``pid`` to STATE/pids.json; ``expect``: wait until its command line holds this text (a
     process recorded by start-workers.sh may still be its exec shim)."""
+    # Right after exec, /proc/PID/cmdline reads empty for a moment: wait for the real one.
     deadline = time.monotonic() + 10
-    while expect and time.monotonic() < deadline and expect not in " ".join(_cmdline(pid) or []):
-        time.sleep(0.05)
+    while time.monotonic() < deadline:
+        cmdline = " ".join(_cmdline(pid) or [])
+        if cmdline and (expect is None or expect in cmdline):
+            break
+        time.sleep(0.02)
     entries = _read_pids(state)
     entries.append({"name": name, "pid": pid, "cmdline": _cmdline(pid) or []})
     (state / PIDS).write_text(json.dumps(entries, indent=2))
