@@ -68,8 +68,10 @@ def run(
 
 def _run_here(file: Path, name: str) -> None:
     from flows.campaign import lynx_campaign
+    from lynx.cli.generate import start_embedded_server
     from lynx.errors import JobFailedError
 
+    start_embedded_server()
     outcomes = lynx_campaign(str(file.resolve()))
     _print_status(name)
     bad = [o for o in outcomes if o.status not in ("completed", "needs_review")]

@@ -9,6 +9,7 @@ on that server but still executes here. The deliverables are copied from the art
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
@@ -42,6 +43,37 @@ def use_embedded_prefect(settings: LynxSettings, *, verbose: bool) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def start_embedded_server() -> None:
+    """Start Prefect's temporary server now, its output going to PREFECT_HOME/server.log.
+
+    Prefect starts it lazily with this process's stderr; at exit it is terminated and uvicorn may log
+    ``asyncio.exceptions.CancelledError: Cancelled via cancel scope`` AFTER our one-line error (seen
+    under load). Started here with stderr pointed at a log file, the child keeps that file, so our
+    line stays the last one on stderr. A no-op with PREFECT_API_URL set or once started.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():  # a real server (or a test harness): nothing to start
+        return
+
+    server = SubprocessASGIServer()  # the instance Prefect's clients use when no API URL is set
+    if server.running:
+        return
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    log = os.open(home / "server.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    saved = os.dup(2)
+    sys.stderr.flush()
+    os.dup2(log, 2)  # the child inherits fd 2 at its start; we take ours back right after
+    try:
+        server.start()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(log)
+
+
 def run_job(
     images: Path | list[Path], prompt: str, generation: GenerationSettings, subject: str | None
 ) -> JobOutcome:
@@ -63,6 +95,7 @@ def run_job(
         check_model_paths(settings_for_variant(settings, generation.variant))
     from flows.generate import lynx
 
+    start_embedded_server()
     paths = [str(image.resolve()) for image in images]
     outcome = lynx(
         image=paths[0] if len(paths) == 1 else paths, prompt=prompt, settings=generation, subject_id=subject
