@@ -93,3 +93,26 @@ def test_unknown_names_ids_and_states_are_one_line_errors(lynx_cli, make_pg_data
         assert result.returncode == code and len(lines) == 1 and message in lines[0], (args, result.stderr)
     empty = lynx_cli("jobs", "list", env=env)
     assert empty.returncode == 0 and empty.stdout.strip() == "no jobs"
+
+
+def test_watch_follows_a_flow_run_and_fails_in_one_line_unless_completed(prefect_harness):
+    from prefect import flow
+
+    from lynx.deployed import watch
+    from lynx.errors import JobFailedError
+
+    @flow(name="lynx-watch-probe")
+    def probe(fail: bool) -> int:
+        if fail:
+            raise ValueError("3 of 3 jobs failed")
+        return 1
+
+    seen: list[str] = []
+    ok = probe(False, return_state=True)
+    assert watch(ok.state_details.flow_run_id, interval=0.1, echo=seen.append).is_completed()
+    assert seen[-1].endswith(": Completed")
+
+    failed = probe(True, return_state=True)
+    with pytest.raises(JobFailedError, match=r"ended Failed: .*3 of 3 jobs failed") as caught:
+        watch(failed.state_details.flow_run_id, interval=0.1, echo=seen.append)
+    assert "\n" not in str(caught.value)

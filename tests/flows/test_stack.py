@@ -98,6 +98,16 @@ def test_stack_up_runs_a_deployed_generate_and_stack_down_stops_every_recorded_p
                    secret_key=client["LYNX_S3_SECRET_KEY"], secure=False)
         assert s3.stat_object(client["LYNX_S3_BUCKET"], job["deliverable"]).size > 0
 
+        # the printed campaign command: submitted to the lynx-campaign deployment, followed to the end
+        campaign = subprocess.run(
+            [sys.executable, "-m", "lynx.cli", "campaign", "run", "examples/campaign.yaml", "--watch",
+             "--interval", "1"],
+            cwd=REPO_ROOT, env=client, capture_output=True, text=True, timeout=240,
+        )
+        assert campaign.returncode == 0, campaign.stdout[-2000:] + campaign.stderr[-2000:]
+        assert "submitted lynx-campaign/campaign" in campaign.stdout and ": Completed" in campaign.stdout
+        assert campaign.stdout.count("completed") == 2  # the status table of its 2 jobs
+
         # graceful stop of the workers the script started: within a few seconds, no SIGKILL
         workers = [e["pid"] for e in recorded if e["name"] == "worker"]
         started = time.monotonic()
