@@ -2,7 +2,8 @@
 # Work pools, the GPU concurrency limit and process workers for lynx on a Prefect server.
 #
 #   export PREFECT_API_URL=http://prefect-host:4200/api
-#   deployments/start-workers.sh setup          # pools lynx-cpu + lynx-gpu, limit lynx-gpu (idempotent)
+#   deployments/start-workers.sh setup          # pools lynx-cpu + lynx-gpu, limit lynx-gpu, automations
+#                                               # (deployments/automations.py); idempotent
 #   deployments/start-workers.sh cpu            # one CPU worker on this machine
 #   deployments/start-workers.sh gpu            # one GPU worker per GPU of this machine
 #   deployments/start-workers.sh all            # setup, then CPU and GPU workers
@@ -19,6 +20,9 @@
 #   LYNX_GPU_SLOTS       slots of the global limit = GPU batches at once across ALL machines
 #                        (default: LYNX_GPU_WORKERS; raise it when you add GPU machines)
 #   LYNX_CPU_WORKER_LIMIT  flow runs one CPU worker runs at once (default 4)
+#   LYNX_HEARTBEAT_WINDOW_SECONDS  a run silent this long is marked Crashed (default 90)
+#   LYNX_NOTIFY_BLOCK    notification block (type/name) for Failed and Crashed runs (default: none)
+#   PYTHON               the Python of the lynx environment (default python; run setup from the checkout)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -48,6 +52,8 @@ setup() {
   else
     "$prefect" gcl create "$gpu_pool" --limit "$slots"
   fi
+  # Runs without heartbeats marked Crashed; failures notified if LYNX_NOTIFY_BLOCK names a block.
+  "${PYTHON:-python}" -m deployments.automations
 }
 
 cpu_worker() {
