@@ -24,18 +24,13 @@ from tasks.policy import is_transient
 from tasks.services import services
 from tasks.states import outcomes_of
 from tasks.tracking import cancel_flow_run_jobs, run_stage, stage_call
-from tests.flows.conftest import TINY_SETTINGS
+from tests.flows.conftest import TINY_SETTINGS, run_campaign, run_lynx
 
 
 def request(photo, prompt="a person smiling", subject_id=None) -> GenerationRequest:
     return GenerationRequest(
         subject=SubjectSpec(id=subject_id, photo=str(photo)), prompt=prompt, settings=TINY_SETTINGS
     )
-
-
-def run_lynx(*args, **kwargs):
-    """The ``lynx`` flow's outcome, whether the run ended Completed or Failed."""
-    return outcomes_of(lynx(*args, return_state=True, **kwargs))
 
 
 def test_only_transient_errors_count_as_transient():
@@ -468,7 +463,6 @@ def test_a_failed_gpu_hand_off_fails_its_batch_alone_and_the_campaign_is_reporte
 
 def test_reading_a_campaign_is_retried_after_a_transient_error(flow_env, photos, tmp_path, monkeypatch):
     import tasks.campaign
-    from flows.campaign import lynx_campaign
     from tests.flows.test_campaign_flow import write_campaign
 
     flow_env(task_retries=1)
@@ -482,6 +476,6 @@ def test_reading_a_campaign_is_retried_after_a_transient_error(flow_env, photos,
 
     monkeypatch.setattr(tasks.campaign, "read_campaign_spec", flaky)
     path = write_campaign(tmp_path, "flaky", {"ghost": str(tmp_path / "missing.jpg")}, ["a person"])
-    [outcome] = lynx_campaign(str(path))
+    [outcome] = run_campaign(str(path))
     assert len(calls) == 2
     assert (outcome.status, outcome.error_stage) == ("failed", "submit")  # no photo: nothing more runs
