@@ -22,7 +22,7 @@
 #   LYNX_CPU_WORKER_LIMIT  flow runs one CPU worker runs at once (default 4)
 #   LYNX_HEARTBEAT_WINDOW_SECONDS  a run silent this long is marked Crashed (default 90)
 #   LYNX_NOTIFY_BLOCK    notification block (type/name) for Failed and Crashed runs (default: none)
-#   PYTHON               the Python of the lynx environment (default python; run setup from the checkout)
+#   PYTHON               the Python of the lynx environment (default: the one next to prefect)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -53,7 +53,20 @@ setup() {
     "$prefect" gcl create "$gpu_pool" --limit "$slots"
   fi
   # Runs without heartbeats marked Crashed; failures notified if LYNX_NOTIFY_BLOCK names a block.
-  "${PYTHON:-python}" -m deployments.automations
+  (cd "$here/.." && "$(python_bin)" -m deployments.automations)
+}
+
+python_bin() {
+  # $PYTHON, else the python next to the prefect command (the lynx environment), else python
+  local found
+  found=$(command -v "$prefect" || true)
+  if [[ -n "${PYTHON:-}" ]]; then
+    echo "$PYTHON"
+  elif [[ -n "$found" && -x "$(dirname "$found")/python" ]]; then
+    echo "$(dirname "$found")/python"
+  else
+    echo python
+  fi
 }
 
 cpu_worker() {
