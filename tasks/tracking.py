@@ -3,7 +3,9 @@
 ``run_stage`` is what every stage task runs its work in: it records a stage row, and when the work
 fails for good it records the stage and the error on the job and hands back a failed ticket, so one
 job's failure never takes the other jobs of a campaign down with it. Transient errors are re-raised
-while Prefect still has retries left.
+while Prefect still has retries left. A stage past its timeout is Prefect's ``TaskRunTimeoutError``,
+caught by ``stage_call`` in the flows; every row records its owner process (``lynx.liveness``) and a
+run's open rows are closed when it ends (``close_run_stages``).
 """
 
 from __future__ import annotations
