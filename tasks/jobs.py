@@ -138,8 +138,8 @@ def _owner(job_id: int, attempt: int) -> Literal["this run", "alive", "gone"]:
     owner = Owner.parse(claim.owner)
     if owner is not None and owner.local and not owner.alive():
         return "gone"
-    if claim.flow_run_id is None:
-        return "alive" if owner is not None and owner.local else "gone"
+    if claim.flow_run_id is None:  # claimed outside any flow run: nothing is working on it any more
+        return "gone"
     from prefect import get_client
 
     try:
