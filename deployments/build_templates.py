@@ -21,12 +21,19 @@ HERE = Path(__file__).resolve().parent
 
 # Environment defaults of the flow-run processes. Deployments and `job_variables` may add more;
 # database and store credentials come from the worker's environment (never from a template).
-CPU_ENV = {"CUDA_VISIBLE_DEVICES": "", "LYNX_FACE_DEVICE": "cpu", "LYNX_DEVICE": "cpu"}
+# Every flow run sends a heartbeat every 30 s (Prefect's minimum); the automation of
+# deployments/automations.py marks a run Crashed when they stop.
+HEARTBEAT = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+CPU_ENV = {"CUDA_VISIBLE_DEVICES": "", "LYNX_FACE_DEVICE": "cpu", "LYNX_DEVICE": "cpu", **HEARTBEAT}
 # Process workers share a host: each GPU worker is started with its own CUDA_VISIBLE_DEVICES, which
 # the flow-run processes inherit, so the template must not set it. Containers get their GPU from
 # the scheduler and fail loudly (LYNX_DEVICE=cuda) if it is missing.
-GPU_ENV = {"LYNX_DEVICE": "auto"}
-CONTAINER_GPU_ENV = {"LYNX_DEVICE": "cuda", "NVIDIA_DRIVER_CAPABILITIES": "compute,utility,video"}
+GPU_ENV = {"LYNX_DEVICE": "auto", **HEARTBEAT}
+CONTAINER_GPU_ENV = {
+    "LYNX_DEVICE": "cuda",
+    "NVIDIA_DRIVER_CAPABILITIES": "compute,utility,video",
+    **HEARTBEAT,
+}
 
 
 def prefect_default(worker_type: str) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 # Work pools, the GPU concurrency limit and process workers for lynx on a Prefect server.
 #
 #   export PREFECT_API_URL=http://prefect-host:4200/api
-#   deployments/start-workers.sh setup          # pools lynx-cpu + lynx-gpu, limit lynx-gpu (idempotent)
+#   deployments/start-workers.sh setup          # pools lynx-cpu + lynx-gpu, limit lynx-gpu, automations
+#                                               # (deployments/automations.py); idempotent
 #   deployments/start-workers.sh cpu            # one CPU worker on this machine
 #   deployments/start-workers.sh gpu            # one GPU worker per GPU of this machine
 #   deployments/start-workers.sh all            # setup, then CPU and GPU workers
@@ -30,6 +31,9 @@
 #   LYNX_CPU_WORKER_LIMIT  flow runs one CPU worker runs at once (default 4)
 #   LYNX_WORKER_PIDS     file of the pids of the workers started here (default ~/.lynx/workers.pids)
 #   LYNX_WORKER_STOP_SECONDS  how long `stop` waits before SIGKILL (default 20)
+#   LYNX_HEARTBEAT_WINDOW_SECONDS  a run silent this long is marked Crashed (default 90)
+#   LYNX_NOTIFY_BLOCK    notification block (type/name) for Failed and Crashed runs (default: none)
+#   PYTHON               the Python of the lynx environment (default: the one next to prefect)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -60,6 +64,21 @@ setup() {
     "$prefect" gcl update "$gpu_pool" --limit "$slots"
   else
     "$prefect" gcl create "$gpu_pool" --limit "$slots"
+  fi
+  # Runs without heartbeats marked Crashed; failures notified if LYNX_NOTIFY_BLOCK names a block.
+  (cd "$here/.." && "$(python_bin)" -m deployments.automations)
+}
+
+python_bin() {
+  # $PYTHON, else the python next to the prefect command (the lynx environment), else python
+  local found
+  found=$(command -v "$prefect" || true)
+  if [[ -n "${PYTHON:-}" ]]; then
+    echo "$PYTHON"
+  elif [[ -n "$found" && -x "$(dirname "$found")/python" ]]; then
+    echo "$(dirname "$found")/python"
+  else
+    echo python
   fi
 }
 

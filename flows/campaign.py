@@ -20,27 +20,32 @@ from tasks.gpu import decoded_earlier, gpu_batches, run_gpu_batch
 from tasks.jobs import submit_jobs
 from tasks.policy import configured
 from tasks.report import report_campaign
-from tasks.tracking import cancel_flow_run_jobs
+from tasks.states import campaign_state
+from tasks.tracking import ENDED_HOOKS, CancelWatch, cancel_flow_run_jobs, stage_call
 
 
-@flow(name="lynx-campaign", on_cancellation=[cancel_flow_run_jobs], log_prints=True)
+@flow(name="lynx-campaign", on_cancellation=[cancel_flow_run_jobs], **ENDED_HOOKS, log_prints=True)
 def lynx_campaign(campaign_file: str | None = None, name: str | None = None) -> list[JobOutcome]:
     """Run (or re-run) a campaign: ``campaign_file`` is a YAML/JSON file on the worker or an
-    artifact-store key; with only ``name``, the spec stored by its last run is used."""
+    artifact-store key; with only ``name``, the spec stored by its last run is used.
+
+    Ends Completed only when every job completed or is held for review, else Failed ("3 of 20 jobs
+    failed: <first reason>"); the outcomes are readable either way (``tasks.states.outcomes_of``)."""
     # Step 1: read and validate the campaign
     spec = configured(read_campaign, "submit")(campaign_file, name)
     # Step 2: upload photos, register subjects and jobs (completed skipped, failed retried)
     tickets = configured(submit_jobs, "submit")(spec.requests(), spec.model_dump(mode="json"))
     # Step 3: face stage for every job (computed once per subject, reused by its other jobs)
-    tickets = [configured(face_stage, "face")(ticket) for ticket in tickets]
+    tickets = [stage_call(face_stage, "face", ticket) for ticket in tickets]
     # Step 4: GPU batches of LYNX_GPU_BATCH_SIZE, as many at once as the GPU pool's limit allows
     gpu_runs = run_gpu_batch.map(gpu_batches(tickets), gpu_flow=unmapped(lynx_gpu))
     # Step 5: deliver the jobs decoded by an earlier run now, and each batch's jobs as soon as its
     # GPU run is done (later batches keep running)
     for job in decoded_earlier(tickets):
-        configured(deliver_stage, "deliver")(job)
+        stage_call(deliver_stage, "deliver", job)
     for run in gpu_runs:
         for job in run.result():
-            configured(deliver_stage, "deliver")(job)
-    # Step 6: summary table of every job (this run's and earlier runs')
-    return configured(report_campaign, "report")(spec.name, tickets)
+            stage_call(deliver_stage, "deliver", job)
+    # Step 6: summary table of every job (this run's and earlier runs'); the run's state says it too
+    outcomes = configured(report_campaign, "report")(spec.name, tickets)
+    return campaign_state(outcomes, cancelling=CancelWatch(every=0)())

@@ -19,10 +19,11 @@ from tasks.gpu import run_gpu_batch
 from tasks.jobs import submit_jobs
 from tasks.policy import configured
 from tasks.report import report_job
-from tasks.tracking import cancel_flow_run_jobs
+from tasks.states import job_state
+from tasks.tracking import ENDED_HOOKS, CancelWatch, cancel_flow_run_jobs, stage_call
 
 
-@flow(name="lynx", on_cancellation=[cancel_flow_run_jobs], log_prints=True)
+@flow(name="lynx", on_cancellation=[cancel_flow_run_jobs], **ENDED_HOOKS, log_prints=True)
 def lynx(
     image: str | list[str],
     prompt: str,
@@ -37,6 +38,9 @@ def lynx(
     or a list of them: several photos of the same person, fused into one identity.
     ``subject_id`` names the person across jobs (their face is then analysed once); without it
     every run registers a new subject.
+
+    Ends Failed when the job failed, with its one-line reason (the outcome is reported and stored
+    first, and readable from the state: ``tasks.states.outcomes_of``), Cancelled when cancelled.
     """
     photos = [image] if isinstance(image, str) else list(image)
     request = GenerationRequest(
@@ -48,10 +52,11 @@ def lynx(
     # Step 1: upload the photo, register subject and job (a completed job is not redone)
     [ticket] = configured(submit_jobs, "submit")([request])
     # Step 2: face: detect, align, embed
-    ticket = configured(face_stage, "face")(ticket)
+    ticket = stage_call(face_stage, "face", ticket)
     # Step 3: GPU stages (reference, text, sample, decode) as a lynx-gpu flow run
     [ticket] = run_gpu_batch([ticket], gpu_flow=lynx_gpu)
     # Step 4: deliver: upscale, encode, verify, publish
-    configured(deliver_stage, "deliver")(ticket)
-    # Step 5: the outcome, with a link to the deliverable
-    return configured(report_job, "report")(ticket)
+    stage_call(deliver_stage, "deliver", ticket)
+    # Step 5: the outcome, with a link to the deliverable; the run ends Failed if the job failed
+    outcome = configured(report_job, "report")(ticket)
+    return job_state(outcome, cancelling=CancelWatch(every=0)())

@@ -261,10 +261,30 @@ class LynxSettings(BaseSettings):
     )
     gpu_deployment_timeout: float | None = Field(
         default=None, gt=0,
-        description="Seconds to wait for one GPU flow run (queueing included) before cancelling it and "
-        "giving its jobs up as failed. Unset: what its stages may take, LYNX_MODEL_LOAD_TIMEOUT plus, per "
-        "job, twice LYNX_REFERENCE_TIMEOUT (reference, text), LYNX_SAMPLE_TIMEOUT and "
-        "LYNX_DECODE_TIMEOUT, plus 10 minutes for the run to start.",
+        description="An operator's limit in seconds on waiting for one GPU flow run (queueing included): "
+        "past it the run is cancelled and its unfinished jobs fail. Unset: wait until the run is final "
+        "(a run whose process died is marked Crashed by the heartbeat automation, see docs/flows.md).",
+    )
+    gpu_poll_seconds: float = Field(
+        default=10.0, gt=0, le=300,
+        description="Seconds between two reads of a GPU flow run's state by the flow waiting for it.",
+    )
+    gpu_resubmit_attempts: int = Field(
+        default=2, ge=0, le=20,
+        description="Times a batch's unfinished jobs are handed to the GPU pool again after their GPU flow "
+        "run crashed (sampling resumes from its checkpoints); then they fail with the reason.",
+    )
+    heartbeat_window_seconds: int = Field(
+        default=90, ge=31, le=3600,
+        description="Seconds without a flow-run heartbeat after which the automation made by "
+        "`deployments/start-workers.sh setup` marks a lynx flow run Crashed (more than "
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY, which Prefect keeps at 30 s or more).",
+    )
+    notify_block: str | None = Field(
+        default=None,
+        description="Name of a Prefect notification block (e.g. a slack-webhook block 'lynx-alerts'); "
+        "with it, `deployments/start-workers.sh setup` creates an automation that notifies on Failed and "
+        "Crashed lynx flow runs. Unset: no notification automation.",
     )
     gpu_pool: str = Field(
         default="lynx-gpu",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,10 +24,9 @@ from prefect.concurrency.sync import concurrency
 
 from lynx.db.models import JobStatus, StageStatus
 from lynx.errors import ConfigurationError
-from lynx.jobs import GpuBatchRequest, JobTicket
+from lynx.jobs import GpuBatchRequest, GpuJobSpec, JobTicket
 from lynx.ledger import video_of
 from lynx.settings import LynxSettings
-from tasks.policy import gpu_run_timeout
 from tasks.services import services
 from tasks.tracking import close_open_stages, error_text, fail_job, latest_stage, request_cancellation
 
@@ -93,30 +93,88 @@ def _state_text(run_name: str, state: Any) -> str:
     return f"GPU flow run {run_name} ended {name}" + (f": {message[0]}" if message else "")
 
 
+def wait_for_final(flow_run_id: Any, settings: LynxSettings) -> Any | None:
+    """The GPU run's final state, read every LYNX_GPU_POLL_SECONDS; None past the operator's limit
+    LYNX_GPU_DEPLOYMENT_TIMEOUT (unset: no limit). A run whose process died is marked Crashed by the
+    heartbeat automation (deployments/automations.py), which bounds the wait (docs/flows.md)."""
+    from prefect import get_client
+
+    limit = settings.gpu_deployment_timeout
+    deadline = None if limit is None else time.monotonic() + limit
+    while True:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+        if state is not None and state.is_final():
+            return state
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        pause = settings.gpu_poll_seconds
+        time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
+
+
+def unfinished_jobs(batch: GpuBatchRequest) -> list[GpuJobSpec]:
+    """The batch's jobs a crashed GPU run left to do: still running, no decoded video of their attempt."""
+    tracker = services().tracker
+    left = []
+    for spec in batch.jobs:
+        if tracker.get_job(spec.job_id).status is not JobStatus.RUNNING:
+            continue  # failed or cancelled in the GPU run: recorded already
+        if latest_stage(spec.job_id, "decode", attempt=spec.attempt, status=StageStatus.COMPLETED) is None:
+            left.append(spec)
+    return left
+
+
 def run_on_gpu_pool(batch: GpuBatchRequest, settings: LynxSettings) -> str | None:
-    """Run the batch as a run of LYNX_GPU_DEPLOYMENT; returns why it did not complete, if it did not."""
+    """Run the batch as a run of LYNX_GPU_DEPLOYMENT; returns why it did not complete, if it did not.
+
+    When the run ends Crashed (its process or machine died; the heartbeat automation says so), the
+    jobs it left unfinished go to the GPU pool again as a new run, up to LYNX_GPU_RESUBMIT_ATTEMPTS
+    times; their sampling resumes from its last checkpoint.
+    """
     from prefect.deployments import run_deployment
 
-    videos = sum(job.settings.candidates for job in batch.jobs)
-    timeout = gpu_run_timeout(settings, len(batch.jobs), videos=videos)
-    run = run_deployment(
-        settings.gpu_deployment,
-        parameters={"batch": batch.model_dump(mode="json")},
-        timeout=timeout,
-        flow_run_name=f"gpu-jobs-{'-'.join(map(str, batch.job_ids[:8]))}",
-    )
-    if run.state is not None and run.state.is_completed():
-        return None
-    if run.state is None or not run.state.is_final():
-        try:
-            request_cancellation(run.id, "the calling flow gave up waiting")
-        except Exception:  # best effort: its jobs are failed either way
-            log.warning("could not cancel GPU flow run %s", run.name, exc_info=True)
-        return (
-            f"GPU flow run {run.name} did not finish within {timeout:.0f} s "
-            "(setting: LYNX_GPU_DEPLOYMENT_TIMEOUT)"
+    name = f"gpu-jobs-{'-'.join(map(str, batch.job_ids[:8]))}"
+    resubmits = settings.gpu_resubmit_attempts
+    for attempt in range(resubmits + 1):
+        run_name = name if attempt == 0 else f"{name}-resubmit-{attempt}"
+        # timeout=0: created and left to run; its state is polled here
+        run = run_deployment(
+            settings.gpu_deployment,
+            parameters={"batch": batch.model_dump(mode="json")},
+            timeout=0,
+            flow_run_name=run_name,
         )
-    return _state_text(run.name, run.state)
+        state = wait_for_final(run.id, settings)
+        if state is None:
+            try:
+                request_cancellation(run.id, "the calling flow gave up waiting")
+            except Exception:  # best effort: its jobs are failed either way
+                log.warning("could not cancel GPU flow run %s", run_name, exc_info=True)
+            return (
+                f"GPU flow run {run_name} did not finish within {settings.gpu_deployment_timeout:.0f} s "
+                "(setting: LYNX_GPU_DEPLOYMENT_TIMEOUT)"
+            )
+        if state.is_completed():
+            return None
+        problem = _state_text(run_name, state)
+        if not state.is_crashed():
+            return problem
+        left = unfinished_jobs(batch)
+        if not left:
+            return None
+        if attempt == resubmits:
+            return f"{problem} (re-submitted {resubmits} times; setting: LYNX_GPU_RESUBMIT_ATTEMPTS)"
+        for spec in left:
+            close_open_stages(spec.job_id, problem)
+        log.warning(
+            "%s: re-submitting jobs %s to the GPU pool (%s of %s)",
+            problem,
+            [spec.job_id for spec in left],
+            attempt + 1,
+            resubmits,
+        )
+        batch = batch.model_copy(update={"jobs": left})
+    return None  # not reached: the last attempt returns above
 
 
 def run_in_process(batch: GpuBatchRequest, gpu_flow: Flow) -> str | None:
@@ -211,6 +269,7 @@ def run_gpu_batch(tickets: list[JobTicket], gpu_flow: Flow) -> list[JobTicket]:
     Not ``configured()`` like the stages: a retry would start a second GPU run for jobs the first
     may still be running (and ``run_batch`` raises nothing to retry on), and a task timeout would
     also count the wait for a GPU slot behind a campaign's earlier batches. The wait for the run
-    itself is bounded by ``gpu_run_timeout`` (LYNX_GPU_DEPLOYMENT_TIMEOUT).
+    ends when Prefect calls it final (a dead run is marked Crashed and re-submitted), or at the
+    operator's LYNX_GPU_DEPLOYMENT_TIMEOUT.
     """
     return run_batch(tickets, gpu_flow)

@@ -3,7 +3,8 @@
 Re-running the same requests finds the same jobs (a job is identified by subject, prompts and
 settings): completed jobs are handed back as they are while their deliverables verify (else they
 are failed and retried), failed and cancelled ones are retried with their attempt counter raised,
-and a job left 'running' by a run that died is retried too. A retried job whose decoded video an
+and a job left 'running' by a run that died (its process gone, or its flow run final in Prefect)
+is retried too. A retried job whose decoded video an
 earlier attempt stored goes straight to delivery (``lynx.ledger``). A subject
 whose photo cannot be found still gets its jobs, failed at this stage with the reason, and a purged
 subject's requests come back failed at this stage with the reason (no job is recorded for them), so
@@ -37,11 +38,12 @@ from lynx.errors import (
     NotFoundError,
 )
 from lynx.jobs import GenerationRequest, JobTicket, SubjectSpec
+from lynx.liveness import Owner
 from lynx.settings import LynxSettings
 from lynx.store import StoredObject, validate_key
 from tasks.policy import retry_on_transient
 from tasks.services import services
-from tasks.tracking import close_open_stages, current_flow_run_id, run_stage, silent_too_long
+from tasks.tracking import close_open_stages, current_flow_run_id, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -123,24 +125,30 @@ def check_run_settings(settings: LynxSettings, *, candidates: bool = False) -> C
 
 def _owner(job_id: int, attempt: int) -> Literal["this run", "alive", "gone"]:
     """Who is working on a 'running' job: this flow run (a retried submit), another live run, or
-    nobody (the run that last recorded a stage for it has ended: crashed, killed, ..., or has been
-    silent for longer than a live run can be, whatever Prefect says)."""
+    nobody. The run that claimed the job (its first stage row of the attempt) owns it: a GPU run it
+    started is its business (it re-submits or fails that run's jobs). The owner is gone when its
+    process on this machine is (``lynx.liveness``: known at once), or when Prefect calls its flow run
+    final (Crashed included: the heartbeat automation marks a dead run so) or does not know it."""
     rows = [run for run in services().tracker.stage_runs(job_id) if run.attempt == attempt]
-    flow_run_id = rows[-1].flow_run_id if rows else None
-    if flow_run_id is None:
+    if not rows:
         return "gone"
-    if flow_run_id == current_flow_run_id():
+    claim = rows[0]
+    if claim.flow_run_id is not None and claim.flow_run_id == current_flow_run_id():
         return "this run"
+    owner = Owner.parse(claim.owner)
+    if owner is not None and owner.local and not owner.alive():
+        return "gone"
+    if claim.flow_run_id is None:  # claimed outside any flow run: nothing is working on it any more
+        return "gone"
     from prefect import get_client
 
     try:
         with get_client(sync_client=True) as client:
-            state = client.read_flow_run(flow_run_id).state
-    except Exception:  # unknown to this Prefect server: nobody is working on it here
-        return "gone"
-    if state is None or state.is_final():
-        return "gone"
-    return "gone" if silent_too_long(flow_run_id) else "alive"
+            state = client.read_flow_run(claim.flow_run_id).state
+    except Exception:  # unknown to this Prefect server
+        # its process lives on this machine: trust it; elsewhere nobody here can tell, take it over
+        return "alive" if owner is not None and owner.local else "gone"
+    return "gone" if state is None or state.is_final() else "alive"
 
 
 def _claim(job_id: int) -> tuple[bool, JobStatus, int]:

@@ -11,7 +11,6 @@ one job passes through the stages of one flow run; only their stored forms leave
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import threading
 import time
@@ -27,7 +26,7 @@ from lynx.jobs import GpuBatchRequest, GpuJobSpec, Variant
 from lynx.model_loading import settings_for_variant
 from lynx.settings import LynxSettings
 from tasks.services import services
-from tasks.tracking import error_text, run_stage, timeout_text
+from tasks.tracking import error_text, run_stage
 
 if TYPE_CHECKING:
     import torch
@@ -169,11 +168,6 @@ def load_batch_model(batch: GpuBatchRequest) -> ModelHandle:
         model, reused = loaded_model(settings_for_variant(svc.settings, batch.variant))
     except Exception as err:  # missing weights, bad settings: every job of the batch fails with it
         return ModelHandle(error=error_text(err))
-    except asyncio.CancelledError as err:  # how the task's timeout arrives; a cancelled run is let go
-        timed_out = timeout_text(err, "model", started, "loading the model", svc.settings)
-        if timed_out is None:
-            raise
-        return ModelHandle(error=timed_out)
     svc.tracker.record_compute_event(
         "model_load",
         model.version,

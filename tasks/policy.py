@@ -29,12 +29,8 @@ _TIMEOUT_SETTING = {
     "deliver": "deliver_timeout",
     "report": "face_timeout",
 }
-# The stages one job passes through in a GPU flow run (after the batch's model load).
-_GPU_JOB_STAGES = ("reference", "text", "sample", "decode")
 # Stages whose work (and timeout) grows with the job's candidates: one video each.
 PER_VIDEO_STAGES = ("sample", "decode")
-# Slack on a GPU run's stage timeouts for its worker to pick it up and start (queueing).
-GPU_QUEUE_MARGIN_S = 600.0
 
 
 def is_transient(err: BaseException) -> bool:
@@ -65,30 +61,8 @@ def stage_timeout(stage: str, settings: LynxSettings | None = None, *, videos: i
     return float(getattr(settings, _TIMEOUT_SETTING[stage])) * per_video
 
 
-def longest_stage_timeout(settings: LynxSettings | None = None) -> float:
-    settings = settings or get_settings()
-    return max(float(getattr(settings, name)) for name in set(_TIMEOUT_SETTING.values()))
-
-
 def timeout_setting(stage: str) -> str:
     return f"LYNX_{_TIMEOUT_SETTING[stage].upper()}"
-
-
-def gpu_run_timeout(
-    settings: LynxSettings | None = None, jobs: int | None = None, *, videos: int | None = None
-) -> float:
-    """Seconds to wait for one GPU flow run of ``jobs`` jobs (default LYNX_GPU_BATCH_SIZE) making
-    ``videos`` videos in all (default one per job; candidates count each): LYNX_GPU_DEPLOYMENT_TIMEOUT,
-    or what a live run can take by its stage timeouts, plus queueing."""
-    settings = settings or get_settings()
-    if settings.gpu_deployment_timeout is not None:
-        return float(settings.gpu_deployment_timeout)
-    jobs = jobs or settings.gpu_batch_size
-    videos = videos or jobs
-    once = [stage for stage in _GPU_JOB_STAGES if stage not in PER_VIDEO_STAGES]
-    per_job = sum(stage_timeout(stage, settings) for stage in once)
-    per_video = sum(stage_timeout(stage, settings) for stage in PER_VIDEO_STAGES)
-    return stage_timeout("model", settings) + jobs * per_job + videos * per_video + GPU_QUEUE_MARGIN_S
 
 
 def configured(task: T, stage: str, settings: LynxSettings | None = None, *, videos: int = 1) -> T:

@@ -28,6 +28,11 @@ its one-seed call's), as many per batch as ``candidate_batch_size`` allows:
 Batches run one after another, so the candidates that do not fit in memory at once still share
 the encodings. Their latents are kept stacked, ``[N, C, F, H, W]``.
 A job's candidate batches are checkpointed and resumed each on its own.
+
+Cancelling the run (or the run that started it) stops the loop at the next step boundary: after
+each step the loop reads the run's state (at most every ``CANCEL_CHECK_INTERVAL`` seconds), and when
+it is Cancelling the stage raises ``RunCancelling`` once the newest checkpoint is stored; the job
+ends cancelled and a re-run resumes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from lynx.settings import LynxSettings
 from tasks.model import GpuJob, LoadedModel
 from tasks.policy import retry_on_transient
 from tasks.services import Services, services
-from tasks.tracking import run_stage
+from tasks.tracking import CancelWatch, RunCancelling, run_stage
 
 if TYPE_CHECKING:
     from lynx_model.sampling import SamplingCheckpoint
@@ -57,6 +62,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 1.0
+# Seconds between two reads of the run's state by the denoising loop (at most once per step).
+CANCEL_CHECK_INTERVAL = 1.0
 
 
 class SamplingProgress:
@@ -287,6 +294,21 @@ def sample_batch(
     return output, start, (writer.stored if writer is not None else []), (writer.failed if writer else 0)
 
 
+def stop_when_cancelled(callback: Any, cancelling: CancelWatch, job_id: int) -> Any:
+    """The progress callback, raising ``RunCancelling`` after a step when the run is being cancelled:
+    the pipeline stops at that step boundary and the checkpoint writer finishes storing the newest
+    checkpoint (``sample_batch`` closes it), which a re-run resumes from."""
+
+    def step(step_index: int, num_steps: int, timestep: float) -> None:
+        callback(step_index, num_steps, timestep)
+        if cancelling():
+            raise RunCancelling(
+                f"job {job_id}: the flow run was cancelled at step {step_index + 1}/{num_steps}"
+            )
+
+    return step
+
+
 def sample_job(job: GpuJob, recorder: Any) -> GpuJob:
     import torch
 
@@ -300,12 +322,15 @@ def sample_job(job: GpuJob, recorder: Any) -> GpuJob:
         size = candidate_batch_size(job.model, settings, svc.settings)
     batches = [seeds[i : i + size] for i in range(0, len(seeds), size)]
     progress = SamplingProgress(job.job_id, steps * len(seeds))
+    cancelling = CancelWatch(every=CANCEL_CHECK_INTERVAL)
     started = time.monotonic()
     latents, seconds, starts, stored, failed, cache_stats = [], [], [], [], 0, []
     with tempfile.TemporaryDirectory(dir=svc.workdir("checkpoints")) as scratch:
         for batch in batches:
             begun = time.monotonic()
-            callback = progress.of_videos(seeds.index(batch[0]), len(batch), len(seeds))
+            callback = stop_when_cancelled(
+                progress.of_videos(seeds.index(batch[0]), len(batch), len(seeds)), cancelling, job.job_id
+            )
             out, start, saved, failures = sample_batch(
                 job, batch, batch_tag(batch, seeds), callback, every, Path(scratch)
             )

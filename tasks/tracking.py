@@ -3,34 +3,37 @@
 ``run_stage`` is what every stage task runs its work in: it records a stage row, and when the work
 fails for good it records the stage and the error on the job and hands back a failed ticket, so one
 job's failure never takes the other jobs of a campaign down with it. Transient errors are re-raised
-while Prefect still has retries left.
+while Prefect still has retries left. A stage past its timeout is Prefect's ``TaskRunTimeoutError``,
+caught by ``stage_call`` in the flows; every row records its owner process (``lynx.liveness``) and a
+run's open rows are closed when it ends (``close_run_stages``).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
+from prefect import Task
 from prefect.context import TaskRunContext
-from sqlalchemy import func, select
-from sqlalchemy.orm import aliased
+from prefect.task_engine import TaskRunTimeoutError
+from sqlalchemy import select
 
-from lynx.db.models import JobStatus, StageRun, StageStatus, utcnow
+from lynx.db.models import JobStatus, StageRun, StageStatus
 from lynx.db.tracking import StageRecorder
 from lynx.errors import IllegalTransitionError, LynxError
-from lynx.settings import LynxSettings
-from tasks.policy import is_transient, longest_stage_timeout, stage_timeout, timeout_setting
+from lynx.liveness import this_process
+from tasks.policy import configured, is_transient, timeout_setting
 from tasks.services import services
 
 log = logging.getLogger(__name__)
 
 ACTIVE_STATUSES = (JobStatus.PENDING, JobStatus.RUNNING)
-# Slack on top of a stage's timeout for a live run to record how the stage ended (retries, slow
-# database); a run silent for longer than that is taken for dead (see ``silent_too_long``).
-SILENCE_MARGIN_S = 600.0
+
+
+class RunCancelling(Exception):
+    """Raised in a stage when its flow run is being cancelled (``cancel_requested``): the stage
+    stops at a safe point and its job ends cancelled."""
 
 
 class Ticket(Protocol):
@@ -85,25 +88,58 @@ def run_stage(
     if not ticket.active:
         return ticket
     tracker = services().tracker
-    started = time.monotonic()
     try:
         with tracker.stage(
-            ticket.job_id, stage, inputs=inputs, flow_run_id=current_flow_run_id()
+            ticket.job_id, stage, inputs=inputs, flow_run_id=current_flow_run_id(), owner=str(this_process())
         ) as recorder:
             return work(recorder)
-    except BaseException as err:  # noqa: B036 - timeouts arrive as CancelledError (a BaseException)
-        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+    except BaseException as err:  # noqa: B036 - a task's timeout arrives as CancelledError (a BaseException)
+        if isinstance(err, (KeyboardInterrupt, SystemExit)) or _is_cancellation(err):
+            # Prefect turns the cancellation of its timeout into TaskRunTimeoutError: ``stage_call``
+            raise
+        if isinstance(err, RunCancelling):
+            mark_cancelled([ticket.job_id])
             raise
         if is_transient(err) and _retries_left():
             log.warning("job %s: %s failed on a transient error, retrying: %s", ticket.job_id, stage, err)
             raise
-        timed_out = timeout_text(err, stage, started, f"{stage} stage", videos=getattr(ticket, "videos", 1))
-        if timed_out is None and _is_cancellation(err):
-            mark_cancelled([ticket.job_id])
-            raise
-        text = timed_out or error_text(err)
+        text = error_text(err)
         if not isinstance(err, LynxError):
             log.exception("job %s: %s failed", ticket.job_id, stage)
+        fail_job(ticket.job_id, stage, text)
+        return ticket.as_failed(stage, text)
+
+
+def timeout_reason(stage: str, seconds: float | None, what: str | None = None) -> str:
+    """The one-line reason of a stage past its timeout, naming the setting."""
+    return (
+        f"{what or f'{stage} stage'} timed out after {seconds or 0:.0f} s (setting: {timeout_setting(stage)})"
+    )
+
+
+def stage_call(
+    stage_task: Task,
+    stage: str,
+    *args: Any,
+    videos: int = 1,
+    ticket: Any = None,
+    on_timeout: Callable[[str], Any] | None = None,
+) -> Any:
+    """Call the stage's task, ``configured`` for ``stage``; when it runs past its timeout (Prefect's
+    ``TaskRunTimeoutError``), its job (``ticket``, by default the last argument) fails naming the
+    setting, or ``on_timeout(reason)`` says what to return instead. A flow's other jobs go on."""
+    bounded = configured(stage_task, stage, videos=videos)
+    try:
+        return bounded(*args)
+    except TaskRunTimeoutError:
+        text = timeout_reason(
+            stage, bounded.timeout_seconds, "loading the model" if stage == "model" else None
+        )
+        log.error("%s", text)
+        if on_timeout is not None:
+            return on_timeout(text)
+        ticket = args[-1] if ticket is None else ticket
+        close_open_stages(ticket.job_id, text)
         fail_job(ticket.job_id, stage, text)
         return ticket.as_failed(stage, text)
 
@@ -112,28 +148,6 @@ def _is_cancellation(err: BaseException) -> bool:
     import asyncio
 
     return isinstance(err, asyncio.CancelledError)
-
-
-def timeout_text(
-    err: BaseException,
-    stage: str,
-    started: float,
-    what: str,
-    settings: LynxSettings | None = None,
-    *,
-    videos: int = 1,
-) -> str | None:
-    """The one-line reason when ``err`` is the stage's timeout (``what`` names the work), else None.
-
-    Prefect delivers a task's timeout as a cancellation, as it does a cancelled run: one that comes
-    before the stage's timeout is up is the run being cancelled, not the stage timing out.
-    """
-    if not _is_cancellation(err):
-        return None
-    elapsed = time.monotonic() - started
-    if elapsed < stage_timeout(stage, settings, videos=videos) * 0.99:
-        return None
-    return f"{what} timed out after {elapsed:.0f} s (setting: {timeout_setting(stage)})"
 
 
 def fail_job(job_id: int, stage: str, text: str) -> None:
@@ -170,40 +184,6 @@ def jobs_of_flow_run(flow_run_id: str) -> list[int]:
                 .order_by(StageRun.job_id)
             )
         )
-
-
-def last_activity(flow_run_id: str) -> StageRun | None:
-    """The stage row with the newest start or finish among the jobs a flow run worked on (in the
-    attempts it worked on), whichever run wrote it: its GPU runs record its jobs' GPU stages."""
-    mine = aliased(StageRun)
-    activity = func.coalesce(StageRun.finished_at, StageRun.started_at)
-    with services().tracker.transaction() as session:
-        return session.scalars(
-            select(StageRun)
-            .join(mine, (mine.job_id == StageRun.job_id) & (mine.attempt == StageRun.attempt))
-            .where(mine.flow_run_id == flow_run_id)
-            .order_by(activity.desc(), StageRun.id.desc())
-            .limit(1)
-        ).first()
-
-
-def silent_too_long(flow_run_id: str, now: datetime | None = None) -> bool:
-    """Whether a flow run that Prefect still calls running has died unreported.
-
-    Prefect marks a run final only if something reports it: on the embedded server a run killed by
-    SIGKILL, the OOM killer or a reboot (or one whose worker machine died) stays 'Running' for good.
-    A live run ends every stage within the stage's timeout and starts the next stage within the
-    longest one (waiting for a GPU batch or loading the model); past that, plus a margin, it is gone.
-    """
-    newest = last_activity(flow_run_id)
-    if newest is None:
-        return True
-    if newest.status is StageStatus.RUNNING:
-        videos = services().tracker.get_job(newest.job_id).params.get("candidates", 1)
-        since, limit = newest.started_at, stage_timeout(newest.stage, videos=videos)
-    else:
-        since, limit = newest.finished_at or newest.started_at, longest_stage_timeout()
-    return (now or utcnow()) - since > timedelta(seconds=limit + SILENCE_MARGIN_S)
 
 
 def close_open_stages(job_id: int, text: str) -> None:
@@ -265,3 +245,82 @@ def cancel_flow_run_jobs(flow: Any, flow_run: Any, state: Any) -> None:
         return
     if children:
         log.info("flow run %s cancelled: GPU runs %s cancelled too", flow_run.name, children)
+
+
+def close_run_stages(flow: Any, flow_run: Any, state: Any) -> None:
+    """Prefect hook when a flow run ends (completed, failed, crashed, cancelled): every stage row it
+    left 'running' is closed as failed, so no row outlives its run."""
+    text = (
+        f"flow run {flow_run.name} ended {state.name if state is not None else ''} before this stage finished"
+    )
+    try:
+        with services().tracker.transaction() as session:
+            open_rows = list(
+                session.scalars(
+                    select(StageRun.id).where(
+                        StageRun.flow_run_id == str(flow_run.id), StageRun.status == StageStatus.RUNNING
+                    )
+                )
+            )
+        for row in open_rows:
+            try:
+                services().tracker.record_stage_finish(row, status=StageStatus.FAILED, error_text=text)
+            except IllegalTransitionError:
+                continue
+    except Exception:  # the database is down (the run's error says so): the next run's submit closes them
+        log.debug("stage rows of flow run %s not closed", flow_run.name, exc_info=True)
+
+
+# A flow's hooks for its end: its stage rows closed whatever the end (cancellation: its own hook).
+ENDED_HOOKS: dict[str, Any] = dict(
+    on_completion=[close_run_stages], on_failure=[close_run_stages], on_crashed=[close_run_stages]
+)
+
+
+def _run_and_ancestors(client: Any, flow_run_id: Any) -> list[Any]:
+    """The flow run's id and those of the runs above it (a subflow's parent, a GPU run's caller)."""
+    ids = []
+    while flow_run_id is not None and len(ids) < 8:
+        ids.append(flow_run_id)
+        run = client.read_flow_run(flow_run_id)
+        parent_task = run.parent_task_run_id
+        flow_run_id = client.read_task_run(parent_task).flow_run_id if parent_task else None
+    return ids
+
+
+class CancelWatch:
+    """Whether the running flow run (or a run above it) is being cancelled; it asks the Prefect API
+    at most every ``every`` seconds and says False outside a flow run or when the API cannot tell."""
+
+    def __init__(self, every: float = 1.0) -> None:
+        self.every = every
+        self._ids: list[Any] | None = None
+        self._last = float("-inf")
+        self._cancelled = False
+
+    def __call__(self) -> bool:
+        import time
+
+        now = time.monotonic()
+        if self._cancelled or now - self._last < self.every:
+            return self._cancelled
+        self._last = now
+        flow_run_id = current_flow_run_id()
+        if flow_run_id is None:
+            return False
+        from prefect import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        try:
+            with get_client(sync_client=True) as client:
+                if self._ids is None:
+                    self._ids = _run_and_ancestors(client, flow_run_id)
+                runs = client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=self._ids))
+                )
+        except Exception:  # best effort: the worker's own cancellation still stops the run
+            log.debug("could not read the state of flow run %s", flow_run_id, exc_info=True)
+            return False
+        states = [run.state for run in runs if run.state is not None]
+        self._cancelled = any(state.is_cancelling() or state.is_cancelled() for state in states)
+        return self._cancelled

@@ -285,6 +285,8 @@ class StageRun(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     error_text: Mapped[str | None] = mapped_column(Text)
     flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    # host:pid:process start of the process that ran it (``lynx.liveness``)
+    owner: Mapped[str | None] = mapped_column(String(300))
 
     job: Mapped[Job] = relationship(back_populates="stage_runs")
 

@@ -350,7 +350,13 @@ class Tracker:
 
     # --- stage runs ----------------------------------------------------------------------------
     def record_stage_start(
-        self, job_id: int, stage: str, *, inputs: Sequence[str] = (), flow_run_id: str | None = None
+        self,
+        job_id: int,
+        stage: str,
+        *,
+        inputs: Sequence[str] = (),
+        flow_run_id: str | None = None,
+        owner: str | None = None,
     ) -> StageRun:
         with self.transaction() as session:
             job = _get(session, Job, job_id)
@@ -360,6 +366,7 @@ class Tracker:
                 attempt=job.attempt,
                 input_keys=list(inputs),
                 flow_run_id=flow_run_id,
+                owner=owner,
                 started_at=utcnow(),
             )
             session.add(run)
@@ -409,10 +416,16 @@ class Tracker:
 
     @contextmanager
     def stage(
-        self, job_id: int, stage: str, *, inputs: Sequence[str] = (), flow_run_id: str | None = None
+        self,
+        job_id: int,
+        stage: str,
+        *,
+        inputs: Sequence[str] = (),
+        flow_run_id: str | None = None,
+        owner: str | None = None,
     ) -> Iterator[StageRecorder]:
         """Record a stage around a block: failed with the error's text if the block raises."""
-        run = self.record_stage_start(job_id, stage, inputs=inputs, flow_run_id=flow_run_id)
+        run = self.record_stage_start(job_id, stage, inputs=inputs, flow_run_id=flow_run_id, owner=owner)
         recorder = StageRecorder(run.id)
         started = time.monotonic()
         try:

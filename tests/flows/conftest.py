@@ -123,3 +123,19 @@ def flow_env(
 
     yield configure
     reset_process_state()
+
+
+def run_lynx(*args, **kwargs):
+    """The ``lynx`` flow's outcome, whether its run ended Completed or (a job failed) Failed."""
+    from flows.generate import lynx
+    from tasks.states import outcomes_of
+
+    return outcomes_of(lynx(*args, return_state=True, **kwargs))
+
+
+def run_campaign(*args, **kwargs):
+    """The ``lynx-campaign`` flow's outcomes, whether its run ended Completed or Failed."""
+    from flows.campaign import lynx_campaign
+    from tasks.states import outcomes_of
+
+    return outcomes_of(lynx_campaign(*args, return_state=True, **kwargs))

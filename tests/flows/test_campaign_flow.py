@@ -8,11 +8,10 @@ from pathlib import Path
 import yaml
 from prefect import get_client
 
-from flows.campaign import lynx_campaign
 from lynx.db.models import JobStatus
 from lynx.evaluation.publish import artifact_key
 from tasks.services import services
-from tests.flows.conftest import TINY_SETTINGS
+from tests.flows.conftest import TINY_SETTINGS, run_campaign
 
 PROMPTS = ["a woman walking on a beach", "a man reading in a park", "a person smiling at the camera"]
 
@@ -44,7 +43,7 @@ def test_two_subjects_three_prompts_compute_each_thing_once_and_rerun_samples_no
     path = write_campaign(
         tmp_path, "reuse", {"astronaut": str(photos["astronaut"]), "tom": str(photos["hanks"])}, PROMPTS
     )
-    outcomes = lynx_campaign(str(path))
+    outcomes = run_campaign(str(path))
 
     assert [o.status for o in outcomes] == ["completed"] * 6, [o.error_text for o in outcomes]
     computed = counts("reuse")
@@ -66,7 +65,7 @@ def test_two_subjects_three_prompts_compute_each_thing_once_and_rerun_samples_no
         )
     assert table.type == "table" and "a man reading in a park" in table.data
 
-    again = lynx_campaign(name="reuse")  # by name: the spec stored by the first run
+    again = run_campaign(name="reuse")  # by name: the spec stored by the first run
     assert [o.status for o in again] == ["completed"] * 6
     assert all(o.earlier for o in again)
     assert [o.master_key for o in again] == [o.master_key for o in outcomes]
@@ -81,7 +80,7 @@ def test_a_photo_without_a_face_fails_its_jobs_alone_and_a_rerun_retries_them(fl
         "ghost": str(tmp_path / "missing.jpg"),
     }
     path = write_campaign(tmp_path, "mixed", subjects, PROMPTS[:2])
-    outcomes = lynx_campaign(str(path))
+    outcomes = run_campaign(str(path))
     by_subject = {}
     for outcome in outcomes:
         by_subject.setdefault(outcome.subject, []).append(outcome)
@@ -98,7 +97,7 @@ def test_a_photo_without_a_face_fails_its_jobs_alone_and_a_rerun_retries_them(fl
     assert not list(svc.store.list(f"deliverables/mixed/{blank_job}/"))
     assert "sample" not in {run.stage for run in svc.tracker.stage_runs(blank_job)}
 
-    again = lynx_campaign(str(path))
+    again = run_campaign(str(path))
     retried = [o for o in again if o.subject == "blank"]
     assert all(o.status == "failed" and o.attempt == 2 for o in retried)
     assert all(o.earlier for o in again if o.subject == "astronaut")
@@ -122,7 +121,7 @@ def test_a_purged_subject_fails_its_requests_alone_and_its_photo_is_not_stored_a
     tracker.mark_subject_purged(grace.id, [])
 
     subjects = {"astronaut": str(photos["astronaut"]), "grace": str(photos["hanks"])}
-    outcomes = lynx_campaign(str(write_campaign(tmp_path, "purged", subjects, PROMPTS[:2])))
+    outcomes = run_campaign(str(write_campaign(tmp_path, "purged", subjects, PROMPTS[:2])))
     by_subject = {}
     for outcome in outcomes:
         by_subject.setdefault(outcome.subject, []).append(outcome)

@@ -16,13 +16,11 @@ import sys
 import pytest
 import yaml
 
-from flows.campaign import lynx_campaign
 from flows.erase import lynx_erase
-from flows.generate import lynx
 from lynx.db.models import Erasure
 from tasks.services import services
 from tests.conftest import REPO_ROOT
-from tests.flows.conftest import TINY_SETTINGS
+from tests.flows.conftest import TINY_SETTINGS, run_campaign, run_lynx
 
 TEXT_ONLY = {"prompt_embeds"}
 
@@ -60,7 +58,7 @@ def test_erasing_a_subject_leaves_no_object_of_it_and_refuses_new_jobs(
     }
     path = tmp_path / "erasure.yaml"
     path.write_text(yaml.safe_dump(campaign))
-    outcomes = lynx_campaign(str(path))
+    outcomes = run_campaign(str(path))
     assert [outcome.status for outcome in outcomes] == ["needs_review", "needs_review"]  # noise: no face
     svc = services()
     eileen, tom = svc.tracker.find_subject("eileen"), svc.tracker.find_subject("tom")
@@ -94,20 +92,22 @@ def test_erasing_a_subject_leaves_no_object_of_it_and_refuses_new_jobs(
     assert runs["face"].metrics == {} and "similarity" not in runs["deliver"].metrics
 
     # a new job for her is refused, and her photo is not stored again
-    refused = lynx(str(photos["astronaut"]), "a new video", settings=TINY_SETTINGS, subject_id="eileen")
+    refused = run_lynx(str(photos["astronaut"]), "a new video", settings=TINY_SETTINGS, subject_id="eileen")
     day = f"{svc.tracker.find_subject('eileen').erased_at:%Y-%m-%d}"
     assert refused.status == "failed" and refused.error_stage == "submit" and refused.job_id is None
     assert refused.error_text == f"subject eileen was erased on {day}"
     assert not any(data in photo_bytes for data in _all_objects().values())
     # so is a re-run of the campaign, for her; tom's job is found as it was
-    again = lynx_campaign(name="erasure")
+    again = run_campaign(name="erasure")
     assert [(o.subject, o.status) for o in again] == [("eileen", "failed"), ("tom", "needs_review")]
     assert lynx_erase("eileen").already_erased
 
 
 def test_an_erasure_killed_midway_is_finished_by_the_next_run(flow_env, photos, lynx_cli):
     flow_env()
-    outcome = lynx(str(photos["astronaut"]), "a woman smiling", settings=TINY_SETTINGS, subject_id="eileen")
+    outcome = run_lynx(
+        str(photos["astronaut"]), "a woman smiling", settings=TINY_SETTINGS, subject_id="eileen"
+    )
     assert outcome.status == "completed", outcome.error_text
     svc = services()
     subject = svc.tracker.find_subject("eileen")
@@ -144,7 +144,9 @@ def test_an_erasure_killed_midway_is_finished_by_the_next_run(flow_env, photos, 
     assert len(planned) > 6
     assert [svc.store.exists(key) for key in planned].count(False) == 3
     assert svc.tracker.find_subject("eileen").erased_at is not None
-    refused = lynx(str(photos["astronaut"]), "a woman smiling", settings=TINY_SETTINGS, subject_id="eileen")
+    refused = run_lynx(
+        str(photos["astronaut"]), "a woman smiling", settings=TINY_SETTINGS, subject_id="eileen"
+    )
     assert refused.status == "failed" and "was erased on" in refused.error_text
 
     # the next run, from the command line, finishes it (with the deliverables the first run asked for)

@@ -3,26 +3,28 @@ timeouts name their setting, failures leave no deliverable, dead runs and cancel
 
 from __future__ import annotations
 
+import subprocess
 import time
-from datetime import timedelta
 
 import pytest
 from prefect import flow, get_client, task
-from prefect.states import Running
+from prefect.states import Crashed, Running
 from sqlalchemy import update
 
 from flows.generate import lynx
-from lynx.db.models import JobStatus, StageRun, StageStatus, utcnow
-from lynx.errors import InputError, ServiceUnavailableError
+from lynx.db.models import JobStatus, StageRun, StageStatus
+from lynx.errors import InputError, JobFailedError, ServiceUnavailableError
 from lynx.jobs import GenerationRequest, JobTicket, SubjectSpec
+from lynx.liveness import Owner, hostname, process_start, this_process
 from lynx.settings import get_settings
 from tasks.deliver import deliver_stage
 from tasks.gpu import run_batch
 from tasks.jobs import submit_requests
-from tasks.policy import configured, is_transient, longest_stage_timeout
+from tasks.policy import is_transient
 from tasks.services import services
-from tasks.tracking import cancel_flow_run_jobs, run_stage
-from tests.flows.conftest import TINY_SETTINGS
+from tasks.states import outcomes_of
+from tasks.tracking import cancel_flow_run_jobs, run_stage, stage_call
+from tests.flows.conftest import TINY_SETTINGS, run_campaign, run_lynx
 
 
 def request(photo, prompt="a person smiling", subject_id=None) -> GenerationRequest:
@@ -47,7 +49,7 @@ def run_in_a_flow(ticket: JobTicket, work) -> JobTicket:
 
     @flow
     def run(ticket: JobTicket) -> JobTicket:
-        return configured(stage, "face")(ticket)
+        return stage_call(stage, "face", ticket)
 
     return run(ticket)
 
@@ -114,7 +116,15 @@ def test_a_stage_past_its_timeout_fails_the_job_naming_the_setting(flow_env, pho
 
 def test_missing_model_weights_fail_the_job_at_stage_model_naming_the_setting(flow_env, photos, tmp_path):
     flow_env(base_model_path=tmp_path / "no-weights-here")
-    outcome = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
+    state = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS, return_state=True)
+    outcome = outcomes_of(state)
+    # the run tells the truth: Failed, with the job's one-line reason; the outcome was reported first
+    assert (
+        state.is_failed()
+        and state.message == f"job {outcome.job_id} failed at stage model: {outcome.error_text}"
+    )
+    with pytest.raises(JobFailedError, match="failed at stage model"):
+        state.result()
     assert outcome.status == "failed" and outcome.error_stage == "model"
     assert "LYNX_BASE_MODEL_PATH" in outcome.error_text
     assert "sample" not in {r.stage for r in services().tracker.stage_runs(outcome.job_id)}
@@ -132,7 +142,7 @@ def test_a_model_load_past_its_timeout_fails_the_jobs_at_stage_model_naming_the_
         raise AssertionError("the timeout did not stop the load")
 
     monkeypatch.setattr(tasks.model, "loaded_model", slow_load)
-    outcome = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
+    outcome = run_lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
     assert (outcome.status, outcome.error_stage) == ("failed", "model"), outcome.error_text
     assert outcome.error_text.startswith("loading the model timed out after")
     assert "LYNX_MODEL_LOAD_TIMEOUT" in outcome.error_text
@@ -150,7 +160,7 @@ def test_impossible_delivery_settings_fail_the_job_at_submit_before_any_gpu_stag
     flow_env, photos, setting, value, named
 ):
     flow_env(**{setting: value}, quality_gate_threshold=0.5)
-    outcome = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
+    outcome = run_lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
     assert (outcome.status, outcome.error_stage) == ("failed", "submit")
     assert named in outcome.error_text and "\n" not in outcome.error_text
     assert [r.stage for r in services().tracker.stage_runs(outcome.job_id)] == ["submit"]
@@ -160,7 +170,7 @@ def test_settings_made_impossible_after_a_job_completed_fail_nothing_on_a_rerun(
     flow_env, photos, monkeypatch, caplog
 ):
     flow_env()
-    done = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS, subject_id="ann")
+    done = run_lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS, subject_id="ann")
     assert done.status == "completed", done.error_text
     # a re-run claims no job: the later stages' settings are not even checked
     monkeypatch.setenv("LYNX_DELIVER_PRESET", "warp-speed")
@@ -176,7 +186,7 @@ def test_a_delivery_failure_publishes_nothing(flow_env, photos, tmp_path):
     logo = tmp_path / "logo.png"
     logo.write_text("not an image")
     flow_env(deliver_watermark=logo)
-    outcome = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
+    outcome = run_lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
     assert outcome.status == "failed" and outcome.error_stage == "deliver"
     assert "LYNX_DELIVER_WATERMARK" in outcome.error_text
     assert outcome.master_key is None
@@ -185,7 +195,7 @@ def test_a_delivery_failure_publishes_nothing(flow_env, photos, tmp_path):
 
 def test_a_job_cancelled_while_delivering_keeps_no_published_files(flow_env, photos):
     flow_env()
-    done = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS, subject_id="ann")
+    done = run_lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS, subject_id="ann")
     tracker = services().tracker
     # a second job of the same subject, cancelled while its (borrowed) video is being delivered
     [ticket] = submit_requests([request(photos["astronaut"], "a person waving", "ann")])
@@ -246,7 +256,7 @@ def test_a_delivery_retried_after_a_transient_error_keeps_one_live_row_per_file(
         return gate(*args, **kwargs)
 
     monkeypatch.setattr(tasks.deliver, "gate_job", flaky_gate)
-    outcome = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
+    outcome = run_lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
     assert outcome.status == "completed" and len(calls) == 2
     tracker = services().tracker
     prefix = f"deliverables/adhoc/{outcome.job_id}/"
@@ -267,75 +277,81 @@ def test_a_job_left_running_by_a_dead_run_is_retried_by_the_next_run(flow_env, p
     tracker = services().tracker
     assert tracker.get_job(job_id).status is JobStatus.RUNNING
 
-    outcome = lynx(str(photos["hanks"]), "a man smiling", settings=TINY_SETTINGS, subject_id="tom")
+    outcome = run_lynx(str(photos["hanks"]), "a man smiling", settings=TINY_SETTINGS, subject_id="tom")
     assert outcome.job_id == job_id and outcome.status == "completed" and outcome.attempt == 2
     first_attempt = [r for r in tracker.stage_runs(job_id) if r.attempt == 1]
     assert [r.stage for r in first_attempt] == ["submit"]
 
 
-def left_running_by_a_killed_run(job_id: int, stage: StageStatus, age: timedelta) -> None:
-    """Hand the job's submit row to a flow run that Prefect still calls Running, as a run killed
-    with SIGKILL on the embedded server stays, the row being ``age`` old and ``stage`` (open or not)."""
+def left_running_by(job_id: int, owner: str, state=None) -> str:
+    """Hand the job's rows to a flow run in ``state`` (default Running, as a SIGKILLed run stays
+    without the heartbeat automation) whose process is ``owner`` (host:pid:start); returns its id."""
 
     @flow(name="killed")
     def killed() -> None: ...
 
     with get_client(sync_client=True) as client:
-        run = client.create_flow_run(killed, state=Running())
-    then = utcnow() - age
+        run = client.create_flow_run(killed, state=state or Running())
     with services().tracker.transaction() as session:
         session.execute(
             update(StageRun)
             .where(StageRun.job_id == job_id)
-            .values(
-                flow_run_id=str(run.id),
-                status=stage,
-                started_at=then,
-                finished_at=None if stage is StageStatus.RUNNING else then,
-            )
+            .values(flow_run_id=str(run.id), owner=owner, status=StageStatus.RUNNING, finished_at=None)
         )
+    return str(run.id)
 
 
-def test_a_job_of_a_run_killed_unreported_is_retried_once_it_has_been_silent_too_long(flow_env, photos):
-    flow_env()
-    tom = request(photos["hanks"], "a man smiling", "tom")
-    [first] = submit_requests([tom])
-    longest = longest_stage_timeout()
-    left_running_by_a_killed_run(first.job_id, StageStatus.COMPLETED, timedelta(seconds=longest + 700))
-
-    outcome = lynx(str(photos["hanks"]), "a man smiling", settings=TINY_SETTINGS, subject_id="tom")
-    assert outcome.job_id == first.job_id and outcome.status == "completed" and outcome.attempt == 2
-    submit = [r for r in services().tracker.stage_runs(first.job_id) if r.attempt == 1]
-    assert [(r.stage, r.status) for r in submit] == [("submit", StageStatus.COMPLETED)]
+def exited_process() -> Owner:
+    child = subprocess.Popen(["sleep", "0.2"])
+    owner = Owner(hostname(), child.pid, process_start(child.pid))
+    child.wait()
+    return owner
 
 
-def test_a_stage_left_open_past_its_timeout_counts_as_abandoned_sooner(flow_env, photos):
+def test_process_liveness_tells_a_live_a_dead_and_a_reused_process_id_apart():
+    me = this_process()
+    assert me.local and me.alive() and Owner.parse(str(me)) == me
+    assert not exited_process().alive()
+    assert not Owner(me.host, me.pid, me.start + 1).alive()  # the id now names another process
+    assert not Owner("another-host", 1, 0).local
+    assert Owner.parse("no owner") is None
+
+
+def test_a_job_whose_owning_process_on_this_machine_is_gone_is_retried_at_once(flow_env, photos):
     flow_env()
     [first] = submit_requests([request(photos["hanks"], "a man smiling", "tom")])
-    # open since longer than LYNX_FACE_TIMEOUT (which bounds 'submit') plus the margin
-    left_running_by_a_killed_run(first.job_id, StageStatus.RUNNING, timedelta(seconds=300 + 700))
+    left_running_by(first.job_id, str(exited_process()))  # Prefect still calls its run Running
 
-    [again] = submit_requests([request(photos["hanks"], "a man smiling", "tom")])
-    assert (again.job_id, again.attempt, again.status) == (first.job_id, 2, None)
-    tracker = services().tracker
-    assert tracker.get_job(first.job_id).status is JobStatus.RUNNING
-    [old] = [r for r in tracker.stage_runs(first.job_id) if r.attempt == 1]
+    outcome = run_lynx(str(photos["hanks"]), "a man smiling", settings=TINY_SETTINGS, subject_id="tom")
+    assert outcome.job_id == first.job_id and outcome.status == "completed" and outcome.attempt == 2
+    [old] = [r for r in services().tracker.stage_runs(first.job_id) if r.attempt == 1]
     assert old.status is StageStatus.FAILED and "worker lost" in old.error_text
 
 
-@pytest.mark.parametrize(
-    "stage,age",
-    [(StageStatus.RUNNING, timedelta(seconds=60)), (StageStatus.COMPLETED, timedelta(seconds=300 + 700))],
-)
-def test_a_job_of_a_live_run_that_was_active_lately_is_left_alone(flow_env, photos, stage, age):
+def test_a_job_of_a_live_process_with_a_running_flow_run_is_left_alone(flow_env, photos):
     flow_env()
     [first] = submit_requests([request(photos["hanks"], "a man smiling", "tom")])
-    # a finished stage may be followed by a long wait (the GPU batches before this job's)
-    left_running_by_a_killed_run(first.job_id, stage, age)
-
-    [again] = submit_requests([request(photos["hanks"], "a man smiling", "tom")])
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        left_running_by(first.job_id, str(Owner(hostname(), child.pid, process_start(child.pid))))
+        [again] = submit_requests([request(photos["hanks"], "a man smiling", "tom")])
+    finally:
+        child.kill()
+        child.wait()
     assert (again.job_id, again.attempt, again.status) == (first.job_id, 1, "running")
-    assert services().tracker.get_job(first.job_id).attempt == 1
+
+
+def test_a_job_of_another_machines_run_is_taken_over_once_prefect_calls_that_run_crashed(flow_env, photos):
+    flow_env()
+    [first] = submit_requests([request(photos["hanks"], "a man smiling", "tom")])
+    run_id = left_running_by(first.job_id, "gpu-node-7:4242:123")
+    [again] = submit_requests([request(photos["hanks"], "a man smiling", "tom")])
+    assert (again.attempt, again.status) == (1, "running")  # its heartbeats may still come
+
+    with get_client(sync_client=True) as client:  # as the heartbeat automation does
+        client.set_flow_run_state(run_id, Crashed(message="no heartbeat for 90 s"), force=True)
+    [taken] = submit_requests([request(photos["hanks"], "a man smiling", "tom")])
+    assert (taken.job_id, taken.attempt, taken.status) == (first.job_id, 2, None)
 
 
 def test_a_retried_submit_keeps_the_jobs_it_already_claimed(flow_env, photos):
@@ -403,7 +419,7 @@ def test_impossible_generation_settings_are_refused_before_anything_runs(field, 
 
 def test_an_unknown_gpu_deployment_fails_the_job_at_stage_gpu_naming_the_setting(flow_env, photos):
     flow_env(gpu_deployment="lynx-gpu/does-not-exist")
-    outcome = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
+    outcome = run_lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
     assert (outcome.status, outcome.error_stage) == ("failed", "gpu")
     assert "'lynx-gpu/does-not-exist'" in outcome.error_text and "LYNX_GPU_DEPLOYMENT" in outcome.error_text
     assert "\n" not in outcome.error_text
@@ -431,7 +447,10 @@ def test_a_failed_gpu_hand_off_fails_its_batch_alone_and_the_campaign_is_reporte
 
     monkeypatch.setattr(tasks.gpu, "run_in_process", first_hand_off_breaks)
     subjects = {"astronaut": str(photos["astronaut"]), "tom": str(photos["hanks"])}
-    outcomes = lynx_campaign(str(write_campaign(tmp_path, "handoff", subjects, ["a person smiling"])))
+    campaign = write_campaign(tmp_path, "handoff", subjects, ["a person smiling"])
+    state = lynx_campaign(str(campaign), return_state=True)
+    assert state.is_failed() and state.message.startswith("1 of 2 jobs failed: job ")
+    outcomes = outcomes_of(state)
 
     assert len(calls) == 2
     by_job = {o.job_id: o for o in outcomes}
@@ -442,20 +461,8 @@ def test_a_failed_gpu_hand_off_fails_its_batch_alone_and_the_campaign_is_reporte
     assert services().tracker.get_job(broken.job_id).status is JobStatus.FAILED
 
 
-def test_a_gpu_run_is_waited_for_as_long_as_its_stages_may_take_unless_set(monkeypatch):
-    from lynx.settings import LynxSettings
-    from tasks.policy import GPU_QUEUE_MARGIN_S, gpu_run_timeout
-
-    monkeypatch.delenv("LYNX_GPU_DEPLOYMENT_TIMEOUT", raising=False)
-    settings = LynxSettings(model_load_timeout=100, reference_timeout=10, sample_timeout=50, decode_timeout=5)
-    assert gpu_run_timeout(settings, jobs=2) == 100 + 2 * (10 + 10 + 50 + 5) + GPU_QUEUE_MARGIN_S
-    assert gpu_run_timeout(settings) == 100 + settings.gpu_batch_size * 75 + GPU_QUEUE_MARGIN_S
-    assert gpu_run_timeout(settings.model_copy(update={"gpu_deployment_timeout": 30.0}), jobs=2) == 30.0
-
-
 def test_reading_a_campaign_is_retried_after_a_transient_error(flow_env, photos, tmp_path, monkeypatch):
     import tasks.campaign
-    from flows.campaign import lynx_campaign
     from tests.flows.test_campaign_flow import write_campaign
 
     flow_env(task_retries=1)
@@ -469,6 +476,6 @@ def test_reading_a_campaign_is_retried_after_a_transient_error(flow_env, photos,
 
     monkeypatch.setattr(tasks.campaign, "read_campaign_spec", flaky)
     path = write_campaign(tmp_path, "flaky", {"ghost": str(tmp_path / "missing.jpg")}, ["a person"])
-    [outcome] = lynx_campaign(str(path))
+    [outcome] = run_campaign(str(path))
     assert len(calls) == 2
     assert (outcome.status, outcome.error_stage) == ("failed", "submit")  # no photo: nothing more runs

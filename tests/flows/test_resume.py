@@ -15,7 +15,6 @@ import time
 import pytest
 import torch
 
-from flows.generate import lynx
 from lynx import ledger
 from lynx.db.models import JobStatus, StageStatus
 from lynx.errors import ServiceUnavailableError
@@ -24,14 +23,16 @@ from lynx.settings import get_settings
 from tasks.jobs import submit_requests
 from tasks.services import services
 from tests.conftest import REPO_ROOT
-from tests.flows.conftest import TINY_SETTINGS
+from tests.flows.conftest import TINY_SETTINGS, run_campaign, run_lynx
 
 PROMPT = "a person smiling"
 GPU_STAGES = {"model", "reference", "text", "sample", "decode"}
 
 
 def run(photos, **kwargs):
-    return lynx(str(photos["astronaut"]), PROMPT, settings=kwargs.pop("settings", TINY_SETTINGS), **kwargs)
+    return run_lynx(
+        str(photos["astronaut"]), PROMPT, settings=kwargs.pop("settings", TINY_SETTINGS), **kwargs
+    )
 
 
 def stages_of(job_id: int, attempt: int) -> list[str]:
@@ -118,13 +119,12 @@ def test_a_completed_job_whose_video_is_gone_too_is_generated_again(flow_env, ph
 def test_a_campaign_rerun_delivers_regenerates_or_skips_each_job_by_what_it_finds_stored(
     flow_env, photos, tmp_path
 ):
-    from flows.campaign import lynx_campaign
     from tests.flows.test_campaign_flow import write_campaign
 
     flow_env(gpu_batch_size=4)
     prompts = ["a woman walking on a beach", "a man reading in a park", "a person smiling at the camera"]
     path = write_campaign(tmp_path, "healing", {"ann": str(photos["astronaut"])}, prompts)
-    first = lynx_campaign(str(path))
+    first = run_campaign(str(path))
     assert [o.status for o in first] == ["completed"] * 3, [o.error_text for o in first]
     store = services().store
     lost_files, lost_video, intact = (o.job_id for o in first)
@@ -133,7 +133,7 @@ def test_a_campaign_rerun_delivers_regenerates_or_skips_each_job_by_what_it_find
             store.delete(key)
     store.delete(f"intermediates/job-{lost_video}/attempt-1.mkv")
 
-    again = lynx_campaign(name="healing")
+    again = run_campaign(name="healing")
 
     assert [(o.status, o.attempt, o.earlier) for o in again] == [
         ("completed", 2, False),
@@ -296,7 +296,7 @@ def test_a_job_killed_mid_sampling_resumes_from_its_last_checkpoint_with_the_sam
 
     monkeypatch.setattr(tasks.decode, "decode_job", keep_latents)
     with caplog.at_level("INFO"):
-        resumed = lynx(str(photos["astronaut"]), PROMPT, settings=settings, subject_id="ann")
+        resumed = run_lynx(str(photos["astronaut"]), PROMPT, settings=settings, subject_id="ann")
     assert (resumed.job_id, resumed.status, resumed.attempt) == (job.id, "completed", 2), resumed.error_text
     assert f"resuming job {job.id} at step 4/8" in [record.getMessage() for record in caplog.records]
     sample = next(r for r in svc.tracker.stage_runs(job.id) if r.attempt == 2 and r.stage == "sample")
@@ -306,7 +306,7 @@ def test_a_job_killed_mid_sampling_resumes_from_its_last_checkpoint_with_the_sam
     assert not list(svc.store.list(f"checkpoints/job-{job.id}/"))
 
     # the same generation uninterrupted (another job: same subject, prompt and settings in a campaign)
-    uninterrupted = lynx(
+    uninterrupted = run_lynx(
         str(photos["astronaut"]), PROMPT, settings=settings, subject_id="ann", campaign="again"
     )
     assert uninterrupted.status == "completed" and uninterrupted.job_id != job.id

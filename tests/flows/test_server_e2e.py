@@ -3,7 +3,10 @@ workers, `prefect deploy --all` from prefect.yaml and `prefect deployment run ly
 
 It checks that the run completes, that the GPU stages ran as a run of the `lynx-gpu/gpu-stages`
 deployment picked up from the `lynx-gpu` pool, that the deliverable is in the S3 server, and that
-cancelling a run leaves its job cancelled. Everything is torn down even when an assertion fails.
+cancelling a run leaves its job cancelled; and that a GPU worker SIGKILLed with its flow-run process
+mid-sampling heals without an operator: the heartbeat automation marks the run Crashed, the
+waiting run re-submits the job, which resumes from its checkpoint and completes. Everything is
+torn down even when an assertion fails.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class Processes:
 
     def tail(self, name: str, chars: int = 3000) -> str:
         path = self.logs / f"{name}.log"
+        if not path.exists():
+            path = self.logs / f"{name}-test.log"
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
     def stop_all(self) -> None:
@@ -105,6 +110,7 @@ def stack(tmp_path, make_pg_database, s3_server, face_models_dir, tiny_model_dir
         "LYNX_BASE_MODEL_PATH": str(tiny_model_dir / "base"),
         "LYNX_ADAPTER_PATH": str(tiny_model_dir / "lynx_full"),
         "LYNX_DELIVER_PRESET": "ultrafast",
+        "LYNX_GPU_POLL_SECONDS": "2",
         "HF_HUB_OFFLINE": "1",
     }
     server_db = make_pg_database().replace("postgresql+psycopg://", "postgresql+asyncpg://")
@@ -140,25 +146,15 @@ def stack(tmp_path, make_pg_database, s3_server, face_models_dir, tiny_model_dir
             "PREFECT_WORKER_QUERY_SECONDS": "2",
             "PREFECT_WORKER_PREFETCH_SECONDS": "2",
         }
+
+        def start_worker(pool: str, name: str) -> subprocess.Popen:
+            args = [PREFECT, "worker", "start", "--pool", pool, "--name", name, "--limit", "2"]
+            return processes.start(name, [*args, "--install-policy", "never"], worker_env)
+
         for pool in ("lynx-cpu", "lynx-gpu"):
-            processes.start(
-                pool,
-                [
-                    PREFECT,
-                    "worker",
-                    "start",
-                    "--pool",
-                    pool,
-                    "--name",
-                    f"{pool}-test",
-                    "--limit",
-                    "2",
-                    "--install-policy",
-                    "never",
-                ],
-                worker_env,
-            )
+            start_worker(pool, f"{pool}-test")
         yield {
+            "start_worker": start_worker,
             "cli": cli,
             "api": api,
             "env": prefect_env,
@@ -283,3 +279,76 @@ def test_deployed_generate_runs_on_both_pools_and_publishes_to_s3(stack, photos,
         return bool(runs) and runs[0].state.is_cancelled()
 
     wait_until("the GPU run to be cancelled with its parent", gpu_run_cancelled, timeout=60)
+
+
+def test_a_gpu_worker_killed_mid_sampling_is_marked_crashed_and_its_job_resubmitted(
+    stack, photos, monkeypatch
+):
+    from lynx.liveness import Owner
+    from tests.flows.conftest import reset_process_state
+
+    # the automation with a short window (heartbeats stay at Prefect's minimum, 30 s)
+    stack["cli"](sys.executable, "-m", "deployments.automations", LYNX_HEARTBEAT_WINDOW_SECONDS="35")
+    slow = TINY_SETTINGS.model_copy(update={"steps": 300}).model_dump_json(exclude_none=True)
+    stack["cli"](
+        PREFECT,
+        "deployment",
+        "run",
+        "lynx/generate",
+        "--param",
+        f"image={photos['astronaut']}",
+        "--param",
+        "prompt=a woman waiting",
+        "--param",
+        f"settings={slow}",
+    )
+    for name, value in stack["lynx_env"].items():
+        monkeypatch.setenv(name, value)
+    reset_process_state()
+    from tasks.services import services
+
+    svc = services()
+
+    def sampling_with_a_checkpoint():
+        for job in svc.tracker.list_jobs():
+            rows = [
+                r
+                for r in svc.tracker.stage_runs(job.id)
+                if r.stage == "sample" and r.status.value == "running"
+            ]
+            if rows and svc.tracker.list_artifacts(job_id=job.id, kind="sampling_checkpoint"):
+                return job, rows[0]
+        return None
+
+    job, sample = wait_until("sampling with a stored checkpoint", sampling_with_a_checkpoint, 180, 0.3)
+    # a lost GPU machine: its worker and the flow-run process die at once, nobody reports it
+    [gpu_worker] = [process for name, process in stack["processes"].running if name == "lynx-gpu-test"]
+    gpu_worker.kill()
+    os.kill(Owner.parse(sample.owner).pid, signal.SIGKILL)
+    killed = time.monotonic()
+    stack["start_worker"]("lynx-gpu", "lynx-gpu-replacement")
+
+    def crashed():
+        return next((run for run in flow_runs_of(stack["api"], "gpu-stages") if run.state.is_crashed()), None)
+
+    dead = wait_until("the automation to mark the GPU run Crashed", crashed, 120)
+    marked = time.monotonic() - killed
+    [generate] = flow_runs_of(stack["api"], "generate")
+    wait_until(
+        "the generate run to end",
+        lambda: flow_runs_of(stack["api"], "generate")[0].state.is_final(),
+        240,
+    )
+    [generate] = flow_runs_of(stack["api"], "generate")
+    healed = time.monotonic() - killed
+    logs = stack["processes"].tail("lynx-cpu") + stack["processes"].tail("lynx-gpu-replacement")
+    assert generate.state.is_completed(), f"{generate.state.message}\n{logs}"
+    runs = {run.name: run for run in flow_runs_of(stack["api"], "gpu-stages")}
+    assert runs[f"{dead.name}-resubmit-1"].state.is_completed()
+    assert "no heartbeat" in dead.state.message
+    assert svc.tracker.get_job(job.id).status.value == "completed"
+    rows = svc.tracker.stage_runs(job.id)
+    assert "running" not in {row.status.value for row in rows}
+    resumed = [r for r in rows if r.stage == "sample" and r.status.value == "completed"][-1]
+    assert resumed.metrics["resumed_at"] > 0  # sampling resumed from the checkpoint
+    print(f"\nkilled GPU worker: Crashed after {marked:.0f} s, job completed {healed:.0f} s after the kill")

@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import skimage.data
 
-from flows.generate import lynx
 from lynx.db.models import JobStatus
 from tasks.services import services
-from tests.flows.conftest import TINY_SETTINGS
+from tests.flows.conftest import TINY_SETTINGS, run_lynx
 
 
 def _manifest(outcome) -> dict:
@@ -33,7 +32,7 @@ def _stage(job_id: int, stage: str):
 def test_two_photos_of_one_person_make_one_fused_identity(flow_env, photos, second_shot):
     flow_env()
     images = [str(photos["astronaut"]), str(second_shot)]
-    outcome = lynx(images, "a woman smiling at the camera", settings=TINY_SETTINGS, subject_id="eileen")
+    outcome = run_lynx(images, "a woman smiling at the camera", settings=TINY_SETTINGS, subject_id="eileen")
     svc = services()
     assert outcome.status == "completed", outcome.error_text
 
@@ -64,14 +63,14 @@ def test_two_photos_of_one_person_make_one_fused_identity(flow_env, photos, seco
     assert all(photo["reference_score"] > 0 for photo in manifest["photos"])
 
     # the same photos again: nothing is analysed again, the job is found
-    again = lynx(images, "a woman smiling at the camera", settings=TINY_SETTINGS, subject_id="eileen")
+    again = run_lynx(images, "a woman smiling at the camera", settings=TINY_SETTINGS, subject_id="eileen")
     assert again.job_id == outcome.job_id and again.earlier
 
 
 def test_a_photo_of_another_person_fails_the_job_at_the_face_stage(flow_env, photos):
     flow_env()
     images = [str(photos["astronaut"]), str(photos["hanks"])]
-    outcome = lynx(images, "a woman smiling at the camera", settings=TINY_SETTINGS)
+    outcome = run_lynx(images, "a woman smiling at the camera", settings=TINY_SETTINGS)
 
     assert outcome.status == "failed" and outcome.error_stage == "face"
     assert outcome.error_text.startswith(
@@ -83,7 +82,7 @@ def test_a_photo_of_another_person_fails_the_job_at_the_face_stage(flow_env, pho
 
     # a photo without a face is named too
     images = [str(photos["astronaut"]), str(photos["noface"])]
-    outcome = lynx(images, "a woman smiling at the camera", settings=TINY_SETTINGS)
+    outcome = run_lynx(images, "a woman smiling at the camera", settings=TINY_SETTINGS)
     assert outcome.status == "failed" and outcome.error_stage == "face"
     assert outcome.error_text.startswith("photo 2 of 2 (noface.jpg): no face found in the image")
 
@@ -93,7 +92,7 @@ def test_one_photo_keeps_the_job_identity_and_its_face_files(flow_env, photos):
     from lynx.db.tracking import job_fingerprint
 
     flow_env()
-    outcome = lynx(str(photos["astronaut"]), "a woman smiling at the camera", settings=TINY_SETTINGS)
+    outcome = run_lynx(str(photos["astronaut"]), "a woman smiling at the camera", settings=TINY_SETTINGS)
     svc = services()
     job = svc.tracker.get_job(outcome.job_id)
     before = {"seed": 42, "frames": 5, "height": 64, "width": 64, "steps": 2, "guidance_scale": 5.0,
@@ -112,7 +111,7 @@ def test_one_photo_keeps_the_job_identity_and_its_face_files(flow_env, photos):
 def test_candidates_are_sampled_scored_and_listed_in_the_manifest(flow_env, photos):
     flow_env(deliver_candidates="keep")
     settings = TINY_SETTINGS.model_copy(update={"candidates": 3, "seed": 7})
-    outcome = lynx(str(photos["astronaut"]), "a woman smiling at the camera", settings=settings)
+    outcome = run_lynx(str(photos["astronaut"]), "a woman smiling at the camera", settings=settings)
     svc = services()
     assert outcome.status == "completed", outcome.error_text
 
@@ -161,7 +160,7 @@ def test_the_master_is_the_candidate_most_like_the_subject(flow_env, photos, fac
     decoded = iter(face_frames)
     monkeypatch.setattr(LynxPipeline, "decode_latents", lambda self, latents, output_type="np": next(decoded))
     settings = TINY_SETTINGS.model_copy(update={"candidates": 3})
-    outcome = lynx(str(photos["astronaut"]), "a woman smiling at the camera", settings=settings)
+    outcome = run_lynx(str(photos["astronaut"]), "a woman smiling at the camera", settings=settings)
     assert outcome.status == "completed", outcome.error_text
 
     items = _manifest(outcome)["candidates"]["items"]
@@ -190,7 +189,7 @@ def test_candidates_in_batches_are_the_candidates_one_by_one(flow_env, photos):
     videos = {}
     for batch in (0, 2):  # 0 on the CPU: one at a time
         flow_env(candidate_batch=batch)
-        outcome = lynx(str(photos["astronaut"]), "a woman smiling at the camera", settings=settings)
+        outcome = run_lynx(str(photos["astronaut"]), "a woman smiling at the camera", settings=settings)
         assert outcome.status == "completed", outcome.error_text
         sample = _stage(outcome.job_id, "sample").metrics
         assert sample["batches"] == ([[42], [43], [44]] if batch == 0 else [[42, 43], [44]])
@@ -238,7 +237,7 @@ def test_the_batch_size_follows_the_free_gpu_memory(monkeypatch):
 def test_candidates_with_a_recogniser_that_cannot_load_fail_at_submit(flow_env, photos):
     flow_env(eval_recognizers='["missing.onnx"]')
     settings = TINY_SETTINGS.model_copy(update={"candidates": 2})
-    outcome = lynx(str(photos["astronaut"]), "a woman smiling at the camera", settings=settings)
+    outcome = run_lynx(str(photos["astronaut"]), "a woman smiling at the camera", settings=settings)
     assert outcome.status == "failed" and outcome.error_stage == "submit"
     assert "missing.onnx" in outcome.error_text and "LYNX_EVAL_RECOGNIZERS" in outcome.error_text
     assert [run.stage for run in services().tracker.stage_runs(outcome.job_id)] == ["submit"]
