@@ -16,7 +16,6 @@ from lynx.errors import ServiceUnavailableError
 from lynx.store import open_store
 from tests.faults.harness import PrivatePostgres
 
-
 REASON = "RuntimeError: the sampler ran out of memory"
 
 
