@@ -32,9 +32,16 @@ class ConfigurationError(LynxError):
 
 
 class ServiceUnavailableError(LynxError):
-    """A server we depend on (database, S3) could not be reached. Transient: worth a retry."""
+    """A server we depend on (database, S3) could not be reached. Transient: worth a retry.
+
+    ``transient=False`` marks a failure of the service that waiting will not mend (a folder we may
+    not write, an S3 4xx we do not know): ``lynx.outage.ride_out`` does not repeat those."""
 
     exit_code = 3
+
+    def __init__(self, message: str, *, setting: str | None = None, transient: bool = True) -> None:
+        super().__init__(message, setting=setting)
+        self.transient = transient
 
 
 class InputError(LynxError):

@@ -92,6 +92,12 @@ class LynxSettings(BaseSettings):
         default=3, ge=0, le=10,
         description="Retries of an S3 request after a connection error or a 5xx answer (with backoff).",
     )
+    outage_tolerance_seconds: float = Field(
+        default=60.0, ge=0,
+        description="Seconds a tracking-database write or an S3 call keeps retrying (with backoff) while "
+        "the server is unreachable or answers 5xx, to ride out a restart; 0 = fail at once. Only "
+        "connection-level errors are retried, never logical ones.",
+    )
     subject_retention_days: int = Field(
         default=30, ge=1,
         description="Days a subject's biometric data (photo, crops, embeddings) is kept when the "

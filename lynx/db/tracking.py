@@ -8,15 +8,20 @@ row when they lose a race, so two workers updating the same job never overwrite 
 
 from __future__ import annotations
 
+import contextvars
+import enum
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -37,16 +42,29 @@ from lynx.db.models import (
     Subject,
     utcnow,
 )
-from lynx.errors import IllegalTransitionError, InputError, NotFoundError
+from lynx.errors import IllegalTransitionError, InputError, NotFoundError, ServiceUnavailableError
+from lynx.outage import Spool, ride_out
 from lynx.settings import LynxSettings
 from lynx.store.base import StoredObject
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _TERMINAL_TIMESTAMPED = {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.NEEDS_REVIEW}
 # A compare-and-swap loses only when another writer changed the row in between; after this many
 # losses in a row something is hammering one job and we would rather say so than spin.
 _MAX_CAS_ROUNDS = 50
+
+
+_replaying = contextvars.ContextVar("lynx_replaying_spool", default=False)
+# Job endings a failed write spools for later (a completion is not: its stage fails and is redone).
+_SPOOLED_ENDINGS = frozenset({JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+def tracking_spool_path(settings: LynxSettings) -> Path:
+    """Where this machine keeps the endings its tracker could not write (one file per database)."""
+    database = hashlib.sha256(settings.resolved_database_url.encode()).hexdigest()[:16]
+    return settings.home / "spool" / f"tracking-{database}.jsonl"
 
 
 def job_fingerprint(
@@ -113,9 +131,20 @@ class StageRecorder:
 class Tracker:
     """Run tracking over one ``sessionmaker``. Returned ORM objects are detached snapshots."""
 
-    def __init__(self, sessions: sessionmaker[Session], *, retention_days: int = 30) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        retention_days: int = 30,
+        outage_tolerance: float = 0.0,
+        spool: Spool | None = None,
+    ) -> None:
         self._sessions = sessions
         self._retention = timedelta(days=retention_days)
+        #: seconds each public call keeps retrying while the database is unreachable (lynx.outage)
+        self.outage_tolerance = outage_tolerance
+        self._spool = spool
+        self._attempts: dict[int, int] = {}  # the attempt of each job as last seen, for the spool
 
     @classmethod
     def from_settings(cls, settings: LynxSettings, *, migrate: bool = True) -> Tracker:
@@ -125,7 +154,59 @@ class Tracker:
 
         if migrate:
             ensure_schema(settings)
-        return cls(session_factory(settings), retention_days=settings.subject_retention_days)
+        return cls(
+            session_factory(settings),
+            retention_days=settings.subject_retention_days,
+            outage_tolerance=settings.outage_tolerance_seconds,
+            spool=Spool(tracking_spool_path(settings)),
+        )
+
+    # --- outages -------------------------------------------------------------------------------
+    def _spool_ending(self, method: str, arguments: dict[str, Any]) -> None:
+        """Keep a write that records how a stage or job ended, which the database could not take
+        within the tolerance, to be replayed when it answers again (``replay_spooled``)."""
+        if self._spool is None:
+            return
+        if method == "record_stage_finish":
+            pass
+        elif method == "transition_job" and JobStatus(arguments["to_status"]) in _SPOOLED_ENDINGS:
+            arguments["attempt"] = self._attempts.get(arguments["job_id"])
+        else:
+            return
+        values = {k: v.value if isinstance(v, enum.Enum) else v for k, v in arguments.items() if k != "self"}
+        self._spool.add({"call": method, **values})
+        log.warning("tracking database out of reach: %s %s spooled to %s", method, values, self._spool.path)
+
+    def replay_spooled(self) -> int:
+        """Apply the endings spooled while the database was out of reach; returns how many."""
+        if self._spool is None or _replaying.get() or not self._spool.pending():
+            return 0
+        token = _replaying.set(True)  # the calls replay makes must not replay (the spool is locked)
+        try:
+            applied = self._spool.replay(self._apply_spooled)
+        finally:
+            _replaying.reset(token)
+        if applied:
+            log.info("recorded %d stage or job ending(s) spooled during a database outage", applied)
+        return applied
+
+    def _apply_spooled(self, record: dict[str, Any]) -> None:
+        record = dict(record)
+        call = record.pop("call")
+        if call == "record_stage_finish":  # only a row still running is closed (guarded update)
+            self.record_stage_finish(**record)
+            return
+        attempt = record.pop("attempt", None)
+        job = self.get_job(record["job_id"])
+        if job.status is not JobStatus.RUNNING or (attempt is not None and job.attempt != attempt):
+            log.info("spooled %s of job %s overtaken: now %s", call, job.id, job.status.value)
+            return
+        self.transition_job(**record)
+
+    def ride_out(self, call: Callable[[], T], what: str = "tracking database") -> T:
+        """``call()`` (one short transaction of the caller's, e.g. over ``transaction()``), repeated
+        while the database is unreachable, for at most ``outage_tolerance`` seconds."""
+        return ride_out(call, tolerance=self.outage_tolerance, what=what)
 
     def close(self) -> None:
         """Close the connection pool (the tracker's engine)."""
@@ -661,6 +742,46 @@ class Tracker:
         with self.transaction() as session:
             _mark_deleted(session, Artifact.id.in_(list(artifact_ids)), now)
             _get(session, Subject, subject_id).purged_at = now
+
+
+# Every public call is one short transaction (or a few, each safe to repeat): each rides out a
+# database restart on its own. ``stage`` is not listed: its start and finish calls are.
+_RIDDEN_OUT = (
+    "create_subject", "get_subject", "find_subject", "list_subjects", "set_subject_photos",
+    "get_or_create_campaign", "get_campaign", "set_campaign_status", "get_or_create_job", "get_job",
+    "list_jobs", "transition_job", "record_stage_start", "record_stage_finish", "stage_runs",
+    "record_artifact", "record_job_outputs", "mark_artifacts_deleted", "list_artifacts",
+    "record_compute_event", "compute_counts", "campaign_summary", "expired_subjects",
+    "live_keys_outside", "mark_subject_purged",
+)
+
+
+def _riding_out(method: Callable[..., Any]) -> Callable[..., Any]:
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def call(self: Tracker, *args: Any, **kwargs: Any) -> Any:
+        def attempt() -> Any:
+            self.replay_spooled()  # endings spooled in an earlier outage land before anything new
+            return method(self, *args, **kwargs)
+
+        try:
+            what = f"tracking database ({method.__name__})"
+            result = ride_out(attempt, tolerance=self.outage_tolerance, what=what)
+        except ServiceUnavailableError as err:
+            if err.transient:
+                self._spool_ending(method.__name__, signature.bind(self, *args, **kwargs).arguments)
+            raise
+        for job in result if isinstance(result, list) else [result]:
+            if isinstance(job, Job):
+                self._attempts[job.id] = job.attempt
+        return result
+
+    return call
+
+
+for _name in _RIDDEN_OUT:
+    setattr(Tracker, _name, _riding_out(getattr(Tracker, _name)))
 
 
 def _transition_values(

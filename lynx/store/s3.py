@@ -16,10 +16,10 @@ import io
 import logging
 import os
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import certifi
 import urllib3
@@ -32,6 +32,7 @@ from lynx.errors import (
     InputError,
     ServiceUnavailableError,
 )
+from lynx.outage import ride_out
 from lynx.settings import LynxSettings
 from lynx.store.base import (
     CHUNK_SIZE,
@@ -54,6 +55,7 @@ DEFAULT_REGION = "us-east-1"
 SHA256_METADATA = "sha256"
 # Parts uploaded at once; each holds one part (LYNX_S3_PART_SIZE bytes) in memory.
 PARALLEL_PARTS = 2
+T = TypeVar("T")
 _CREDENTIAL_ERRORS = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 
 
@@ -128,6 +130,7 @@ class S3ArtifactStore(ArtifactStore):
                 http_client=_http_client(settings),
             )
         self._bucket_ready = False
+        self.outage_tolerance = settings.outage_tolerance_seconds
 
     # --- writing -------------------------------------------------------------------------------
     def _put_stream(self, source: BinaryIO, size: int, key: str | None, content_type: str) -> StoredObject:
@@ -139,35 +142,48 @@ class S3ArtifactStore(ArtifactStore):
         source.seek(0)
         sha256 = digest.hexdigest()
         stored = StoredObject(key or content_key(sha256), sha256, size, content_type)
+        # A put that fails mid-way leaves no object (a multipart upload is invisible until completed,
+        # a single PUT until its body is in): repeating it whole is safe.
+        self._ride_out(lambda: self._upload(source, stored, content_addressed=key is None), stored.key)
+        log.debug("stored %s (%d bytes) in %s", stored.key, size, self.location)
+        return stored
+
+    def _upload(self, source: BinaryIO, stored: StoredObject, *, content_addressed: bool) -> None:
+        source.seek(0)
         self._ensure_bucket()
-        if key is None and self._stat_or_none(stored.key) is not None:
-            return stored  # content-addressed: already there, byte for byte
+        if content_addressed and self._stat_or_none(stored.key) is not None:
+            return  # content-addressed: already there, byte for byte
         reader = HashingReader(source)
         with self._errors(stored.key):
             self._client.put_object(
                 self.bucket,
                 stored.key,
                 reader,
-                length=size,
-                content_type=content_type,
-                metadata={SHA256_METADATA: sha256},
+                length=stored.size,
+                content_type=stored.content_type,
+                metadata={SHA256_METADATA: stored.sha256},
                 part_size=self.part_size,
                 num_parallel_uploads=PARALLEL_PARTS,
             )
-        if reader.hexdigest() != sha256:
+        if reader.hexdigest() != stored.sha256:
             self.delete(stored.key)
             origin = getattr(source, "name", "the data")
             raise InputError(f"{origin} changed while it was being uploaded; nothing was stored")
-        log.debug("stored %s (%d bytes) in %s", stored.key, size, self.location)
-        return stored
+
+    def _ride_out(self, call: Callable[[], T], key: str | None) -> T:
+        what = f"S3 at {self.endpoint} ({key or self.bucket})"
+        return ride_out(call, tolerance=self.outage_tolerance, what=what)
 
     def delete(self, key: str) -> None:
         validate_key(key)
         try:
-            with self._errors(key):
-                self._client.remove_object(self.bucket, key)
+            self._ride_out(lambda: self._remove(key), key)
         except ArtifactNotFoundError:
             pass  # no bucket, no object: already deleted
+
+    def _remove(self, key: str) -> None:
+        with self._errors(key):
+            self._client.remove_object(self.bucket, key)
 
     # --- reading -------------------------------------------------------------------------------
     def stat(self, key: str) -> StoredObject:
@@ -183,11 +199,14 @@ class S3ArtifactStore(ArtifactStore):
 
     def _stat_or_none(self, key: str) -> StoredObject | None:
         try:
-            with self._errors(key):
-                info = self._client.stat_object(self.bucket, key)
+            info = self._ride_out(lambda: self._stat_raw(key), key)
         except ArtifactNotFoundError:
             return None
         return self._stored(key, info.metadata, info.size, info.content_type)
+
+    def _stat_raw(self, key: str):
+        with self._errors(key):
+            return self._client.stat_object(self.bucket, key)
 
     def _stored(
         self, key: str, headers: Mapping[str, str] | None, size: int | str | None, content_type: str | None
@@ -202,8 +221,8 @@ class S3ArtifactStore(ArtifactStore):
 
     @contextmanager
     def _open_raw(self, key: str) -> Iterator[tuple[StoredObject, BinaryIO]]:
-        with self._errors(key):
-            response = self._client.get_object(self.bucket, key)
+        # Opening rides out an outage; a stream cut mid-way fails the read (callers retry the stage).
+        response = self._ride_out(lambda: self._get_raw(key), key)
         try:
             # The checksum comes with the bytes, in this response's headers: a separate stat could
             # describe an earlier or later version of an overwritten key.
@@ -213,6 +232,10 @@ class S3ArtifactStore(ArtifactStore):
         finally:
             response.close()
             response.release_conn()
+
+    def _get_raw(self, key: str) -> urllib3.BaseHTTPResponse:
+        with self._errors(key):
+            return self._client.get_object(self.bucket, key)
 
     def list(self, prefix: str = "") -> Iterator[str]:
         validate_key(prefix, prefix=True)  # here, not in the generator: a bad prefix raises at the call
@@ -275,9 +298,11 @@ class S3ArtifactStore(ArtifactStore):
                     "check LYNX_S3_ACCESS_KEY and LYNX_S3_SECRET_KEY",
                     setting="LYNX_S3_ACCESS_KEY",
                 ) from None
+            status = getattr(err.response, "status", None) or 0
             raise ServiceUnavailableError(
                 f"S3 at {self.endpoint} failed on {key or self.bucket!r}: {err.code}: {err.message}",
                 setting=ENDPOINT_SETTING,
+                transient=status >= 500,  # a 4xx we do not know will not mend by waiting
             ) from None
         except (ServerError, InvalidResponseError) as err:
             raise ServiceUnavailableError(

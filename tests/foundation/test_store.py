@@ -472,7 +472,11 @@ def test_s3_bucket_is_created_on_first_write(make_settings, s3_reset):
 
 def test_s3_unreachable_fails_fast_naming_the_endpoint(make_settings, make_s3_server):
     server = make_s3_server()
-    store = open_store(make_settings(store="s3", s3_endpoint=server.endpoint, s3_retries=3, s3_timeout=5))
+    # no outage tolerance: this test is about how the error reads (tests/faults rides outages out)
+    settings = make_settings(
+        store="s3", s3_endpoint=server.endpoint, s3_retries=3, s3_timeout=5, outage_tolerance_seconds=0
+    )
+    store = open_store(settings)
     store.check()
     stored = store.put_bytes(b"before the outage")
     server.kill()
