@@ -114,7 +114,7 @@ class Spool:
         except FileNotFoundError:
             return False
 
-    def replay(self, apply: Callable[[dict[str, Any]], None]) -> int:
+    def replay(self, apply: Callable[[dict[str, Any]], bool | None]) -> int:
         """``apply`` each record in order; records whose apply fails on a transient error stay
         spooled (the rest are done or, on a logical error, dropped with a warning). Returns how many
         were applied."""
@@ -130,8 +130,8 @@ class Spool:
                     kept.append(record)
                     continue
                 try:
-                    apply(record)
-                    applied += 1
+                    if apply(record) is not False:  # False: overtaken by a later write, nothing done
+                        applied += 1
                 except ServiceUnavailableError as err:
                     if not err.transient:
                         raise

@@ -165,7 +165,7 @@ class Tracker:
     def _spool_ending(self, method: str, arguments: dict[str, Any]) -> None:
         """Keep a write that records how a stage or job ended, which the database could not take
         within the tolerance, to be replayed when it answers again (``replay_spooled``)."""
-        if self._spool is None:
+        if self._spool is None or _replaying.get():  # a replayed write that fails stays spooled as it is
             return
         if method == "record_stage_finish":
             pass
@@ -190,18 +190,19 @@ class Tracker:
             log.info("recorded %d stage or job ending(s) spooled during a database outage", applied)
         return applied
 
-    def _apply_spooled(self, record: dict[str, Any]) -> None:
+    def _apply_spooled(self, record: dict[str, Any]) -> bool:
         record = dict(record)
         call = record.pop("call")
         if call == "record_stage_finish":  # only a row still running is closed (guarded update)
             self.record_stage_finish(**record)
-            return
+            return True
         attempt = record.pop("attempt", None)
         job = self.get_job(record["job_id"])
         if job.status is not JobStatus.RUNNING or (attempt is not None and job.attempt != attempt):
             log.info("spooled %s of job %s overtaken: now %s", call, job.id, job.status.value)
-            return
+            return False
         self.transition_job(**record)
+        return True
 
     def ride_out(self, call: Callable[[], T], what: str = "tracking database") -> T:
         """``call()`` (one short transaction of the caller's, e.g. over ``transaction()``), repeated

@@ -101,7 +101,8 @@ def test_a_spooled_failure_never_fails_a_later_attempt(make_settings, private_po
 
 
 class _KillMidUpload(io.BytesIO):
-    """The bytes to store; once the upload (the second pass over them) is past ``at`` bytes, the
+    """The bytes to store; once the first upload pass (after the hashing pass and the upload's own
+    rewind) is past ``at`` bytes, the
     S3 server is SIGKILLed, and restarted ``down_s`` seconds later from another thread."""
 
     def __init__(self, data: bytes, server, at: int, down_s: float | None) -> None:
@@ -115,7 +116,7 @@ class _KillMidUpload(io.BytesIO):
         return super().seek(*args)
 
     def read(self, size=-1):
-        if self.passes == 1 and self.killed_at is None and self.tell() >= self.at:
+        if self.passes == 2 and self.killed_at is None and self.tell() >= self.at:
             self.server.kill()
             self.killed_at = time.monotonic()
             if self.down_s is not None:
@@ -134,7 +135,7 @@ def test_seaweedfs_sigkilled_mid_put(make_settings, make_s3_server, tolerance: f
 
     if down_s is not None:
         stored = store._put_stream(source, len(data), key, "video/mp4")
-        assert source.killed_at is not None and source.passes >= 2, "the put should have been cut"
+        assert source.killed_at is not None and source.passes >= 3, "the put should have been cut"
         assert store.get_bytes(key) == data and stored.sha256 == hashlib.sha256(data).hexdigest()
     else:
         with pytest.raises(ServiceUnavailableError) as caught:

@@ -20,6 +20,17 @@ NEGATIVE = "blurred background, static"
 SIZE = {"height": 32, "width": 48, "num_frames": 5}
 
 
+@pytest.fixture(autouse=True)
+def _restore_attention_backend():
+    """diffusers' ``set_attention_backend`` also sets the process-wide active backend: a test that
+    calls it must not change the numbers of the tests that run after it in this process."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(active)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     return write_tiny_models(tmp_path_factory.mktemp("tiny_models"))
