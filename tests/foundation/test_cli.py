@@ -144,7 +144,8 @@ def test_stopped_s3_server_one_line_no_row_written(
     server = make_s3_server()
     server.stop()
     port = server.ports.s3
-    settings = make_settings(store="s3", s3_endpoint=server.endpoint)
+    # tolerance 0: fail at once (a longer one retries first, logging each wait; tests/faults cover that)
+    settings = make_settings(store="s3", s3_endpoint=server.endpoint, outage_tolerance_seconds=0)
     source = tmp_path / "face.png"
     source.write_bytes(b"png bytes")
     subject = _make_subject(settings)
