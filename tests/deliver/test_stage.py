@@ -21,6 +21,7 @@ from lynx.store.s3 import S3ArtifactStore
 from tasks.deliver import face_scores
 from tasks.face import save_embedding
 from tasks.services import services
+from tasks.states import outcomes_of
 from tests.eval.clips import pan_and_zoom
 from tests.flows.conftest import TINY_SETTINGS, flow_env, photos, tiny_model_dir  # noqa: F401
 
@@ -48,7 +49,10 @@ def test_a_failed_delivery_withdraws_every_file_it_can_and_keeps_the_real_error(
         raise RuntimeError("quality gate exploded")
 
     monkeypatch.setattr(tasks.deliver, "gate_job", broken_gate)
-    outcome = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS)
+    state = lynx(str(photos["astronaut"]), "a person smiling", settings=TINY_SETTINGS, return_state=True)
+    assert state.is_failed()  # the run is Failed where operators look, with the real reason
+    assert "quality gate exploded" in state.message
+    outcome = outcomes_of(state)
 
     assert outcome.status == "failed" and outcome.error_stage == "deliver"
     assert "quality gate exploded" in outcome.error_text

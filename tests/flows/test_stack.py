@@ -106,7 +106,9 @@ def test_stack_up_runs_a_deployed_generate_and_stack_down_stops_every_recorded_p
         )
         assert campaign.returncode == 0, campaign.stdout[-2000:] + campaign.stderr[-2000:]
         assert "submitted lynx-campaign/campaign" in campaign.stdout and ": Completed" in campaign.stdout
-        assert campaign.stdout.count("completed") == 2  # the status table of its 2 jobs
+        # the status table: its 2 jobs, each completed with its deliverable
+        rows = [line for line in campaign.stdout.splitlines() if "deliverables/example-spring/" in line]
+        assert len(rows) == 2 and all(" completed " in row for row in rows), campaign.stdout
 
         # graceful stop of the workers the script started: within a few seconds, no SIGKILL
         workers = [e["pid"] for e in recorded if e["name"] == "worker"]
