@@ -9,6 +9,9 @@ PIP := $(PY) -m pip
 TORCH ?= torch==2.13.0
 GPU ?= 0
 PYTEST_ARGS ?=
+# pytest-xdist workers; a test file stays on one worker (its module fixtures start servers once).
+# TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-fast lint clean-venv stack-up stack-down
 
@@ -35,11 +38,11 @@ demo: setup
 # only when no browser is found and it can (root + apt), else says how to provide one.
 test: setup
 	@scripts/ensure-chromium.sh
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: setup
 	@scripts/ensure-chromium.sh
-	$(PY) -m pytest -m "not slow and not server" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow and not server" $(PYTEST_ARGS)
 
 # A local production-like stack (Prefect server on the local PostgreSQL, SeaweedFS, pools,
 # deployments, a CPU and a GPU worker on the tiny demo model), all under STACK_DIR; see README.
