@@ -182,15 +182,18 @@ def test_the_automations_are_created_once_and_updated_in_place(prefect_harness, 
     from prefect.automations import Automation
     from prefect.blocks.notifications import SlackWebhook
 
-    from deployments.automations import CRASH_NAME, NOTIFY_NAME, ensure_automations
+    from deployments.automations import CRASH_NAME, NOTIFY_NAME, RERUN_NAME, ensure_automations
     from lynx.errors import ConfigurationError
 
     monkeypatch.setenv("LYNX_HEARTBEAT_WINDOW_SECONDS", "60")
     monkeypatch.delenv("LYNX_NOTIFY_BLOCK", raising=False)
     get_settings.cache_clear()
-    [crash] = ensure_automations()
-    [again] = ensure_automations()
-    assert again.id == crash.id
+    [crash, rerun] = ensure_automations()
+    [again, rerun_again] = ensure_automations()
+    assert again.id == crash.id and rerun_again.id == rerun.id
+    stored_rerun = Automation.read(name=RERUN_NAME)
+    assert stored_rerun.trigger.expect == {"prefect.flow-run.Crashed"}
+    assert stored_rerun.actions[0].source == "inferred"
     stored = Automation.read(name=CRASH_NAME)
     assert stored.trigger.posture == "Proactive" and stored.trigger.within.total_seconds() == 60
     assert stored.trigger.after == {"prefect.flow-run.heartbeat"}
@@ -200,7 +203,7 @@ def test_the_automations_are_created_once_and_updated_in_place(prefect_harness, 
     monkeypatch.setenv("LYNX_NOTIFY_BLOCK", "slack-webhook/lynx-alerts")
     get_settings.cache_clear()
     made = ensure_automations()
-    assert [a.name for a in made] == [CRASH_NAME, NOTIFY_NAME]
+    assert [a.name for a in made] == [CRASH_NAME, RERUN_NAME, NOTIFY_NAME]
     notify = Automation.read(name=NOTIFY_NAME)
     assert notify.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
 
