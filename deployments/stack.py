@@ -83,8 +83,11 @@ def _record(state: Path, name: str, pid: int, expect: str | None = None) -> None
     # Right after exec, /proc/PID/cmdline reads empty for a moment: wait for the real one.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        cmdline = " ".join(_cmdline(pid) or [])
-        if cmdline and (expect is None or expect in cmdline):
+        parts = _cmdline(pid) or []
+        cmdline = " ".join(parts)
+        # start-workers.sh's exec shim (`python -c ... prefect worker start`) holds the text too:
+        # wait for the exec, or the recorded command line is the shim's and never matches again
+        if cmdline and (expect is None or (expect in cmdline and parts[1:2] != ["-c"])):
             break
         time.sleep(0.02)
     entries = _read_pids(state)
