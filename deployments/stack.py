@@ -48,6 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PIDS = "pids.json"
 SPAWNS = "spawn.json"  # command and environment of each spawned process, for respawn()
+LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 DEMO_SETTINGS = '{"frames": 17, "height": 128, "width": 128, "steps": 8}'
 
 
@@ -310,6 +311,9 @@ def _up(state: Path, port: int | None, base: dict[str, str], echo, SeaweedServer
             **base,
             "PREFECT_HOME": str(state / "prefect-server"),
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": _db_url(admin, "asyncpg", f"{prefix}_prefect"),
+            # Slot leases of the GPU limit on disk: in memory (the default) a server restart loses
+            # them and a slot held by a running batch is never given back (docs/flows.md)
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE,
         },
     )
 
