@@ -50,6 +50,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -552,6 +553,10 @@ def run_faults(faults: list[str], echo: Callable[[str], None] = print) -> list[R
                 echo(f"faults: {fault}: {failed.notes[0]}")
     finally:
         bench.down()
+        if results and not any(r.misses() for r in results) and len(results) == len(faults):
+            shutil.rmtree(bench.root, ignore_errors=True)
+        else:
+            echo(f"faults: logs kept in {bench.state / 'logs'}")
     return results
 
 
