@@ -9,7 +9,13 @@
    LYNX_HEARTBEAT_WINDOW_SECONDS (default 90), the run's process or machine is gone: the run is set
    Crashed. The flow waiting for a GPU run sees that at its next poll and re-submits the unfinished
    jobs (``tasks.gpu.run_on_gpu_pool``); a re-run sees the crashed owner and takes its jobs over.
-2. ``lynx: notify failed or crashed runs``, only when LYNX_NOTIFY_BLOCK names a notification block
+2. ``lynx: re-run crashed campaigns``: a campaign run (deployments tagged ``lynx-rerun``) that
+   ends Crashed (its CPU worker or machine died, so the run's own process is gone and nothing waits
+   for it) is run again from the same deployment with the same parameters and ``reruns`` + 1; the
+   re-run skips finished work, takes the dead run's jobs over (their owner is gone) and delivers
+   them from their stored videos. A run that is past LYNX_CAMPAIGN_RERUN_ATTEMPTS (default 2) ends
+   Failed at once naming the setting, so a campaign that keeps crashing stops being re-run.
+3. ``lynx: notify failed or crashed runs``, only when LYNX_NOTIFY_BLOCK names a notification block
    as ``block-type/block-name`` (e.g. ``slack-webhook/lynx-alerts``, made in the UI or with
    ``prefect block create``): a message for every lynx flow run that ends Failed or Crashed, with the
    state's message (the failed jobs' reason). Without the setting no notification automation exists.
@@ -24,7 +30,7 @@ from datetime import timedelta
 
 from prefect.automations import Automation
 from prefect.client.schemas.objects import StateType
-from prefect.events.actions import ChangeFlowRunState, SendNotification
+from prefect.events.actions import ChangeFlowRunState, RunDeployment, SendNotification
 from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.events.schemas.events import ResourceSpecification
 
@@ -34,6 +40,8 @@ from lynx.settings import LynxSettings, get_settings
 log = logging.getLogger(__name__)
 
 CRASH_NAME = "lynx: crash runs without heartbeats"
+RERUN_NAME = "lynx: re-run crashed campaigns"
+RERUN_TAG = "lynx-rerun"  # tag of the deployments whose crashed runs are run again (prefect.yaml)
 NOTIFY_NAME = "lynx: notify failed or crashed runs"
 TAG = "lynx"  # every lynx deployment's tag (prefect.yaml); flow runs carry it as a related resource
 
@@ -62,6 +70,35 @@ def crash_automation(window_seconds: int) -> Automation:
             ChangeFlowRunState(
                 state=StateType.CRASHED,
                 message=f"no heartbeat for {window_seconds} s: its process or machine is gone",
+            )
+        ],
+    )
+
+
+def rerun_automation() -> Automation:
+    """A crashed ``lynx-rerun`` run is run again: same deployment (inferred from the event), same
+    campaign parameters, ``reruns`` one higher (the flow refuses to go past its limit)."""
+    return Automation(
+        name=RERUN_NAME,
+        description=f"A {RERUN_TAG} flow run that ends Crashed is run again (the re-run resumes its work).",
+        trigger=EventTrigger(
+            expect={"prefect.flow-run.Crashed"},
+            match=_FLOW_RUNS,
+            match_related=ResourceSpecification(
+                {"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{RERUN_TAG}"}
+            ),
+            posture=Posture.Reactive,
+            threshold=1,
+        ),
+        actions=[
+            RunDeployment(
+                source="inferred",
+                parameters={
+                    # one expression each: Prefect renders it as JSON, so None stays null
+                    "campaign_file": "{{ flow_run.parameters.get('campaign_file') }}",
+                    "name": "{{ flow_run.parameters.get('name') }}",
+                    "reruns": "{{ ((flow_run.parameters.get('reruns') or 0) + 1) }}",
+                },
             )
         ],
     )
@@ -122,7 +159,7 @@ def apply(automation: Automation) -> Automation:
 def ensure_automations(settings: LynxSettings | None = None) -> list[Automation]:
     """The crash automation, and the notification one when LYNX_NOTIFY_BLOCK is set."""
     settings = settings or get_settings()
-    made = [apply(crash_automation(settings.heartbeat_window_seconds))]
+    made = [apply(crash_automation(settings.heartbeat_window_seconds)), apply(rerun_automation())]
     if settings.notify_block:
         made.append(apply(notify_automation(notification_block_id(settings.notify_block))))
     return made

@@ -19,8 +19,15 @@ no-op when nothing recorded is running. A pid is only signalled while its comman
 recorded one, so a pid reused by an unrelated process is never touched.
 
 Environment: LYNX_STACK_PG (admin URL of the PostgreSQL server, default
-postgresql://postgres@127.0.0.1:5432/postgres), LYNX_STACK_DB_PREFIX (default lynx_stack), and any
-LYNX_* variable, which is passed on to the workers (e.g. LYNX_DELIVER_PRESET=ultrafast).
+postgresql://postgres@127.0.0.1:5432/postgres), LYNX_STACK_DB_PREFIX (default lynx_stack),
+LYNX_STACK_TRACKING_URL (the tracking database's URL, an existing database on any server; default
+the database LYNX_STACK_DB_PREFIX on LYNX_STACK_PG, created if missing: the fault benchmark puts it
+on a PostgreSQL of its own, to stop it without stopping the Prefect server's), and any LYNX_*
+variable, which is passed on to the workers (e.g. LYNX_DELIVER_PRESET=ultrafast).
+
+``respawn(state, name)`` starts a recorded process again the way a supervisor (systemd's
+Restart=always) would after it died: the same command and environment (kept in STATE/spawn.json,
+mode 0600), recorded in pids.json again; the fault benchmark uses it after its SIGKILLs.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from urllib.parse import urlsplit
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PIDS = "pids.json"
+SPAWNS = "spawn.json"  # command and environment of each spawned process, for respawn()
+LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 DEMO_SETTINGS = '{"frames": 17, "height": 128, "width": 128, "steps": 8}'
 
 
@@ -75,8 +84,11 @@ def _record(state: Path, name: str, pid: int, expect: str | None = None) -> None
     # Right after exec, /proc/PID/cmdline reads empty for a moment: wait for the real one.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        cmdline = " ".join(_cmdline(pid) or [])
-        if cmdline and (expect is None or expect in cmdline):
+        parts = _cmdline(pid) or []
+        cmdline = " ".join(parts)
+        # start-workers.sh's exec shim (`python -c ... prefect worker start`) holds the text too:
+        # wait for the exec, or the recorded command line is the shim's and never matches again
+        if cmdline and (expect is None or (expect in cmdline and parts[1:2] != ["-c"])):
             break
         time.sleep(0.02)
     entries = _read_pids(state)
@@ -86,6 +98,10 @@ def _record(state: Path, name: str, pid: int, expect: str | None = None) -> None
 
 def _spawn(state: Path, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
     """Start ``args`` in a session of its own (it outlives this command), logging to STATE/logs."""
+    spawns = _read_spawns(state)
+    spawns[name] = {"args": args, "env": env}
+    (state / SPAWNS).touch(mode=0o600)
+    (state / SPAWNS).write_text(json.dumps(spawns))  # the environment holds the S3 secret
     logs = state / "logs"
     logs.mkdir(exist_ok=True)
     with open(logs / f"{name}.log", "ab") as log:
@@ -100,6 +116,54 @@ def _spawn(state: Path, name: str, args: list[str], env: dict[str, str]) -> subp
         )
     _record(state, name, process.pid)
     return process
+
+
+def _read_spawns(state: Path) -> dict[str, dict]:
+    try:
+        return json.loads((state / SPAWNS).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _forget_dead(state: Path, names: set[str]) -> None:
+    """Drop the pids.json entries of ``names`` whose process is gone (before a respawn)."""
+    entries = [e for e in _read_pids(state) if e["name"] not in names or _is_recorded(e)]
+    (state / PIDS).write_text(json.dumps(entries, indent=2))
+
+
+def respawn(state: Path, name: str, timeout: float = 120) -> int:
+    """Start the recorded process ``name`` (prefect-server, workers-cpu, workers-gpu, seaweedfs)
+    again after it died, as a supervisor would; returns its pid (for workers-*: the worker's)."""
+    if name == "seaweedfs":
+        from deployments.seaweedfs import SeaweedServer
+
+        _forget_dead(state, {name})
+        server = SeaweedServer.attach(state / "seaweedfs")
+        server.kill()  # forgets a dead one; the same ports, folder and credentials again
+        server.start(timeout, detached=True)
+        _record(state, name, server.pid)
+        return server.pid
+    spec = _read_spawns(state).get(name)
+    if spec is None:
+        raise StackError(f"no recorded command for {name!r} in {state / SPAWNS}")
+    if name.startswith("workers-"):
+        _forget_dead(state, {name, "worker"})
+        before = len(_lines(state / "workers.pids"))
+        _spawn(state, name, spec["args"], spec["env"])
+        deadline = time.monotonic() + 30
+        while len(_lines(state / "workers.pids")) <= before:
+            if time.monotonic() > deadline:
+                raise StackError(f"{name} did not start a worker; see {state / 'logs'}")
+            time.sleep(0.1)
+        pid = int(_lines(state / "workers.pids")[-1])
+        _record(state, "worker", pid, expect="worker start")
+        return pid
+    _forget_dead(state, {name})
+    process = _spawn(state, name, spec["args"], spec["env"])
+    if name == "prefect-server":
+        port = spec["args"][spec["args"].index("--port") + 1]
+        _wait_http(f"http://127.0.0.1:{port}/api/health", timeout, process, state / "logs" / f"{name}.log")
+    return process.pid
 
 
 def _wait_gone(entries: list[dict], timeout: float) -> list[dict]:
@@ -229,8 +293,11 @@ def up(state: Path, port: int | None = 4200, echo=print) -> dict[str, str]:
 def _up(state: Path, port: int | None, base: dict[str, str], echo, SeaweedServer) -> dict[str, str]:
     admin = os.environ.get("LYNX_STACK_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
     prefix = os.environ.get("LYNX_STACK_DB_PREFIX", "lynx_stack")
-    _ensure_databases(admin, [prefix, f"{prefix}_prefect"])
-    echo(f"lynx stack: databases {prefix} (tracking) and {prefix}_prefect (Prefect) ready")
+    tracking = os.environ.get("LYNX_STACK_TRACKING_URL")
+    _ensure_databases(admin, [f"{prefix}_prefect"] if tracking else [prefix, f"{prefix}_prefect"])
+    tracking = tracking or _db_url(admin, "psycopg", prefix)
+    where = "LYNX_STACK_TRACKING_URL" if os.environ.get("LYNX_STACK_TRACKING_URL") else prefix
+    echo(f"lynx stack: databases {where} (tracking) and {prefix}_prefect (Prefect) ready")
 
     # Prefect server first: it takes the longest to answer, the rest is built meanwhile.
     port = _free_port(port)
@@ -244,6 +311,9 @@ def _up(state: Path, port: int | None, base: dict[str, str], echo, SeaweedServer
             **base,
             "PREFECT_HOME": str(state / "prefect-server"),
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": _db_url(admin, "asyncpg", f"{prefix}_prefect"),
+            # Slot leases of the GPU limit on disk: in memory (the default) a server restart loses
+            # them and a slot held by a running batch is never given back (docs/flows.md)
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE,
         },
     )
 
@@ -261,7 +331,7 @@ def _up(state: Path, port: int | None, base: dict[str, str], echo, SeaweedServer
     echo(f"lynx stack: SeaweedFS S3 on {seaweed.endpoint}")
     lynx_env |= seaweed.env() | {
         "LYNX_S3_BUCKET": "lynx-stack",
-        "LYNX_DATABASE_URL": _db_url(admin, "psycopg", prefix),
+        "LYNX_DATABASE_URL": tracking,
         "LYNX_HOME": str(state / "lynx-home"),
     }
 

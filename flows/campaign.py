@@ -10,6 +10,7 @@ table artifact ``campaign-<name>-<hash>`` summarises every job.
 from __future__ import annotations
 
 from prefect import flow, unmapped
+from prefect.states import Failed
 
 from flows.gpu import lynx_gpu
 from lynx.jobs import JobOutcome
@@ -20,17 +21,31 @@ from tasks.gpu import decoded_earlier, gpu_batches, run_gpu_batch
 from tasks.jobs import submit_jobs
 from tasks.policy import configured
 from tasks.report import report_campaign
+from tasks.services import services
 from tasks.states import campaign_state
 from tasks.tracking import ENDED_HOOKS, CancelWatch, cancel_flow_run_jobs, stage_call
 
 
 @flow(name="lynx-campaign", on_cancellation=[cancel_flow_run_jobs], **ENDED_HOOKS, log_prints=True)
-def lynx_campaign(campaign_file: str | None = None, name: str | None = None) -> list[JobOutcome]:
+def lynx_campaign(
+    campaign_file: str | None = None, name: str | None = None, reruns: int = 0
+) -> list[JobOutcome]:
     """Run (or re-run) a campaign: ``campaign_file`` is a YAML/JSON file on the worker or an
-    artifact-store key; with only ``name``, the spec stored by its last run is used.
+    artifact-store key; with only ``name``, the spec stored by its last run is used. ``reruns``:
+    how many crashed runs came before this one (set by the automation `lynx: re-run crashed
+    campaigns`); past LYNX_CAMPAIGN_RERUN_ATTEMPTS the run ends Failed at once, naming the setting.
 
     Ends Completed only when every job completed or is held for review, else Failed ("3 of 20 jobs
     failed: <first reason>"); the outcomes are readable either way (``tasks.states.outcomes_of``)."""
+    # Step 0: a re-run after a crash (the automation's) stays within its limit
+    limit = services().settings.campaign_rerun_attempts
+    if reruns > limit:
+        return Failed(
+            message=f"campaign run crashed {reruns} times; not re-run again "
+            f"(setting: LYNX_CAMPAIGN_RERUN_ATTEMPTS={limit}); run it again once the cause is fixed"
+        )
+    if reruns:
+        print(f"re-run {reruns} of at most {limit} after a crashed run: finished work is skipped")
     # Step 1: read and validate the campaign
     spec = configured(read_campaign, "submit")(campaign_file, name)
     # Step 2: upload photos, register subjects and jobs (completed skipped, failed retried)

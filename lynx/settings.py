@@ -280,6 +280,12 @@ class LynxSettings(BaseSettings):
         description="Times a batch's unfinished jobs are handed to the GPU pool again after their GPU flow "
         "run crashed (sampling resumes from its checkpoints); then they fail with the reason.",
     )
+    campaign_rerun_attempts: int = Field(
+        default=2, ge=0, le=20,
+        description="Times the automation made by `deployments/start-workers.sh setup` runs a campaign "
+        "again after its flow run crashed (its CPU worker or machine died; the re-run skips finished work "
+        "and takes the dead run's jobs over); then a crashed campaign waits for an operator's re-run.",
+    )
     heartbeat_window_seconds: int = Field(
         default=90, ge=31, le=3600,
         description="Seconds without a flow-run heartbeat after which the automation made by "

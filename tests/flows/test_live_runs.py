@@ -5,7 +5,8 @@
 - a GPU run that ends Crashed (as the heartbeat automation marks a dead one) has its unfinished jobs
   re-submitted to the GPU deployment by the waiting flow, up to LYNX_GPU_RESUBMIT_ATTEMPTS;
 - every stage row of a run is closed when the run ends;
-- the automations of deployments/automations.py are accepted by a Prefect server, idempotently.
+- the automations of deployments/automations.py are accepted by a Prefect server, idempotently;
+- a campaign re-run (by the re-run automation) past LYNX_CAMPAIGN_RERUN_ATTEMPTS ends Failed at once.
 """
 
 from __future__ import annotations
@@ -182,15 +183,18 @@ def test_the_automations_are_created_once_and_updated_in_place(prefect_harness, 
     from prefect.automations import Automation
     from prefect.blocks.notifications import SlackWebhook
 
-    from deployments.automations import CRASH_NAME, NOTIFY_NAME, ensure_automations
+    from deployments.automations import CRASH_NAME, NOTIFY_NAME, RERUN_NAME, ensure_automations
     from lynx.errors import ConfigurationError
 
     monkeypatch.setenv("LYNX_HEARTBEAT_WINDOW_SECONDS", "60")
     monkeypatch.delenv("LYNX_NOTIFY_BLOCK", raising=False)
     get_settings.cache_clear()
-    [crash] = ensure_automations()
-    [again] = ensure_automations()
-    assert again.id == crash.id
+    [crash, rerun] = ensure_automations()
+    [again, rerun_again] = ensure_automations()
+    assert again.id == crash.id and rerun_again.id == rerun.id
+    stored_rerun = Automation.read(name=RERUN_NAME)
+    assert stored_rerun.trigger.expect == {"prefect.flow-run.Crashed"}
+    assert stored_rerun.actions[0].source == "inferred"
     stored = Automation.read(name=CRASH_NAME)
     assert stored.trigger.posture == "Proactive" and stored.trigger.within.total_seconds() == 60
     assert stored.trigger.after == {"prefect.flow-run.heartbeat"}
@@ -200,7 +204,7 @@ def test_the_automations_are_created_once_and_updated_in_place(prefect_harness, 
     monkeypatch.setenv("LYNX_NOTIFY_BLOCK", "slack-webhook/lynx-alerts")
     get_settings.cache_clear()
     made = ensure_automations()
-    assert [a.name for a in made] == [CRASH_NAME, NOTIFY_NAME]
+    assert [a.name for a in made] == [CRASH_NAME, RERUN_NAME, NOTIFY_NAME]
     notify = Automation.read(name=NOTIFY_NAME)
     assert notify.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
 
@@ -209,3 +213,15 @@ def test_the_automations_are_created_once_and_updated_in_place(prefect_harness, 
     with pytest.raises(ConfigurationError, match="LYNX_NOTIFY_BLOCK"):
         ensure_automations()
     get_settings.cache_clear()
+
+
+def test_a_campaign_rerun_past_its_limit_ends_failed_naming_the_setting(flow_env, photos, tmp_path):
+    """What the automation `lynx: re-run crashed campaigns` starts once a campaign kept crashing."""
+    from flows.campaign import lynx_campaign
+    from tests.flows.test_campaign_flow import write_campaign
+
+    flow_env(campaign_rerun_attempts=1)
+    campaign = write_campaign(tmp_path, "crashy", {"astronaut": str(photos["astronaut"])}, [PROMPT])
+    state = lynx_campaign(str(campaign), reruns=2, return_state=True)
+    assert state.is_failed() and "LYNX_CAMPAIGN_RERUN_ATTEMPTS=1" in state.message
+    assert services().tracker.list_jobs() == []  # nothing was submitted
