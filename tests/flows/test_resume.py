@@ -4,6 +4,7 @@ with SIGKILL mid-sampling resumes from its last checkpoint with the uninterrupte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -261,7 +262,11 @@ def test_a_job_killed_mid_sampling_resumes_from_its_last_checkpoint_with_the_sam
     ]
     log_path = tmp_path / "killed-run.log"
     with open(log_path, "wb") as log_file:
-        child = subprocess.Popen(command, env=child_env, stdout=log_file, stderr=subprocess.STDOUT)
+        # its own process group: the temporary Prefect server it starts outlives a SIGKILL of the
+        # run (as it would in production) and is stopped with the group afterwards
+        child = subprocess.Popen(
+            command, env=child_env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 300
         while True:  # the checkpoint of step 4 is stored (and step 2's dropped) while step 5's progress waits
@@ -275,6 +280,8 @@ def test_a_job_killed_mid_sampling_resumes_from_its_last_checkpoint_with_the_sam
     finally:
         child.kill()
         child.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
     assert child.returncode == -signal.SIGKILL
 
     [job] = svc.tracker.list_jobs()
