@@ -8,7 +8,7 @@ SeaweedFS, pools, deployments, one CPU and one GPU process worker on the tiny de
 tracking database is on a PostgreSQL of the benchmark's own (``tests.faults.harness.PrivatePostgres``:
 initdb/pg_ctl on a spare port), so that it can be stopped without touching 5432 or the Prefect
 server's database. Short settings (``SHORT_ENV``): heartbeat window 35 s, GPU poll 1 s, a sampling
-checkpoint every 3 of 12 steps, 9 frames of 64x64.
+checkpoint every 3 of 12 steps, 9 frames of 128x128 (steps slow enough to kill between checkpoints).
 
 Per fault, a fresh campaign of 1 subject x 2 prompts is submitted (``lynx campaign run``), the fault
 injected at its moment, and the benchmark waits, without any command an operator would type, until
@@ -19,14 +19,14 @@ the campaign has settled (every run of it final, every job final); then it measu
   live artifact rows sharing a key); partial objects (a live row whose object is missing or differs
   in size or sha256 from the ledger, an object under deliverables/<campaign>/ with no live row, an
   unfinished multipart upload); sampling steps repeated (steps sampled in all attempts minus the
-  steps of the videos; the step reached at a kill is read from the sampling progress artifact just
-  before it); operator commands; seconds to recover (the fault to the campaign settled).
+  steps of the videos; the step reached at a kill is read from the sampling progress artifact right
+  after it, a lower bound); operator commands; seconds to recover (the fault to the campaign settled).
 
 Faults (what the "supervisor" does is what systemd's Restart=always or Kubernetes would do: it is
 not counted as an operator command; a command a person types is):
 
-  gpu-kill        GPU worker's process group and its flow-run process SIGKILLed mid-sampling (a step
-                  or more past a stored checkpoint); the supervisor restarts the worker.
+  gpu-kill        GPU worker's process group and its flow-run process SIGKILLed mid-sampling (halfway
+                  between two checkpoints); the supervisor restarts the worker.
   cpu-kill        CPU worker's process group and the campaign's flow-run process SIGKILLed while a
                   job is being delivered; the supervisor restarts the worker.
   s3-kill         SeaweedFS SIGKILLed while a job's video or deliverables are being uploaded
@@ -83,7 +83,7 @@ SHORT_ENV = {
     "PREFECT_WORKER_QUERY_SECONDS": "1",
     "PREFECT_WORKER_PREFETCH_SECONDS": "1",
 }
-VIDEO = {"seed": 3, "steps": STEPS, "frames": 9, "height": 64, "width": 64}
+VIDEO = {"seed": 3, "steps": STEPS, "frames": 9, "height": 128, "width": 128}
 COLUMNS = [
     ("fault", "fault"), ("jobs", "total"), ("completed", "completed"), ("failed", "failed"),
     ("stuck", "stuck"), ("duplicates", "dup. deliverables"), ("partial", "partial objects"),
@@ -396,16 +396,24 @@ class FaultStack:
             job, owner, _ = wait_for(
                 "sampling with a checkpoint", lambda: self.sampling_with_checkpoint(name), 240, 0.2
             )
-            if fault == "gpu-kill":  # past the checkpoint, so that the kill costs steps (up to 5 s)
+            if fault == "gpu-kill":
+                # Halfway between two checkpoints, so that the kill costs steps: the time from the
+                # first checkpoint to the next measures an interval (the 1 Hz progress artifact is
+                # too coarse to aim with when steps take a fraction of a second).
+                first = self.checkpoint_step(job)
+                seen = time.monotonic()
                 try:
-                    wait_for("a step past the checkpoint",
-                             lambda: self.progress_step(job) > self.checkpoint_step(job), 5, 0.1)
+                    wait_for("the next checkpoint", lambda: self.checkpoint_step(job) > first, 60, 0.05)
+                    time.sleep((time.monotonic() - seen) / 2)
                 except Timeout:
                     pass
-            reached[job] = max(self.progress_step(job), self.checkpoint_step(job))
             at = time.monotonic()
+            if fault != "gpu-kill":  # read before the fault (a stopped database cannot answer)
+                reached[job] = max(self.progress_step(job), self.checkpoint_step(job))
             if fault == "gpu-kill":
                 self.kill_worker("gpu", owner)
+                # the last step it published (progress lags by up to a second: may undercount)
+                reached[job] = max(self.progress_step(job), self.checkpoint_step(job))
             elif fault == "pg-stop":
                 threading.Thread(target=self.pg.outage, args=(PG_DOWN_SECONDS,), daemon=True).start()
             elif fault == "server-restart":
