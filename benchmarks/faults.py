@@ -46,6 +46,7 @@ tests (tests/faults/test_stack_faults.py) run the same scenarios through ``Fault
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -199,7 +200,7 @@ class FaultStack:
         try:
             import psycopg
 
-            with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+            with psycopg.connect(stack.admin_url(), autocommit=True) as admin:
                 admin.execute(f'DROP DATABASE IF EXISTS "{self.prefix}_prefect" WITH (FORCE)')
         except Exception as err:  # noqa: BLE001 - best effort
             self.echo(f"faults: could not drop {self.prefix}_prefect: {err}")
@@ -212,22 +213,14 @@ class FaultStack:
         with psycopg.connect(url, connect_timeout=3) as connection:
             return connection.execute(query, params).fetchall()
 
+    @contextlib.contextmanager
     def prefect(self):
+        """A synchronous Prefect client of the stack's server."""
         from prefect import get_client
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        class _Client:
-            def __enter__(inner):
-                inner.settings = temporary_settings(updates={PREFECT_API_URL: self.api})
-                inner.settings.__enter__()
-                inner.client = get_client(sync_client=True).__enter__()
-                return inner.client
-
-            def __exit__(inner, *exc):
-                inner.client.__exit__(*exc)
-                inner.settings.__exit__(*exc)
-
-        return _Client()
+        with temporary_settings(updates={PREFECT_API_URL: self.api}), get_client(sync_client=True) as client:
+            yield client
 
     def runs(self, deployment: str) -> list:
         from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
@@ -364,10 +357,7 @@ class FaultStack:
 
     def restart_server(self) -> None:
         [entry] = [e for e in stack._read_pids(self.state) if e["name"] == "prefect-server"]
-        os.killpg(entry["pid"], signal.SIGTERM)
-        if stack._wait_gone([entry], 20):
-            os.killpg(entry["pid"], signal.SIGKILL)
-            stack._wait_gone([entry], 10)
+        stack.terminate([entry], 20, echo=self.echo, group=True)  # the server and its uvicorn
         stack.respawn(self.state, "prefect-server")
 
     def campaign_path(self, name: str) -> Path:

@@ -150,20 +150,26 @@ def respawn(state: Path, name: str, timeout: float = 120) -> int:
         _forget_dead(state, {name, "worker"})
         before = len(_lines(state / "workers.pids"))
         _spawn(state, name, spec["args"], spec["env"])
-        deadline = time.monotonic() + 30
-        while len(_lines(state / "workers.pids")) <= before:
-            if time.monotonic() > deadline:
-                raise StackError(f"{name} did not start a worker; see {state / 'logs'}")
-            time.sleep(0.1)
-        pid = int(_lines(state / "workers.pids")[-1])
-        _record(state, "worker", pid, expect="worker start")
-        return pid
+        return _record_workers(state, before, 1)[-1]
     _forget_dead(state, {name})
     process = _spawn(state, name, spec["args"], spec["env"])
     if name == "prefect-server":
         port = spec["args"][spec["args"].index("--port") + 1]
         _wait_http(f"http://127.0.0.1:{port}/api/health", timeout, process, state / "logs" / f"{name}.log")
     return process.pid
+
+
+def _record_workers(state: Path, before: int, new: int, timeout: float = 30) -> list[int]:
+    """Wait until start-workers.sh has written ``new`` worker pids after the ``before`` already in
+    its pid file, record them as ``worker`` entries and return them."""
+    deadline = time.monotonic() + timeout
+    while len(pids := [int(p) for p in _lines(state / "workers.pids")]) < before + new:
+        if time.monotonic() > deadline:
+            raise StackError(f"the workers did not start; see {state / 'logs'}")
+        time.sleep(0.1)
+    for pid in pids[before:]:
+        _record(state, "worker", pid, expect="worker start")
+    return pids[before:]
 
 
 def _wait_gone(entries: list[dict], timeout: float) -> list[dict]:
@@ -173,6 +179,19 @@ def _wait_gone(entries: list[dict], timeout: float) -> list[dict]:
         time.sleep(0.1)
         left = [entry for entry in left if _is_recorded(entry)]
     return left
+
+
+def terminate(entries: list[dict], timeout: float = 20, echo=print, group: bool = False) -> None:
+    """SIGTERM the recorded processes ``entries``, wait up to ``timeout``, SIGKILL what is left;
+    ``group``: signal each one's process group (a process `_spawn` started leads its own)."""
+    kill = os.killpg if group else os.kill
+    for entry in entries:
+        echo(f"lynx stack: SIGTERM -> {entry['name']} (pid {entry['pid']})")
+        kill(entry["pid"], signal.SIGTERM)
+    for entry in _wait_gone(entries, timeout):
+        echo(f"lynx stack: SIGKILL -> {entry['name']} (pid {entry['pid']}), still up after {timeout:.0f} s")
+        kill(entry["pid"], signal.SIGKILL)
+    _wait_gone(entries, 10)
 
 
 def down(state: Path, timeout: float = 20, echo=print) -> int:
@@ -188,21 +207,18 @@ def down(state: Path, timeout: float = 20, echo=print) -> int:
     order = {"worker": 0, "workers-cpu": 1, "workers-gpu": 1, "prefect-server": 2, "seaweedfs": 3}
     for group in sorted({order.get(entry["name"], 1) for entry in running}):
         batch = [entry for entry in running if order.get(entry["name"], 1) == group and _is_recorded(entry)]
-        for entry in batch:
-            echo(f"lynx stack: SIGTERM -> {entry['name']} (pid {entry['pid']})")
-            os.kill(entry["pid"], signal.SIGTERM)
-        for entry in _wait_gone(batch, timeout):
-            echo(
-                f"lynx stack: SIGKILL -> {entry['name']} (pid {entry['pid']}), still up after {timeout:.0f} s"
-            )
-            os.kill(entry["pid"], signal.SIGKILL)
-        _wait_gone(batch, 10)
+        terminate(batch, timeout, echo)
     (state / PIDS).unlink(missing_ok=True)
     echo("lynx stack: stopped")
     return 0
 
 
 # --- pieces ----------------------------------------------------------------------------------------
+def admin_url() -> str:
+    """The PostgreSQL admin URL the stack's databases are made with (LYNX_STACK_PG)."""
+    return os.environ.get("LYNX_STACK_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
 def _free_port(preferred: int | None) -> int:
     with socket.socket() as sock:
         try:
@@ -291,12 +307,12 @@ def up(state: Path, port: int | None = 4200, echo=print) -> dict[str, str]:
 
 
 def _up(state: Path, port: int | None, base: dict[str, str], echo, SeaweedServer) -> dict[str, str]:
-    admin = os.environ.get("LYNX_STACK_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+    admin = admin_url()
     prefix = os.environ.get("LYNX_STACK_DB_PREFIX", "lynx_stack")
-    tracking = os.environ.get("LYNX_STACK_TRACKING_URL")
-    _ensure_databases(admin, [f"{prefix}_prefect"] if tracking else [prefix, f"{prefix}_prefect"])
-    tracking = tracking or _db_url(admin, "psycopg", prefix)
-    where = "LYNX_STACK_TRACKING_URL" if os.environ.get("LYNX_STACK_TRACKING_URL") else prefix
+    given = os.environ.get("LYNX_STACK_TRACKING_URL")
+    _ensure_databases(admin, ([] if given else [prefix]) + [f"{prefix}_prefect"])
+    tracking = given or _db_url(admin, "psycopg", prefix)
+    where = "LYNX_STACK_TRACKING_URL" if given else prefix
     echo(f"lynx stack: databases {where} (tracking) and {prefix}_prefect (Prefect) ready")
 
     # Prefect server first: it takes the longest to answer, the rest is built meanwhile.
@@ -365,17 +381,7 @@ def _up(state: Path, port: int | None, base: dict[str, str], echo, SeaweedServer
     script = str(REPO_ROOT / "deployments" / "start-workers.sh")
     for kind in ("cpu", "gpu"):
         _spawn(state, f"workers-{kind}", ["bash", script, kind], worker_env)
-    # the worker processes themselves, as start-workers.sh records them
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        pids = [int(p) for p in _lines(state / "workers.pids")]
-        if len(pids) >= 2:
-            break
-        time.sleep(0.1)
-    else:
-        raise StackError(f"the workers did not start; see {state / 'logs'}")
-    for pid in pids:
-        _record(state, "worker", pid, expect="worker start")
+    _record_workers(state, 0, 2)
 
     env = {"PREFECT_API_URL": api, **lynx_env}
     (state / "env.sh").write_text("".join(f"export {k}={_quote(v)}\n" for k, v in env.items()))
