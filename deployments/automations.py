@@ -157,7 +157,7 @@ def apply(automation: Automation) -> Automation:
 
 
 def ensure_automations(settings: LynxSettings | None = None) -> list[Automation]:
-    """The crash automation, and the notification one when LYNX_NOTIFY_BLOCK is set."""
+    """The crash and campaign re-run automations, and the notification one when LYNX_NOTIFY_BLOCK is set."""
     settings = settings or get_settings()
     made = [apply(crash_automation(settings.heartbeat_window_seconds)), apply(rerun_automation())]
     if settings.notify_block:
